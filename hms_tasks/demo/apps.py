@@ -1,0 +1,12 @@
+"""App config of the demo HMS (app label ``hms``)."""
+
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class DemoHmsConfig(AppConfig):
+    name = "hms_tasks.demo"
+    label = "hms"
+    verbose_name = "Demo HMS"
+    default_auto_field = "django.db.models.BigAutoField"

@@ -1,0 +1,76 @@
+"""Django settings of the demo HMS, the embedded default of hms-tasks.
+
+Environment variables feed them: ``REDIS_URL`` (broker, results, cache), ``DATABASE_URL``
+(default: SQLite under ``$HMS_TASKS_HOME``), ``HMS_TASKS_HOME``, ``DJANGO_SECRET_KEY``,
+``DJANGO_DEBUG``. A real HMS keeps its own settings and adds ``"hms_tasks"`` to INSTALLED_APPS.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dj_database_url
+
+from hms_tasks.conf import DEFAULT_REDIS_URL, home
+
+HOME = home()
+REDIS_URL = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+
+# The demo never serves real patients; a deployment sets DJANGO_SECRET_KEY.
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or "hms-tasks-demo-insecure-key"  # noqa: S105
+DEBUG = os.environ.get("DJANGO_DEBUG", "") == "1"
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]", *filter(None, os.environ.get(
+    "DJANGO_ALLOWED_HOSTS", "").split(","))]
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "hms_tasks",
+    "hms_tasks.demo.apps.DemoHmsConfig",
+]
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.middleware.common.CommonMiddleware",
+]
+ROOT_URLCONF = "hms_tasks.demo.urls"
+WSGI_APPLICATION = "hms_tasks.demo.wsgi.application"
+
+_sqlite_path = HOME / "hms.sqlite3"
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL") or f"sqlite:///{_sqlite_path}",
+        conn_max_age=60,
+        conn_health_checks=True,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the API read while a worker or the seeder writes; IMMEDIATE avoids the
+    # "database is locked" upgrade deadlock between two writers.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    }
+    DATABASES["default"]["TEST"] = {"NAME": str(HOME / "test-hms.sqlite3")}
+
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "hms-cache",
+    }
+}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+USE_TZ = True
+TIME_ZONE = os.environ.get("TZ_NAME", "UTC")
+LANGUAGE_CODE = "en-us"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "INFO"}},
+}
