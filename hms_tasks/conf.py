@@ -34,7 +34,7 @@ def home() -> Path:
 
 @dataclass(frozen=True, kw_only=True)
 class HmsSettings:
-    """The ``HMS_TASKS_*`` settings; the attribute ``foo_bar`` is the setting ``HMS_TASKS_FOO_BAR``."""
+    """The ``HMS_TASKS_*`` settings: attribute ``foo_bar`` is setting ``HMS_TASKS_FOO_BAR``."""
 
     #: Redis for run reports and hms-tasks state (defaults to ``$REDIS_URL``).
     redis_url: str = dataclasses.field(

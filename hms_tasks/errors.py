@@ -4,6 +4,9 @@
 
     HmsTasksError
     ├── ConfigurationError      a setting or beat entry is wrong (start-up); names the setting
+    ├── TaskFailed              what the result backend and Flower see when a task raised
+    │                           something else: the exception class only (messages can quote
+    │                           data); the worker log has the traceback
     ├── InvalidArguments        a task was called with arguments that do not fit its signature
     │                           (permanent: never retried); names the field and the expected type
     └── TransientError          a dependency is briefly unavailable; tasks retry these only
@@ -16,7 +19,13 @@ from __future__ import annotations
 
 from django.core.exceptions import ImproperlyConfigured
 
-__all__ = ["ConfigurationError", "HmsTasksError", "InvalidArguments", "TransientError"]
+__all__ = [
+    "ConfigurationError",
+    "HmsTasksError",
+    "InvalidArguments",
+    "TaskFailed",
+    "TransientError",
+]
 
 
 class HmsTasksError(Exception):
@@ -35,13 +44,18 @@ class InvalidArguments(HmsTasksError, ValueError):
     """
 
     def __init__(self, task: str, problems: list[str]) -> None:
+        # args stay (task, problems): Celery's result backend rebuilds exceptions from them.
+        super().__init__(task, problems)
         self.task = task
         self.problems = problems
-        super().__init__(f"{task}: " + "; ".join(problems))
 
-    def __reduce__(self) -> tuple[type[InvalidArguments], tuple[str, list[str]]]:
-        return (InvalidArguments, (self.task, self.problems))
+    def __str__(self) -> str:
+        return f"{self.task}: " + "; ".join(self.problems)
 
 
 class TransientError(HmsTasksError):
     """A dependency (Redis, the database, a service) is briefly unavailable: worth a retry."""
+
+
+class TaskFailed(HmsTasksError):
+    """A task raised an unexpected exception; carries its class name, not its message."""

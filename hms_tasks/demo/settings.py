@@ -17,7 +17,7 @@ HOME = home()
 REDIS_URL = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
 
 # The demo never serves real patients; a deployment sets DJANGO_SECRET_KEY.
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or "hms-tasks-demo-insecure-key"  # noqa: S105
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or "hms-tasks-demo-insecure-key"
 DEBUG = os.environ.get("DJANGO_DEBUG", "") == "1"
 ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]", *filter(None, os.environ.get(
     "DJANGO_ALLOWED_HOSTS", "").split(","))]

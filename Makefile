@@ -1,0 +1,61 @@
+# hms-tasks: `make run` starts the whole embedded stack, `make test` runs every check.
+# Both create .venv on first use; nothing else needs to be installed by hand.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# The suite runs once more against PostgreSQL when one answers here (CI's machine has one).
+PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/hms_tasks
+BENCH ?=
+
+.PHONY: run test lint pytest test-postgres bench venv redis-server-binary clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
+	  echo "python3 -m venv failed; installing python3-venv"; \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -q && apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q -U pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+run: venv
+	$(BIN)/hms-tasks run
+
+# Tests start their own redis-server on a free port; they need the binary, not a service.
+redis-server-binary:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing redis-server (Debian package)"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; \
+	  else \
+	    echo "redis-server is needed: sudo apt-get install redis-server (or brew install redis)"; \
+	    exit 1; \
+	  fi; }
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy hms_tasks
+
+pytest: venv redis-server-binary
+	$(BIN)/pytest
+
+test-postgres: venv redis-server-binary
+	@if $(BIN)/python -c "import psycopg; psycopg.connect('postgresql://postgres@127.0.0.1:5432/postgres', connect_timeout=3).close()" 2>/dev/null; then \
+	  echo "PostgreSQL answers on 127.0.0.1:5432: running the suite against it"; \
+	  DATABASE_URL=$(PG_TEST_URL) $(BIN)/pytest; \
+	else \
+	  echo "no PostgreSQL on 127.0.0.1:5432: suite ran on SQLite only"; \
+	fi
+
+test: lint pytest
+	@[ -n "$$DATABASE_URL" ] || $(MAKE) --no-print-directory test-postgres
+
+bench: venv redis-server-binary
+	$(BIN)/python -m bench $(BENCH)
+
+clean:
+	rm -rf .hms-tasks build dist *.egg-info .mypy_cache .ruff_cache

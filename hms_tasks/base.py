@@ -1,0 +1,196 @@
+"""How hms tasks are declared: a capability carries the defaults of all its tasks, and every task
+runs through :class:`HmsTask`, which checks arguments and writes the run report.
+
+A capability declares its defaults once::
+
+    metrics = Capability("metrics", soft_time_limit=20, time_limit=30)
+
+    @metrics.task(names.METRICS_COLLECT_HOST)
+    def collect_host() -> dict[str, Any]:
+        ...
+
+Tasks are idempotent by default, so they get ``acks_late`` and ``reject_on_worker_lost``: a worker
+that dies mid-task leaves the message to be redelivered, not lost. A message whose worker died
+``HMS_TASKS_MAX_REDELIVERIES`` times is dropped as ``poisoned`` (the OOM killer will strike
+again). The queue comes from the task name (``hms.<capability>.*`` → ``hms.<capability>``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Retry
+from celery.signals import worker_init
+
+from hms_tasks import conf, reports, store
+from hms_tasks.errors import HmsTasksError, InvalidArguments, TaskFailed
+from hms_tasks.params import Signature, signature_of
+
+__all__ = ["Capability", "HmsTask"]
+
+logger = logging.getLogger(__name__)
+
+_worker_node: str | None = None
+
+
+@worker_init.connect
+def _remember_node(sender: Any = None, **_: Any) -> None:
+    # The node name (worker@host) is what Flower and `celery inspect` show. Tasks only see it
+    # in request.hostname under the prefork pool, so keep it from the worker's start (pool
+    # children inherit it through fork).
+    global _worker_node
+    _worker_node = getattr(sender, "hostname", None)
+
+
+class HmsTask(Task[Any, Any]):
+    """Base class of every hms task: argument check, redelivery cap, run report."""
+
+    abstract = True
+    #: The function the task wraps; set by :meth:`Capability.task`.
+    hms_function: Callable[..., Any]
+
+    @cached_property
+    def hms_signature(self) -> Signature:
+        return signature_of(self.name, self.hms_function)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.time()
+        t0 = time.perf_counter()
+        outcome: reports.Outcome = "failure"
+        summary: dict[str, Any] | None = None
+        error: str | None = None
+        try:
+            self.hms_signature.check(args, kwargs)
+            if self._poisoned():
+                outcome = "poisoned"
+                return None
+            result = self.run(*args, **kwargs)
+            outcome = "success"
+            summary = result if isinstance(result, dict) else {"result": result}
+            return result
+        except InvalidArguments:
+            outcome = "rejected"
+            error = "InvalidArguments"
+            raise
+        except Retry:
+            outcome = "retry"
+            raise
+        except HmsTasksError as exc:
+            error = type(exc).__name__
+            raise
+        except Exception as exc:
+            error = type(exc).__name__
+            if type(exc).__module__.split(".")[0] in ("celery", "billiard"):
+                raise  # time limits and the like: they carry no data
+            # Results and Flower show the exception's message and traceback; a database error
+            # can quote row values. They get the class name; the worker log gets the rest.
+            logger.error("%s[%s] raised %s", self.name, self.request.id, error, exc_info=True)
+            raise TaskFailed(f"{error} (traceback in the worker log)") from None
+        except BaseException as exc:
+            error = type(exc).__name__
+            raise
+        finally:
+            self._report(started, t0, outcome, summary, error)
+
+    def _poisoned(self) -> bool:
+        info = self.request.delivery_info or {}
+        if not info.get("redelivered") or not self.request.id:
+            return False
+        # Only redeliveries pay for this round trip: the normal path stays free of it.
+        counter = store.key("redeliveries", self.request.id)
+        pipe = store.client().pipeline(transaction=True)
+        pipe.incr(counter)
+        pipe.expire(counter, 7 * 86400)
+        count = int(pipe.execute()[0])
+        if count > conf.get().max_redeliveries:
+            logger.error(
+                "%s[%s] was redelivered %d times (its worker died each time); dropping it",
+                self.name, self.request.id, count,
+            )
+            return True
+        return False
+
+    def _report(
+        self,
+        started: float,
+        t0: float,
+        outcome: reports.Outcome,
+        summary: dict[str, Any] | None,
+        error: str | None,
+    ) -> None:
+        report: reports.RunReport = {
+            "v": reports.REPORT_VERSION,
+            "task": self.name,
+            "id": self.request.id,
+            "node": _worker_node or self.request.hostname or socket.gethostname(),
+            "started_at": started,
+            "finished_at": time.time(),
+            "duration_ms": round((time.perf_counter() - t0) * 1000, 3),
+            "outcome": outcome,
+            "summary": summary,
+            "error": error,
+        }
+        try:
+            reports.record(report)
+        except Exception:
+            # The task's work is done; a report lost to a Redis blip must not fail (and so
+            # re-run) it. The worker log still has the run.
+            logger.warning("could not record the run report of %s", self.name, exc_info=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Capability:
+    """Defaults shared by the tasks of one capability (``hms.<name>.*``)."""
+
+    name: str
+    soft_time_limit: float
+    time_limit: float
+    #: Exceptions that are worth a retry (transient); anything else fails at once.
+    autoretry_for: tuple[type[BaseException], ...] = ()
+    max_retries: int = 3
+    retry_backoff: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 < self.soft_time_limit < self.time_limit:
+            raise ValueError(f"capability {self.name}: need 0 < soft_time_limit < time_limit")
+
+    def task(
+        self,
+        name: str,
+        *,
+        idempotent: bool = True,
+        **options: Any,
+    ) -> Callable[[Callable[..., Any]], HmsTask]:
+        """Register the decorated function as the hms task ``name`` with this capability's
+        defaults; ``options`` override them (any Celery task option). Returns the task."""
+        if not name.startswith(f"hms.{self.name}."):
+            raise ValueError(f"task {name!r} must be named hms.{self.name}.<verb>")
+
+        def decorate(fn: Callable[..., Any]) -> HmsTask:
+            from hms_tasks.celery import app
+
+            signature_of(name, fn)  # refuse bad annotations at import time
+            defaults: dict[str, Any] = {
+                "name": name,
+                "base": HmsTask,
+                "hms_function": staticmethod(fn),
+                "soft_time_limit": self.soft_time_limit,
+                "time_limit": self.time_limit,
+                "acks_late": idempotent,
+                "reject_on_worker_lost": idempotent,
+                "autoretry_for": self.autoretry_for,
+                "max_retries": self.max_retries,
+                "retry_backoff": self.retry_backoff,
+                "retry_jitter": True,
+            }
+            task: HmsTask = app.task(**{**defaults, **options})(fn)
+            return task
+
+        return decorate

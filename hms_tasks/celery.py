@@ -1,0 +1,193 @@
+"""The Celery app of hms-tasks: ``celery -A hms_tasks worker|beat|flower``.
+
+Configuration has one source, Django settings: Celery options under the ``CELERY_`` namespace,
+ours under ``HMS_TASKS_``. The safe defaults below apply unless the Django settings name the
+option themselves, so a real HMS that points ``DJANGO_SETTINGS_MODULE`` at its own settings gets
+them too. Start-up checks (:func:`startup_problems`) stop a worker or beat whose schedule or time
+limits are inconsistent, with an error naming the entry or setting.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from celery import Celery, bootsteps
+from celery.beat import PersistentScheduler
+from kombu import Queue
+
+from hms_tasks import conf, names, schedule
+from hms_tasks.errors import ConfigurationError
+
+__all__ = [
+    "app",
+    "celery_defaults",
+    "load_tasks",
+    "route",
+    "run_startup_checks",
+    "startup_problems",
+]
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hms_tasks.demo.settings")
+
+#: Task modules of the capabilities; the app imports them when it starts.
+TASK_MODULES = ["hms_tasks.metrics.tasks"]
+
+# A task's hard time limit when it declares none; capabilities declare their own.
+DEFAULT_TIME_LIMIT = 300
+
+
+def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> Any:
+    """Celery router: ``hms.<capability>.*`` tasks go to the ``hms.<capability>`` queue."""
+    return {"queue": names.queue_for(name)}
+
+
+def celery_defaults() -> dict[str, Any]:
+    """Celery options hms-tasks sets unless Django settings override them (``CELERY_<NAME>``)."""
+    from django.conf import settings
+
+    hms = conf.get()
+    redis_url = os.environ.get("REDIS_URL") or conf.DEFAULT_REDIS_URL
+    transport = {
+        "visibility_timeout": hms.visibility_timeout,
+        # A dead TCP connection must not hang a worker forever.
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "health_check_interval": 25,
+    }
+    return {
+        "broker_url": redis_url,
+        "result_backend": redis_url,
+        # JSON only: pickle from a reachable Redis is remote code execution.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # Prefetched messages are unacked too, and age toward the visibility timeout.
+        "worker_prefetch_multiplier": 1,
+        # Otherwise late-ack tasks can run twice after a connection loss (celery#4671).
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_time_limit": DEFAULT_TIME_LIMIT,
+        "task_soft_time_limit": DEFAULT_TIME_LIMIT - 30,
+        "task_acks_on_failure_or_timeout": True,
+        # Results are small summaries that Flower and `dispatch --wait` read soon after.
+        "result_expires": 3600,
+        "result_extended": False,  # it would store args next to results
+        "task_track_started": True,
+        "worker_send_task_events": True,  # Flower
+        "task_send_sent_event": True,
+        "task_default_queue": names.DEFAULT_QUEUE,
+        "task_queues": [Queue(q, routing_key=q) for q in names.ALL_QUEUES],
+        "task_routes": (route,),
+        "beat_schedule": schedule.load(hms.beat_schedule),
+        "beat_scheduler": "hms_tasks.celery:CheckedScheduler",
+        "timezone": settings.TIME_ZONE,
+        "enable_utc": True,
+    }
+
+
+class _DjangoCeleryConfig(Mapping[str, Any]):
+    """Celery's configuration source: our defaults under Django's ``CELERY_*`` settings.
+
+    Built on first access (Celery reads configuration lazily), so importing the app never
+    imports Django settings.
+    """
+
+    def __init__(self) -> None:
+        self._data: dict[str, Any] | None = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._data is None:
+            from django.conf import settings
+
+            data = {f"CELERY_{k.upper()}": v for k, v in celery_defaults().items()}
+            data.update({k: getattr(settings, k) for k in dir(settings) if k.startswith("CELERY_")})
+            self._data = data
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
+app = Celery("hms_tasks", include=TASK_MODULES)
+app.config_from_object(_DjangoCeleryConfig(), namespace="CELERY")
+
+
+def load_tasks(celery_app: Celery) -> None:
+    """Import every task module the app names (``include`` and ``imports``), registering tasks.
+
+    Unlike ``loader.import_default_modules`` this skips Django's system checks, which the
+    worker runs anyway, so the CLI and beat stay quick to start.
+    """
+    for module in celery_app.loader.default_modules:
+        celery_app.loader.import_task_module(module)
+
+
+def startup_problems(celery_app: Celery) -> list[str]:
+    """Everything wrong with the configuration that must stop a worker or beat, one line each."""
+    load_tasks(celery_app)
+    c = celery_app.conf
+    problems: list[str] = []
+    for option in ("accept_content", "result_accept_content"):
+        if set(c[option] or ()) - {"json", "application/json"}:
+            problems.append(f"CELERY_{option.upper()} must accept JSON only (pickle is refused)")
+    problems += schedule.unregistered(c.beat_schedule or {}, set(celery_app.tasks))
+    vt = conf.get().visibility_timeout
+    for option in ("broker_transport_options", "result_backend_transport_options"):
+        given = (c[option] or {}).get("visibility_timeout")
+        if given != vt:
+            problems.append(
+                f"CELERY_{option.upper()}['visibility_timeout'] is {given}, but"
+                f" HMS_TASKS_VISIBILITY_TIMEOUT is {vt}: set them alike"
+            )
+    default_limit = c.task_time_limit
+    for name, task in sorted(celery_app.tasks.items()):
+        if name.startswith("celery."):
+            continue
+        limit = task.time_limit or default_limit
+        if limit is None or limit >= vt:
+            problems.append(
+                f"task {name}: hard time limit {limit} s must be below the visibility timeout"
+                f" ({vt} s, HMS_TASKS_VISIBILITY_TIMEOUT), or a running task is redelivered"
+            )
+    return problems
+
+
+def run_startup_checks(celery_app: Celery) -> None:
+    """Raise :class:`ConfigurationError` listing every start-up problem."""
+    problems = startup_problems(celery_app)
+    if problems:
+        raise ConfigurationError("hms-tasks start-up checks failed:\n  " + "\n  ".join(problems))
+
+
+class StartupChecks(bootsteps.Step):
+    """Worker boot step: refuse to start on a bad schedule or time limits."""
+
+    name = "hms_tasks.StartupChecks"
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        run_startup_checks(parent.app)
+        super().__init__(parent, **kwargs)
+
+
+class CheckedScheduler(PersistentScheduler):
+    """Celery beat's default scheduler, after the same start-up checks as the worker."""
+
+    def setup_schedule(self) -> None:
+        run_startup_checks(self.app)
+        super().setup_schedule()
+
+
+app.steps["worker"].add(StartupChecks)

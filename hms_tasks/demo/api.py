@@ -1,0 +1,549 @@
+"""JSON API of the demo HMS: plain Django views over small, reusable query functions.
+
+The functions (:func:`patient_page`, :func:`patient_detail`, :func:`practitioner_day`,
+:func:`department_census`, :func:`departments_census`) do the work and return JSON-ready
+TypedDicts; a cache layer can call them directly and store what they return. The views only
+parse query parameters, call them and wrap the result in a :class:`~django.http.JsonResponse`.
+
+Every function runs a fixed number of queries whatever the amount of data (``values()`` with
+joins, grouped counts), never one per row.
+
+Bad input raises :class:`BadParameter`, which the views turn into HTTP 400 with
+``{"error": ..., "parameter": ..., "allowed": ...}``. The message names the parameter and what
+it accepts but never repeats the submitted value: a mistyped query string may hold patient data,
+and error bodies end up in logs.
+
+Pagination of ``/api/patients/`` is keyset-based: rows come in ``id`` order and the opaque,
+signed cursor carries the last id returned. A row inserted while a client pages gets a larger
+id (ids only grow), so it can appear on a later page but never shifts existing rows: no
+duplicates, no skips.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import date, datetime, time, timedelta
+from functools import wraps
+from typing import Any, Concatenate, Final, ParamSpec, TypedDict
+
+from django.core import signing
+from django.db.models import Count, F, QuerySet
+from django.http import HttpRequest, JsonResponse
+from django.utils import timezone
+
+from hms_tasks.demo.models import Appointment, Department, Encounter, Patient, Practitioner
+from hms_tasks.errors import HmsTasksError
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "DEFAULT_PATIENT_FIELDS",
+    "MAX_LIMIT",
+    "PATIENT_FIELDS",
+    "BadParameter",
+    "DepartmentCensus",
+    "PatientDetail",
+    "PatientPage",
+    "PractitionerDay",
+    "decode_cursor",
+    "department_census",
+    "departments_census",
+    "encode_cursor",
+    "parse_date",
+    "parse_fields",
+    "parse_limit",
+    "patient_detail",
+    "patient_page",
+    "practitioner_day",
+]
+
+#: Page size when ``?limit=`` is absent, and the most one page returns (larger is clamped).
+DEFAULT_LIMIT: Final = 50
+MAX_LIMIT: Final = 200
+
+#: Patient columns ``?fields=`` may select. ``id`` is always returned.
+PATIENT_FIELDS: Final = (
+    "id",
+    "mrn",
+    "given_name",
+    "family_name",
+    "birth_date",
+    "sex",
+    "phone",
+    "email",
+    "address",
+    "allergies",
+    "notes",
+    "created_at",
+    "updated_at",
+)
+#: Columns of the list when ``?fields=`` is absent: enough to pick a patient, without the
+#: free-text columns that make pages heavy.
+DEFAULT_PATIENT_FIELDS: Final = (
+    "id",
+    "mrn",
+    "given_name",
+    "family_name",
+    "birth_date",
+    "sex",
+    "updated_at",
+)
+
+# Largest id a BigAutoField holds; larger path ids are simply not found (SQLite and PostgreSQL
+# would raise on binding them).
+_MAX_ID: Final = 2**63 - 1
+_CURSOR_SALT: Final = "hms_tasks.demo.api.patients-cursor"
+# Long enough for any cursor we issue; longer input is rejected before any work.
+_MAX_CURSOR_CHARS: Final = 200
+_MAX_FIELDS_CHARS: Final = 1_000
+_DATE_RE: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_DIGITS_RE: Final = re.compile(r"[0-9]+")
+# Prefixes of the joined columns that _care_item nests under "department" and "practitioner".
+_NESTED: Final = ("department_", "practitioner_")
+
+Scalar = str | int | float | bool | None
+Row = dict[str, Scalar]
+
+
+class BadParameter(HmsTasksError, ValueError):
+    """A query parameter (or the matching function argument) is invalid.
+
+    ``parameter`` names it, ``allowed`` describes what it accepts. The message never contains
+    the submitted value.
+    """
+
+    def __init__(self, parameter: str, message: str, *, allowed: Scalar | list[str]) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+        self.message = message
+        self.allowed = allowed
+
+    def as_json(self) -> dict[str, Scalar | list[str]]:
+        return {"error": self.message, "parameter": self.parameter, "allowed": self.allowed}
+
+
+# --- Result shapes ---------------------------------------------------------------------------
+
+
+class PatientPage(TypedDict):
+    results: list[Row]
+    #: Cursor of the next page, or None on the last one.
+    next: str | None
+
+
+class PatientDetail(TypedDict):
+    patient: Row
+    encounters: list[dict[str, Scalar | Row]]
+    appointments: list[dict[str, Scalar | Row]]
+
+
+class PractitionerDay(TypedDict):
+    practitioner: Row
+    date: str
+    count: int
+    appointments: list[dict[str, Scalar | Row]]
+
+
+class DepartmentCensus(TypedDict):
+    id: int
+    code: str
+    name: str
+    kind: str
+    beds: int
+    #: Inpatient encounters with status ``admitted``: the patients in the beds now.
+    admitted_inpatients: int
+    #: ``admitted_inpatients / beds`` (3 decimals); None for departments without beds.
+    occupancy: float | None
+    #: Every encounter of the department counted by kind, then status (zeros included).
+    encounters: dict[str, dict[str, int]]
+
+
+# --- Parameter parsing -----------------------------------------------------------------------
+
+
+def parse_limit(raw: str | None) -> int:
+    """``?limit=``: absent gives :data:`DEFAULT_LIMIT`; above :data:`MAX_LIMIT` is clamped."""
+    if raw is None:
+        return DEFAULT_LIMIT
+    allowed = f"an integer from 1; values above {MAX_LIMIT} are clamped to {MAX_LIMIT}"
+    if not _DIGITS_RE.fullmatch(raw):
+        raise BadParameter("limit", "limit must be a positive integer", allowed=allowed)
+    significant = raw.lstrip("0")
+    if not significant:
+        raise BadParameter("limit", "limit must be at least 1", allowed=allowed)
+    # Compare lengths first: int() refuses strings of more than 4,300 digits.
+    if len(significant) > len(str(MAX_LIMIT)):
+        return MAX_LIMIT
+    return min(int(significant), MAX_LIMIT)
+
+
+def parse_fields(raw: str | None) -> tuple[str, ...]:
+    """``?fields=a,b``: a selection from :data:`PATIENT_FIELDS`, ``id`` first and always."""
+    if raw is None:
+        return DEFAULT_PATIENT_FIELDS
+    allowed = list(PATIENT_FIELDS)
+    if len(raw) > _MAX_FIELDS_CHARS:
+        raise BadParameter("fields", "fields is too long", allowed=allowed)
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    if not names:
+        raise BadParameter("fields", "fields must name at least one field", allowed=allowed)
+    return _check_fields(names)
+
+
+def _check_fields(names: Iterable[str]) -> tuple[str, ...]:
+    selected = ["id"]
+    for name in names:
+        if name not in PATIENT_FIELDS:
+            raise BadParameter(
+                "fields",
+                "fields names an unknown field; choose from the allowed ones",
+                allowed=list(PATIENT_FIELDS),
+            )
+        if name not in selected:
+            selected.append(name)
+    return tuple(selected)
+
+
+def parse_date(raw: str | None) -> date:
+    """``?date=YYYY-MM-DD`` (years 1900-2999); absent gives today in the current time zone."""
+    if raw is None:
+        return timezone.localdate()
+    allowed = "a date as YYYY-MM-DD, years 1900 to 2999"
+    if not _DATE_RE.fullmatch(raw):
+        raise BadParameter("date", "date must be formatted YYYY-MM-DD", allowed=allowed)
+    try:
+        day = date.fromisoformat(raw)
+    except ValueError:
+        raise BadParameter("date", "date is not a calendar date", allowed=allowed) from None
+    if not 1900 <= day.year <= 2999:
+        raise BadParameter("date", "date is out of range", allowed=allowed)
+    return day
+
+
+def encode_cursor(after_id: int) -> str:
+    """The opaque cursor of the page after the row ``after_id``: signed, so clients can't
+    forge one that walks into arbitrary positions or fails deep in a query."""
+    return signing.Signer(salt=_CURSOR_SALT).sign_object({"after": after_id})
+
+
+def decode_cursor(token: str) -> int:
+    """Inverse of :func:`encode_cursor`; anything else raises :class:`BadParameter`."""
+    allowed = "the 'next' value of a previous response"
+    if len(token) > _MAX_CURSOR_CHARS:
+        raise BadParameter("cursor", "cursor is not a valid cursor", allowed=allowed)
+    try:
+        payload = signing.Signer(salt=_CURSOR_SALT).unsign_object(token)
+    except (signing.BadSignature, ValueError):
+        raise BadParameter("cursor", "cursor is not a valid cursor", allowed=allowed) from None
+    after = payload.get("after") if isinstance(payload, dict) else None
+    if type(after) is not int or not 0 <= after <= _MAX_ID:
+        raise BadParameter("cursor", "cursor is not a valid cursor", allowed=allowed)
+    return after
+
+
+# --- Query functions -------------------------------------------------------------------------
+
+
+def patient_page(
+    *,
+    cursor: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+    fields: Sequence[str] | None = None,
+    using: str = "default",
+) -> PatientPage:
+    """One page of patients in ``id`` order, after ``cursor`` (None: the first page).
+
+    ``limit`` above :data:`MAX_LIMIT` is clamped; ``fields`` defaults to
+    :data:`DEFAULT_PATIENT_FIELDS`. One query: it fetches ``limit + 1`` rows, the extra one
+    only telling whether a next page exists.
+    """
+    if type(limit) is not int or limit < 1:
+        raise BadParameter("limit", "limit must be a positive integer", allowed=f"1..{MAX_LIMIT}")
+    limit = min(limit, MAX_LIMIT)
+    columns = DEFAULT_PATIENT_FIELDS if fields is None else _check_fields(fields)
+    after = 0 if cursor is None else decode_cursor(cursor)
+    rows = list(
+        Patient.objects.using(using)
+        .filter(id__gt=after)
+        .order_by("id")
+        .values(*columns)[: limit + 1]
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return PatientPage(
+        results=[_jsonable(row) for row in rows],
+        next=encode_cursor(rows[-1]["id"]) if more else None,
+    )
+
+
+def patient_detail(patient_id: int, *, using: str = "default") -> PatientDetail | None:
+    """A patient with all encounters (latest first) and appointments (latest first), or None.
+
+    Three queries, however long the history.
+    """
+    if not 0 < patient_id <= _MAX_ID:
+        return None
+    patient = Patient.objects.using(using).filter(id=patient_id).values(*PATIENT_FIELDS).first()
+    if patient is None:
+        return None
+    encounters = (
+        Encounter.objects.using(using)
+        .filter(patient_id=patient_id)
+        .order_by("-admitted_at", "-id")
+        .values(
+            "id",
+            "kind",
+            "status",
+            "admitted_at",
+            "discharged_at",
+            "department_id",
+            "practitioner_id",
+            department_code=F("department__code"),
+            department_name=F("department__name"),
+            practitioner_staff_number=F("practitioner__staff_number"),
+            practitioner_given_name=F("practitioner__given_name"),
+            practitioner_family_name=F("practitioner__family_name"),
+        )
+    )
+    appointments = (
+        Appointment.objects.using(using)
+        .filter(patient_id=patient_id)
+        .order_by("-scheduled_at", "-id")
+        .values(
+            "id",
+            "scheduled_at",
+            "duration_minutes",
+            "status",
+            "department_id",
+            "practitioner_id",
+            department_code=F("department__code"),
+            department_name=F("department__name"),
+            practitioner_staff_number=F("practitioner__staff_number"),
+            practitioner_given_name=F("practitioner__given_name"),
+            practitioner_family_name=F("practitioner__family_name"),
+        )
+    )
+    return PatientDetail(
+        patient=_jsonable(patient),
+        encounters=[_care_item(row) for row in encounters],
+        appointments=[_care_item(row) for row in appointments],
+    )
+
+
+def _care_item(row: Mapping[str, Any]) -> dict[str, Scalar | Row]:
+    """Fold the joined department and practitioner columns into nested objects."""
+    item: dict[str, Scalar | Row] = {
+        key: value for key, value in _jsonable(row).items() if not key.startswith(_NESTED)
+    }
+    item["department"] = {
+        "id": row["department_id"],
+        "code": row["department_code"],
+        "name": row["department_name"],
+    }
+    item["practitioner"] = {
+        "id": row["practitioner_id"],
+        "staff_number": row["practitioner_staff_number"],
+        "given_name": row["practitioner_given_name"],
+        "family_name": row["practitioner_family_name"],
+    }
+    return item
+
+
+def practitioner_day(
+    practitioner_id: int, day: date, *, using: str = "default"
+) -> PractitionerDay | None:
+    """The appointments of one practitioner on ``day`` (midnight to midnight in the current
+    time zone) in time order, with each patient's MRN and name; None if no such practitioner.
+
+    Two queries; the (practitioner, scheduled_at) index serves the second.
+    """
+    if not 0 < practitioner_id <= _MAX_ID:
+        return None
+    practitioner = (
+        Practitioner.objects.using(using)
+        .filter(id=practitioner_id)
+        .values("id", "staff_number", "given_name", "family_name", "role", "department_id")
+        .first()
+    )
+    if practitioner is None:
+        return None
+    try:
+        start = timezone.make_aware(datetime.combine(day, time.min))
+        # The next day's midnight, not start + 24 h: days around DST changes are 23 or 25 h.
+        end = timezone.make_aware(datetime.combine(day + timedelta(days=1), time.min))
+    except OverflowError:
+        raise BadParameter("date", "date is out of range", allowed="YYYY-MM-DD") from None
+    rows = (
+        Appointment.objects.using(using)
+        .filter(practitioner_id=practitioner_id, scheduled_at__gte=start, scheduled_at__lt=end)
+        .order_by("scheduled_at", "id")
+        .values(
+            "id",
+            "scheduled_at",
+            "duration_minutes",
+            "status",
+            "department_id",
+            "patient_id",
+            patient_mrn=F("patient__mrn"),
+            patient_given_name=F("patient__given_name"),
+            patient_family_name=F("patient__family_name"),
+        )
+    )
+    appointments: list[dict[str, Scalar | Row]] = []
+    for row in rows:
+        item: dict[str, Scalar | Row] = {
+            key: value for key, value in _jsonable(row).items() if not key.startswith("patient_")
+        }
+        item["patient"] = {
+            "id": row["patient_id"],
+            "mrn": row["patient_mrn"],
+            "given_name": row["patient_given_name"],
+            "family_name": row["patient_family_name"],
+        }
+        appointments.append(item)
+    return PractitionerDay(
+        practitioner=_jsonable(practitioner),
+        date=day.isoformat(),
+        count=len(appointments),
+        appointments=appointments,
+    )
+
+
+def department_census(department_id: int, *, using: str = "default") -> DepartmentCensus | None:
+    """The census of one department, or None if there is none with that id. Two queries."""
+    if not 0 < department_id <= _MAX_ID:
+        return None
+    census = _census(Department.objects.using(using).filter(id=department_id), using=using)
+    return census[0] if census else None
+
+
+def departments_census(*, using: str = "default") -> list[DepartmentCensus]:
+    """The census of every department, by code. Two queries, whatever the number of them."""
+    return _census(Department.objects.using(using).all(), using=using)
+
+
+def _census(departments: QuerySet[Department], *, using: str) -> list[DepartmentCensus]:
+    rows = list(departments.order_by("code").values("id", "code", "name", "kind", "beds"))
+    if not rows:
+        return []
+    counts = Encounter.objects.using(using)
+    if len(rows) == 1:
+        counts = counts.filter(department_id=rows[0]["id"])
+    matrix: dict[int, dict[str, dict[str, int]]] = {
+        row["id"]: {
+            kind: dict.fromkeys(Encounter.Status.values, 0) for kind in Encounter.Kind.values
+        }
+        for row in rows
+    }
+    # One grouped count; the (department, status, kind) index covers it.
+    grouped = counts.order_by().values("department_id", "kind", "status").annotate(n=Count("*"))
+    for group in grouped:
+        by_kind = matrix.get(group["department_id"])
+        if by_kind is not None:
+            by_kind.setdefault(group["kind"], {})[group["status"]] = group["n"]
+    result: list[DepartmentCensus] = []
+    for row in rows:
+        encounters = matrix[row["id"]]
+        admitted = encounters[Encounter.Kind.INPATIENT][Encounter.Status.ADMITTED]
+        beds = row["beds"]
+        result.append(
+            DepartmentCensus(
+                id=row["id"],
+                code=row["code"],
+                name=row["name"],
+                kind=row["kind"],
+                beds=beds,
+                admitted_inpatients=admitted,
+                occupancy=round(admitted / beds, 3) if beds else None,
+                encounters=encounters,
+            )
+        )
+    return result
+
+
+def _jsonable(row: Mapping[str, Any]) -> Row:
+    """Dates and datetimes as ISO 8601 strings; other values unchanged."""
+    return {
+        key: value.isoformat() if isinstance(value, date) else value for key, value in row.items()
+    }
+
+
+# --- Views -----------------------------------------------------------------------------------
+
+_P = ParamSpec("_P")
+_View = Callable[Concatenate[HttpRequest, _P], JsonResponse]
+
+
+def _json_get(view: _View[_P]) -> _View[_P]:
+    """Answer only GET/HEAD, and turn :class:`BadParameter` into HTTP 400."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, /, *args: _P.args, **kwargs: _P.kwargs) -> JsonResponse:
+        if request.method not in ("GET", "HEAD"):
+            response = JsonResponse({"error": "method not allowed"}, status=405)
+            response["Allow"] = "GET, HEAD"
+            return response
+        try:
+            return view(request, *args, **kwargs)
+        except BadParameter as error:
+            return JsonResponse(error.as_json(), status=400)
+
+    return wrapper
+
+
+def _not_found(what: str) -> JsonResponse:
+    return JsonResponse({"error": f"{what} not found"}, status=404)
+
+
+@_json_get
+def healthz(request: HttpRequest) -> JsonResponse:
+    """Liveness of the web process: no database or Redis round trip."""
+    return JsonResponse({"status": "ok"})
+
+
+@_json_get
+def patients(request: HttpRequest) -> JsonResponse:
+    """``GET /api/patients/?cursor=&limit=&fields=``."""
+    page = patient_page(
+        cursor=request.GET.get("cursor"),
+        limit=parse_limit(request.GET.get("limit")),
+        fields=parse_fields(request.GET.get("fields")),
+    )
+    return JsonResponse(page)
+
+
+@_json_get
+def patient(request: HttpRequest, patient_id: int) -> JsonResponse:
+    """``GET /api/patients/<id>/``."""
+    detail = patient_detail(patient_id)
+    return _not_found("patient") if detail is None else JsonResponse(detail)
+
+
+@_json_get
+def practitioner_appointments_today(request: HttpRequest, practitioner_id: int) -> JsonResponse:
+    """``GET /api/practitioners/<id>/appointments/today/?date=YYYY-MM-DD``."""
+    day = practitioner_day(practitioner_id, parse_date(request.GET.get("date")))
+    return _not_found("practitioner") if day is None else JsonResponse(day)
+
+
+@_json_get
+def department(request: HttpRequest, department_id: int) -> JsonResponse:
+    """``GET /api/departments/<id>/census/``."""
+    census = department_census(department_id)
+    return _not_found("department") if census is None else JsonResponse(census)
+
+
+@_json_get
+def departments(request: HttpRequest) -> JsonResponse:
+    """``GET /api/departments/census/``."""
+    return JsonResponse({"results": departments_census()})
+
+
+def not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    """``handler404``: JSON rather than Django's HTML page, for unknown paths too."""
+    return _not_found("resource")
+
+
+def server_error(request: HttpRequest) -> JsonResponse:
+    """``handler500``: a JSON body without details (they are in the server log)."""
+    return JsonResponse({"error": "internal server error"}, status=500)

@@ -1,0 +1,35 @@
+"""Celery task names and queues: contracts, pinned here and snapshot-tested.
+
+This module imports nothing heavy so that clients (the CLI, a real HMS calling ``send_task``,
+beat schedules) can name tasks without importing Celery or Django. Renaming a task here breaks
+in-flight messages and beat entries: add a migration note to the README first.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ALL_QUEUES", "CAPABILITY_QUEUES", "DEFAULT_QUEUE", "METRICS_COLLECT_HOST", "queue_for"]
+
+# One queue per capability, so a deployment can run dedicated workers per queue.
+CAPABILITY_QUEUES: dict[str, str] = {
+    "cache": "hms.cache",
+    "metrics": "hms.metrics",
+    "memory": "hms.memory",
+    "health": "hms.health",
+    "loadtest": "hms.loadtest",
+    "queries": "hms.queries",
+}
+# Messages for a task outside every capability (for example a HMS's own task sent through this
+# app) land here instead of Celery's implicit "celery" queue, which no hms worker would consume.
+DEFAULT_QUEUE = "hms.default"
+ALL_QUEUES: tuple[str, ...] = (*CAPABILITY_QUEUES.values(), DEFAULT_QUEUE)
+
+# metrics
+METRICS_COLLECT_HOST = "hms.metrics.collect_host"
+
+
+def queue_for(task_name: str) -> str:
+    """The queue a task is routed to: ``hms.<capability>.<verb>`` goes to ``hms.<capability>``."""
+    parts = task_name.split(".")
+    if len(parts) >= 3 and parts[0] == "hms" and parts[1] in CAPABILITY_QUEUES:
+        return CAPABILITY_QUEUES[parts[1]]
+    return DEFAULT_QUEUE

@@ -1,0 +1,83 @@
+"""Shared fixtures: a real Redis for the whole session, and a real in-process Celery worker.
+
+Nothing here fakes Redis, Celery or the database: the session starts its own ``redis-server``
+on a free port and points the broker, result backend, cache and hms-tasks state at it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hms_tasks import conf, names, store
+from tests.helpers import RedisServer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    from django.conf import settings
+
+    from hms_tasks.celery import app
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    os.environ["REDIS_URL"] = server.url
+    settings.CACHES["default"]["LOCATION"] = server.url
+    conf.reset()
+    store.reset()
+    app.conf.update(broker_url=server.url, result_backend=server.url)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _clean_hms_keys(redis_server: RedisServer) -> Iterator[None]:
+    """Each test starts without hms-tasks state or queued messages (Celery's bindings stay)."""
+    if redis_server.proc is None:  # a test stopped it
+        redis_server.start()
+    _delete_hms_state()
+    yield
+    if redis_server.proc is None:
+        redis_server.start()
+    # Messages a test left queued must not reach the next test's worker.
+    _delete_hms_state()
+
+
+def _delete_hms_state() -> None:
+    client = store.client()
+    stale = list(client.scan_iter(match=f"{conf.get().redis_prefix}:*", count=1000))
+    stale += [q for q in names.ALL_QUEUES if client.exists(q)]
+    if stale:
+        client.delete(*stale)
+
+
+@pytest.fixture(scope="session")
+def celery_app() -> Any:
+    from hms_tasks.celery import app
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def worker(redis_server: RedisServer, celery_app: Any) -> Iterator[Any]:
+    """A real Celery worker (solo pool, in a thread of this process) consuming every hms queue."""
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(
+        celery_app,
+        pool="solo",
+        perform_ping_check=False,
+        queues=list(names.ALL_QUEUES),
+        shutdown_timeout=30,
+        loglevel="WARNING",
+    ) as w:
+        yield w
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

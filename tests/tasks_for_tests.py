@@ -1,0 +1,22 @@
+"""Tasks that exist only in the test session, declared exactly the way hms tasks are."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from hms_tasks.base import Capability
+
+testing = Capability(name="test", soft_time_limit=10, time_limit=20)
+
+
+@testing.task("hms.test.echo")
+def echo(count: int, ids: list[int], mode: Literal["fast", "full"] = "fast",
+         note: str | None = None) -> dict[str, Any]:
+    """Return counts derived from the arguments (never the arguments themselves)."""
+    return {"count": count, "ids": len(ids), "mode": mode, "noted": note is not None}
+
+
+@testing.task("hms.test.boom")
+def boom(row: int) -> dict[str, Any]:
+    """Fail with a message that quotes data, as a database error might."""
+    raise RuntimeError(f"duplicate key value (mrn)=(MRN-{row}) for patient Jane Doe")
