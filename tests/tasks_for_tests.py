@@ -20,3 +20,13 @@ def echo(count: int, ids: list[int], mode: Literal["fast", "full"] = "fast",
 def boom(row: int) -> dict[str, Any]:
     """Fail with a message that quotes data, as a database error might."""
     raise RuntimeError(f"duplicate key value (mrn)=(MRN-{row}) for patient Jane Doe")
+
+
+@testing.task("hms.test.die")
+def die() -> dict[str, Any]:
+    """Kill the process running it, as the OOM killer would."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {}
