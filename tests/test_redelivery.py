@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import RedisServer, wait_for
-
 from hms_tasks import conf, names, reports, store
+from tests.helpers import RedisServer, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
