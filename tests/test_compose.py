@@ -79,9 +79,13 @@ def test_workers_cover_every_queue_and_loadtests_run_apart(compose: dict[str, An
 
 
 def test_flower_requires_auth(compose: dict[str, Any]) -> None:
-    argv = _argv(compose["services"]["flower"]["command"])
-    assert any(a.startswith("--basic-auth=") for a in argv)
-    assert "${FLOWER_BASIC_AUTH:?" in compose["services"]["flower"]["command"]
+    flower = compose["services"]["flower"]
+    # Required (":?"): compose refuses to start without it; Flower reads it from the env.
+    assert flower["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
+    assert flower["environment"]["REDIS_URL"] == compose["services"]["worker"]["environment"][
+        "REDIS_URL"]
+    assert "--address=0.0.0.0" in _argv(flower["command"])
+    assert all(p.startswith("127.0.0.1:") for p in flower["ports"])
 
 
 def test_long_running_services_have_health_checks(compose: dict[str, Any]) -> None:

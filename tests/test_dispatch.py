@@ -74,16 +74,17 @@ def test_dispatch_wait_prints_summary_and_report_shows_it(worker: Any) -> None:
     result = run("dispatch", "hms.test.echo", "--arg", "count=4", "--arg", "ids=7,8,9",
                  "--arg", "mode=full", "--wait", "--timeout", "30")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output.split("\n", 1)[1])
+    # stdout alone: the in-process worker logs to stderr, which CliRunner also captures.
+    summary = json.loads(result.stdout.split("\n", 1)[1])
     assert summary == {"count": 4, "ids": 3, "mode": "full", "noted": False}
 
     table = run("report")
     assert table.exit_code == 0
-    line = next(ln for ln in table.output.splitlines() if ln.startswith("hms.test.echo"))
+    line = next(ln for ln in table.stdout.splitlines() if ln.startswith("hms.test.echo"))
     assert "success" in line
     assert "count=4" in line
 
-    as_json = json.loads(run("report", "hms.test.echo", "--json", "--last", "5").output)
+    as_json = json.loads(run("report", "hms.test.echo", "--json", "--last", "5").stdout)
     assert [r["summary"] for r in as_json] == [summary]
 
 

@@ -1,0 +1,248 @@
+"""`hms-tasks run`: the whole stack as real processes, stopped by a signal or by a child dying.
+
+Each test runs the supervisor as a subprocess against the test session's Redis (REDIS_URL) with a
+private HMS_TASKS_HOME, talks to the API and Flower over HTTP, and checks afterwards that every
+process the supervisor started (its printed pids, and their own children) is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hms_tasks import names
+from tests.helpers import RedisServer, free_port, wait_for
+
+STARTED = re.compile(r"^supervisor \| started (\w+) pid=(\d+)$")
+
+
+class Stack:
+    """A running `hms-tasks run`, its output collected line by line on a thread."""
+
+    def __init__(self, *, env: dict[str, str], patients: int = 200) -> None:
+        api_port, flower_port = free_port(), free_port()
+        while flower_port == api_port:
+            flower_port = free_port()
+        self.api = f"http://127.0.0.1:{api_port}"
+        self.flower = f"http://127.0.0.1:{flower_port}"
+        self.env = env
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hms_tasks",
+                "run",
+                "--patients",
+                str(patients),
+                "--api-port",
+                str(api_port),
+                "--flower-port",
+                str(flower_port),
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        # Read on a thread so a full pipe can never block the supervisor.
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.descendants: set[int] = set()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def pids(self) -> dict[str, int]:
+        """Children the supervisor said it started, by name."""
+        found = {}
+        for line in list(self.lines):
+            m = STARTED.match(line)
+            if m:
+                found[m.group(1)] = int(m.group(2))
+        return found
+
+    def has_line(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+    def remember_descendants(self) -> None:
+        """Note every process below the supervisor now (pool processes, gunicorn workers)."""
+        with_children = psutil.Process(self.proc.pid).children(recursive=True)
+        self.descendants |= {p.pid for p in with_children}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        # Only if a test failed half-way: never leave processes behind for the next test.
+        for pid in [*self.pids().values(), *self.descendants]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        self._reader.join(timeout=10)
+
+
+def _running(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie awaiting its reaper."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def _stack_env(redis_server: RedisServer, home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(REDIS_URL=redis_server.url, HMS_TASKS_HOME=str(home), PYTHONUNBUFFERED="1")
+    env.pop("FLOWER_BASIC_AUTH", None)
+    return env
+
+
+@pytest.fixture
+def stack(redis_server: RedisServer, tmp_path: Path) -> Iterator[Stack]:
+    running = Stack(env=_stack_env(redis_server, tmp_path / "home"))
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def _wait_until_up(stack: Stack) -> dict[str, int]:
+    """Wait for all four services; return the pids the supervisor printed."""
+    api, flower = stack.api, stack.flower
+
+    def up(check: object) -> object:
+        assert stack.proc.poll() is None, f"supervisor exited early:\n{stack.output()}"
+        return check
+
+    try:
+        wait_for(lambda: up(_http_status(f"{api}/healthz") == 200), timeout=90, what="API")
+        wait_for(
+            lambda: up(_http_status(f"{api}/api/patients/?limit=1") == 200),
+            timeout=30,
+            what="API patients",
+        )
+        wait_for(
+            lambda: up(_http_status(f"{flower}/healthcheck") == 200), timeout=60, what="Flower"
+        )
+        wait_for(lambda: up(stack.has_line("beat: Starting")), timeout=60, what="beat")
+        wait_for(lambda: up(stack.has_line(" ready.")), timeout=60, what="worker ready")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- supervisor output ---\n{stack.output()}") from None
+    pids = stack.pids()
+    assert {"seed", "worker", "beat", "flower", "api"} <= set(pids), stack.output()
+    return pids
+
+
+def _assert_all_gone(stack: Stack, pids: dict[str, int]) -> None:
+    for name, pid in pids.items():
+        # The supervisor reaps its own children: not even a zombie may remain.
+        assert not psutil.pid_exists(pid), f"{name} (pid {pid}) remains:\n{stack.output()}"
+    wait_for(
+        lambda: not [p for p in stack.descendants if _running(p)],
+        timeout=10,
+        what="grandchildren to exit",
+    )
+
+
+def test_run_serves_everything_and_stops_cleanly_on_sigterm(stack: Stack) -> None:
+    pids = _wait_until_up(stack)
+    assert _running(pids["beat"])
+
+    # The worker consumes every hms queue and runs a task sent from another process.
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "hms_tasks", "dispatch", names.METRICS_COLLECT_HOST,
+            "--wait", "--timeout", "60",
+        ],
+        env=stack.env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{stack.output()}"
+    sample = json.loads(done.stdout.split("\n", 1)[1])  # after the "sent <task> id=..." line
+    assert "cpu" in sample
+
+    for queue in names.ALL_QUEUES:
+        assert stack.has_line(f".> {queue} "), f"worker does not consume {queue}"
+    # Access log lines carry the path only, never the query string.
+    assert stack.has_line('"GET /api/patients/"')
+    assert not stack.has_line("limit=1")
+    assert stack.has_line("supervisor | api    http://127.0.0.1:")
+
+    stack.remember_descendants()
+    stack.proc.send_signal(signal.SIGTERM)
+    assert stack.proc.wait(timeout=40) == 0, stack.output()
+    assert stack.has_line("SIGTERM received, stopping")
+    for name in ("worker", "beat", "flower", "api"):
+        assert stack.has_line(f"supervisor | {name} (pid {pids[name]}) stopped"), stack.output()
+    _assert_all_gone(stack, pids)
+
+
+def test_a_child_that_dies_stops_the_rest_and_exits_1(stack: Stack) -> None:
+    pids = _wait_until_up(stack)
+    stack.remember_descendants()
+    os.kill(pids["beat"], signal.SIGKILL)
+    assert stack.proc.wait(timeout=40) == 1, stack.output()
+    assert stack.has_line(f"beat (pid {pids['beat']}) exited with code -9"), stack.output()
+    _assert_all_gone(stack, pids)
+
+
+def test_flower_beyond_loopback_needs_basic_auth(redis_server: RedisServer, tmp_path: Path) -> None:
+    env = _stack_env(redis_server, tmp_path / "home")
+    done = subprocess.run(
+        [sys.executable, "-m", "hms_tasks", "run", "--host", "0.0.0.0",
+         "--api-port", str(free_port()), "--flower-port", str(free_port())],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "FLOWER_BASIC_AUTH" in done.stdout
+    assert "started" not in done.stdout  # refused before starting anything
+    assert not (tmp_path / "home").exists()
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "hms_tasks", "run",
+             "--api-port", str(port), "--flower-port", str(free_port())],
+            env=_stack_env(redis_server, tmp_path / "home"),
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"--api-port: cannot listen on 127.0.0.1:{port}" in done.stdout
+    assert "started" not in done.stdout
