@@ -96,7 +96,9 @@ class _DjangoCeleryConfig(Mapping[str, Any]):
     """Celery's configuration source: our defaults under Django's ``CELERY_*`` settings.
 
     Built on first access (Celery reads configuration lazily), so importing the app never
-    imports Django settings.
+    imports Django settings. Keys are handed to Celery in its lower-case names
+    (``CELERY_TASK_SERIALIZER`` becomes ``task_serializer``): given upper-case names through
+    a namespace, Celery 5 takes them for its 3.x names and warns that each is deprecated.
     """
 
     def __init__(self) -> None:
@@ -106,8 +108,11 @@ class _DjangoCeleryConfig(Mapping[str, Any]):
         if self._data is None:
             from django.conf import settings
 
-            data = {f"CELERY_{k.upper()}": v for k, v in celery_defaults().items()}
-            data.update({k: getattr(settings, k) for k in dir(settings) if k.startswith("CELERY_")})
+            data = celery_defaults()
+            data.update({
+                k.removeprefix("CELERY_").lower(): getattr(settings, k)
+                for k in dir(settings) if k.startswith("CELERY_")
+            })
             self._data = data
         return self._data
 
@@ -122,7 +127,7 @@ class _DjangoCeleryConfig(Mapping[str, Any]):
 
 
 app = Celery("hms_tasks", include=TASK_MODULES)
-app.config_from_object(_DjangoCeleryConfig(), namespace="CELERY")
+app.config_from_object(_DjangoCeleryConfig())
 
 
 def load_tasks(celery_app: Celery) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pkgutil
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +100,22 @@ def test_safe_celery_defaults() -> None:
     assert task.reject_on_worker_lost is True
     assert task.time_limit < vt
     assert task.soft_time_limit < task.time_limit
+
+
+def test_django_celery_settings_override_defaults_without_warnings(tmp_path: Path) -> None:
+    (tmp_path / "hms_override_settings.py").write_text(
+        "from hms_tasks.demo.settings import *  # noqa\n"
+        "CELERY_RESULT_EXPIRES = 60\n"
+        "CELERY_WORKER_PREFETCH_MULTIPLIER = 4\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning:celery", "-c",
+         "import django; django.setup(); from hms_tasks.celery import app;"
+         "print(app.conf.result_expires, app.conf.worker_prefetch_multiplier,"
+         " app.conf.task_serializer)"],
+        env={**os.environ, "PYTHONPATH": str(tmp_path),
+             "DJANGO_SETTINGS_MODULE": "hms_override_settings"},
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    assert proc.stdout.split() == ["60", "4", "json"]
+    assert "deprecated" not in proc.stderr
