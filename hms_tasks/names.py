@@ -7,7 +7,18 @@ in-flight messages and beat entries: add a migration note to the README first.
 
 from __future__ import annotations
 
-__all__ = ["ALL_QUEUES", "CAPABILITY_QUEUES", "DEFAULT_QUEUE", "METRICS_COLLECT_HOST", "queue_for"]
+__all__ = [
+    "ALL_QUEUES",
+    "CACHE_FANOUT_CHANGES",
+    "CACHE_INVALIDATE_TAGS",
+    "CACHE_STATS",
+    "CACHE_WARM_HOT",
+    "CACHE_WARM_PATIENTS",
+    "CAPABILITY_QUEUES",
+    "DEFAULT_QUEUE",
+    "METRICS_COLLECT_HOST",
+    "queue_for",
+]
 
 # One queue per capability, so a deployment can run dedicated workers per queue.
 CAPABILITY_QUEUES: dict[str, str] = {
@@ -22,6 +33,13 @@ CAPABILITY_QUEUES: dict[str, str] = {
 # app) land here instead of Celery's implicit "celery" queue, which no hms worker would consume.
 DEFAULT_QUEUE = "hms.default"
 ALL_QUEUES: tuple[str, ...] = (*CAPABILITY_QUEUES.values(), DEFAULT_QUEUE)
+
+# cache
+CACHE_WARM_PATIENTS = "hms.cache.warm_patients"
+CACHE_WARM_HOT = "hms.cache.warm_hot"
+CACHE_INVALIDATE_TAGS = "hms.cache.invalidate_tags"
+CACHE_FANOUT_CHANGES = "hms.cache.fanout_changes"
+CACHE_STATS = "hms.cache.stats"
 
 # metrics
 METRICS_COLLECT_HOST = "hms.metrics.collect_host"

@@ -26,7 +26,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     os.environ["REDIS_URL"] = server.url
-    settings.CACHES["default"]["LOCATION"] = server.url
+    for alias in settings.CACHES:
+        settings.CACHES[alias]["LOCATION"] = server.url
     conf.reset()
     store.reset()
     app.conf.update(broker_url=server.url, result_backend=server.url)
@@ -50,6 +51,7 @@ def _clean_hms_keys(redis_server: RedisServer) -> Iterator[None]:
 def _delete_hms_state() -> None:
     client = store.client()
     stale = list(client.scan_iter(match=f"{conf.get().redis_prefix}:*", count=1000))
+    stale += list(client.scan_iter(match="hms-cache:*", count=1000))
     stale += [q for q in names.ALL_QUEUES if client.exists(q)]
     if stale:
         client.delete(*stale)

@@ -57,8 +57,14 @@ CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "demo",
+    },
+    # The tag-aware cache hms-tasks keeps warm and correct (HMS_TASKS_CACHE_ALIAS).
+    "hms": {
+        "BACKEND": "hms_tasks.cache.backend.TaggedRedisCache",
+        "LOCATION": REDIS_URL,
         "KEY_PREFIX": "hms-cache",
-    }
+    },
 }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -1,0 +1,260 @@
+"""Reading through the cache and warming it: the functions the HMS's views and the cache tasks
+call. See :mod:`hms_tasks.cache.lua` for the consistency protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypedDict, cast
+
+import redis
+from django.core.cache import caches
+from django.db import connections
+
+from hms_tasks import conf
+from hms_tasks.cache.backend import TaggedRedisCache
+from hms_tasks.cache.registry import Kind, get_kind
+from hms_tasks.cache.tags import ALL
+from hms_tasks.errors import ConfigurationError, InvalidArguments
+
+__all__ = [
+    "MAX_WARM_IDS",
+    "WarmSummary",
+    "backend",
+    "check_ids",
+    "count_queries",
+    "get_or_build",
+    "heat_key",
+    "parse_key",
+    "ttl_of",
+    "warm",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Most ids one warm call (or task) takes; larger sets are split across tasks.
+MAX_WARM_IDS = 10_000
+#: Ids built per round trip of generations and fills, and per database batch.
+WARM_BATCH = 1000
+_MISSING = object()
+_STATS_TTL = 2 * 86400
+_degraded_since: float | None = None
+
+
+def backend() -> TaggedRedisCache:
+    """The tag-aware cache (``caches[HMS_TASKS_CACHE_ALIAS]``)."""
+    alias = conf.get().cache_alias
+    try:
+        cache = caches[alias]
+    except Exception:
+        raise ConfigurationError(
+            f"HMS_TASKS_CACHE_ALIAS: no cache {alias!r} in CACHES; add one with BACKEND"
+            " 'hms_tasks.cache.backend.TaggedRedisCache'"
+        ) from None
+    if not isinstance(cache, TaggedRedisCache):
+        raise ConfigurationError(
+            f"CACHES[{alias!r}] must use BACKEND 'hms_tasks.cache.backend.TaggedRedisCache'"
+        )
+    return cache
+
+
+def ttl_of(kind: str) -> int:
+    ttls = conf.get().cache_ttl
+    return ttls.get(kind, ttls["default"])
+
+
+def check_ids(ids: object, *, argument: str = "ids", limit: int = MAX_WARM_IDS) -> list[int]:
+    """A list of positive integer ids; otherwise :class:`InvalidArguments` naming ``argument``."""
+    if not isinstance(ids, (list, tuple)):
+        raise InvalidArguments("cache", [f"{argument}: expected a list of integer ids"])
+    if not ids:
+        raise InvalidArguments("cache", [f"{argument}: must not be empty"])
+    if len(ids) > limit:
+        raise InvalidArguments("cache", [
+            f"{argument}: at most {limit} ids per call (got {len(ids)}); split the set"])
+    if not all(type(i) is int and i > 0 for i in ids):
+        raise InvalidArguments("cache", [f"{argument}: every id must be a positive integer"])
+    return list(dict.fromkeys(ids))
+
+
+def _stats_key(be: TaggedRedisCache) -> str:
+    return be.internal_key("stats", str(int(time.time() // 60)))
+
+
+def heat_key(be: TaggedRedisCache) -> str:
+    return be.internal_key("heat")
+
+
+def _degraded(exc: Exception) -> None:
+    # Say it once per outage, not once per read.
+    global _degraded_since
+    if _degraded_since is None:
+        _degraded_since = time.monotonic()
+        logger.warning("cache unreachable (%s): reading from the database until it is back",
+                       type(exc).__name__)
+
+
+def _recovered() -> None:
+    global _degraded_since
+    if _degraded_since is not None:
+        logger.warning("cache reachable again after %.1f s", time.monotonic() - _degraded_since)
+        _degraded_since = None
+
+
+def get_or_build(kind: str, id_: int) -> dict[str, Any] | None:
+    """The payload of ``kind`` for ``id_``: from the cache, or built from the database.
+
+    On a miss only one process builds a key at a time (it holds the key's lease); the others
+    wait up to ``HMS_TASKS_CACHE_WAIT_MS`` for it and otherwise read the database themselves
+    without storing. A build stores its payload only if no tag of it was invalidated since
+    the generations were read, which happens before the database is. Returns None when the
+    row does not exist (nothing is cached then). If Redis is down, payloads come from the
+    database. Hits and misses are counted per kind and per minute; every read adds to the
+    key's heat (what makes it hot for refresh-ahead).
+    """
+    k = get_kind(kind)
+    (id_,) = check_ids([id_], argument="id")
+    be = backend()
+    made = be.make_and_validate_key(k.key(id_))
+    tags = [ALL, *k.tags(id_)]
+    lease = be.internal_key("lease", made)
+    token = secrets.token_hex(8)
+    s = conf.get()
+    try:
+        out = be._scripts["READ"](keys=[made], args=[
+            be.gen_prefix, lease, token, s.cache_lease_ms, secrets.token_hex(8),
+            be.index_ttl(ttl_of(kind)), _stats_key(be), kind, heat_key(be), _STATS_TTL, *tags])
+    except redis.RedisError as exc:
+        _degraded(exc)
+        return _build_one(k, id_)
+    _recovered()
+    if out[0] == 1:
+        value = be.decode(out[1], _MISSING)
+        if value is not _MISSING:
+            return cast(dict[str, Any], value)
+    leased, gens = out[1] == 1, [g.decode() for g in out[2:]]
+    if not leased:
+        waited = _wait_for(be, made, s.cache_wait_ms / 1000)
+        if waited is not None:
+            return waited
+        return _build_one(k, id_)
+    try:
+        payload = _build_one(k, id_)
+    except BaseException:
+        _release(be, lease, token)
+        raise
+    if payload is None:
+        _release(be, lease, token)
+        return None
+    try:
+        be.fill(made, payload, tags=tags, gens=gens, timeout=ttl_of(kind), lock=(lease, token))
+    except redis.RedisError as exc:
+        _degraded(exc)
+    return payload
+
+
+def _build_one(k: Kind, id_: int) -> dict[str, Any] | None:
+    return k.build_many([id_]).get(id_)
+
+
+def _release(be: TaggedRedisCache, lease: str, token: str) -> None:
+    try:
+        c = be.client()
+        if c.get(lease) == token.encode():
+            c.delete(lease)
+    except redis.RedisError:
+        pass  # the lease expires on its own
+
+
+def _wait_for(be: TaggedRedisCache, made: str, seconds: float) -> dict[str, Any] | None:
+    """Poll for the value another process is building, up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.002)
+        (raw,) = be._scripts["READ_MANY"](keys=[made], args=[be.gen_prefix])
+        if raw:
+            value = be.decode(raw, _MISSING)
+            if value is not _MISSING:
+                return cast(dict[str, Any], value)
+    return None
+
+
+class WarmSummary(TypedDict):
+    kind: str
+    requested: int
+    written: int
+    skipped_stale: int
+    missing: int
+    batches: int
+    queries: int
+
+
+@contextmanager
+def count_queries(using: str = "default") -> Iterator[list[int]]:
+    """Count the database queries run inside the block (in ``counter[0]``)."""
+    counter = [0]
+
+    def wrapper(execute: Any, sql: Any, params: Any, many: Any, context: Any) -> Any:
+        counter[0] += 1
+        return execute(sql, params, many, context)
+
+    with connections[using].execute_wrapper(wrapper):
+        yield counter
+
+
+def warm(kind: str, ids: Sequence[int]) -> WarmSummary:
+    """Build and store the payloads of ``ids``, in batches of :data:`WARM_BATCH`.
+
+    Per batch: one round trip for the tags' generations (before the database read), the kind's
+    ``build_many`` (a constant number of queries), one pipelined round trip of conditional
+    fills. Idempotent: warming twice writes the same payloads. A payload whose tag was
+    invalidated during its batch is skipped (counted as ``skipped_stale``), never stored.
+    """
+    k = get_kind(kind)
+    ids = check_ids(list(ids))
+    be = backend()
+    ttl = ttl_of(kind)
+    summary: WarmSummary = {"kind": kind, "requested": len(ids), "written": 0,
+                            "skipped_stale": 0, "missing": 0, "batches": 0, "queries": 0}
+    with count_queries() as queries:
+        for start in range(0, len(ids), WARM_BATCH):
+            batch = ids[start:start + WARM_BATCH]
+            tags_of = {i: k.tags(i) for i in batch}
+            distinct = list(dict.fromkeys(t for tags in tags_of.values() for t in tags))
+            gens = be.generations(distinct)
+            gen_of = dict(zip([ALL, *distinct], gens, strict=True))
+            payloads = k.build_many(batch)
+            pipe = be.client().pipeline(transaction=False)
+            for i, payload in payloads.items():
+                tags = [ALL, *tags_of[i]]
+                be.fill(be.make_and_validate_key(k.key(i)), payload, tags=tags,
+                        gens=[gen_of[t] for t in tags], timeout=ttl, pipe=pipe)
+            stored = pipe.execute()
+            summary["written"] += sum(1 for r in stored if r == 1)
+            summary["skipped_stale"] += sum(1 for r in stored if r != 1)
+            summary["missing"] += len(batch) - len(payloads)
+            summary["batches"] += 1
+    summary["queries"] = queries[0]
+    return summary
+
+
+def parse_key(be: TaggedRedisCache, made_key: str) -> tuple[str, int] | None:
+    """``(kind, id)`` of a made cache key of a registered kind whose key is still current."""
+    prefix = be.make_key("")
+    if not made_key.startswith(prefix):
+        return None
+    parts = made_key[len(prefix):].split(":")
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None
+    try:
+        k = get_kind(parts[0])
+    except InvalidArguments:
+        return None
+    id_ = int(parts[1])
+    # A day-keyed payload of another day is not worth re-warming.
+    return (k.name, id_) if k.key(id_) == made_key[len(prefix):] else None
+

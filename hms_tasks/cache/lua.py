@@ -1,0 +1,213 @@
+"""The Lua scripts behind the tag-aware cache. Each one runs atomically inside Redis.
+
+Value layout. A tagged value is stored as ``HEADER || payload`` where the header is
+``\\x00hms1|<tag>=<gen>,<tag>=<gen>|``: the generation token each of its tags had when the data
+it was built from were read. A tag's current generation lives at ``<gen prefix><tag>``. A value
+is valid only while every one of its tags still has that generation; an invalidation gives the
+tag a new generation (so every value built under the old one is dead at once, whatever happened
+to the index of its keys) and then unlinks the keys indexed under the tag (so they are gone,
+not just dead). Anything missing (an evicted generation, say) reads as a miss, never as a hit:
+eviction can cost hits, never correctness.
+
+The fill race (a value computed from data read before an invalidation, stored after it) is
+closed the way the NSDI'13 memcache leases close it: the reader takes the tags' generations
+*before* reading the database, and the fill stores the value only if they are unchanged.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "APPLY_CHANGES",
+    "FILL",
+    "GENERATIONS",
+    "HEADER_MAGIC",
+    "INVALIDATE",
+    "READ",
+    "READ_MANY",
+    "RECORD_CHANGES",
+]
+
+HEADER_MAGIC = "\x00hms1|"
+
+# Shared helper: is the value (string) still valid? Returns payload or false.
+_VALID = r"""
+local function hms_valid(v, genprefix)
+  if string.sub(v, 1, 6) ~= '\0hms1|' then
+    return v
+  end
+  local e = string.find(v, '|', 7, true)
+  if not e then return false end
+  local header = string.sub(v, 7, e - 1)
+  if header ~= '' then
+    local tags, gens = {}, {}
+    for pair in string.gmatch(header, '[^,]+') do
+      local eq = string.find(pair, '=', 1, true)
+      tags[#tags + 1] = genprefix .. string.sub(pair, 1, eq - 1)
+      gens[#gens + 1] = string.sub(pair, eq + 1)
+    end
+    local current = redis.call('MGET', unpack(tags))
+    for i = 1, #gens do
+      if current[i] ~= gens[i] then return false end
+    end
+  end
+  return string.sub(v, e + 1)
+end
+"""
+
+# GET through generation checks.
+# KEYS: value keys. ARGV[1]: generation key prefix. Returns a list: payload or false per key.
+READ_MANY = _VALID + r"""
+local out = {}
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v then out[i] = hms_valid(v, ARGV[1]) else out[i] = false end
+end
+return out
+"""
+
+# Read-through read of one key, with the lease for its fill on a miss.
+# KEYS[1]: value key. ARGV: 1 gen prefix, 2 lock key, 3 lock token, 4 lock ttl ms,
+# 5 new-generation token, 6 generation ttl s, 7 stats hash key, 8 stats field prefix (kind),
+# 9 heat zset key (or ''), 10 stats ttl s, 11.. tags.
+# Returns {1, payload} on a hit; {0, lock_acquired, gen1, gen2, ...} on a miss, the
+# generations of the tags *now*, before the caller reads the database.
+READ = _VALID + r"""
+local v = redis.call('GET', KEYS[1])
+if ARGV[9] ~= '' then
+  redis.call('ZINCRBY', ARGV[9], 1, KEYS[1])
+end
+if v then
+  local p = hms_valid(v, ARGV[1])
+  if p then
+    redis.call('HINCRBY', ARGV[7], ARGV[8] .. ':hit', 1)
+    redis.call('EXPIRE', ARGV[7], ARGV[10])
+    return {1, p}
+  end
+end
+redis.call('HINCRBY', ARGV[7], ARGV[8] .. ':miss', 1)
+redis.call('EXPIRE', ARGV[7], ARGV[10])
+local out = {0, 0}
+if redis.call('SET', ARGV[2], ARGV[3], 'NX', 'PX', ARGV[4]) then out[2] = 1 end
+for i = 11, #ARGV do
+  local g = ARGV[1] .. ARGV[i]
+  local cur = redis.call('GET', g)
+  if not cur then
+    cur = ARGV[5] .. ':' .. i
+    redis.call('SET', g, cur, 'EX', ARGV[6])
+  end
+  out[#out + 1] = cur
+end
+return out
+"""
+
+# Generations of tags, creating missing ones (used by batch warming before its DB read).
+# ARGV: 1 gen prefix, 2 new-generation token, 3 generation ttl s, 4.. tags. Returns gens.
+GENERATIONS = r"""
+local out = {}
+for i = 4, #ARGV do
+  local g = ARGV[1] .. ARGV[i]
+  local cur = redis.call('GET', g)
+  if not cur then
+    cur = ARGV[2] .. ':' .. i
+    redis.call('SET', g, cur, 'EX', ARGV[3])
+  end
+  out[#out + 1] = cur
+end
+return out
+"""
+
+# Store a value only if its tags' generations are still those read before the build.
+# KEYS[1]: value key. ARGV: 1 gen prefix, 2 tag-index prefix, 3 value (header+payload),
+# 4 value ttl s, 5 index/generation ttl s, 6 lock key ('' for none), 7 lock token,
+# 8.. tag, gen pairs. Returns 1 if stored, 0 if refused as stale.
+FILL = r"""
+local stored = 1
+for i = 8, #ARGV, 2 do
+  if redis.call('GET', ARGV[1] .. ARGV[i]) ~= ARGV[i + 1] then stored = 0 break end
+end
+if stored == 1 then
+  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
+  for i = 8, #ARGV, 2 do
+    -- 'all' (the cache-wide tag) is never indexed: its index would hold every key.
+    if ARGV[i] ~= 'all' then
+      local idx = ARGV[2] .. ARGV[i]
+      redis.call('SADD', idx, KEYS[1])
+      redis.call('EXPIRE', idx, ARGV[5])
+    end
+    redis.call('EXPIRE', ARGV[1] .. ARGV[i], ARGV[5])
+  end
+end
+if ARGV[6] ~= '' and redis.call('GET', ARGV[6]) == ARGV[7] then
+  redis.call('DEL', ARGV[6])
+end
+return stored
+"""
+
+# Shared helper: give each tag a new generation, then unlink every key indexed under it.
+# Returns keys unlinked; appends the unlinked keys whose heat is >= hotscore to ``hot``.
+_INVALIDATE_FN = r"""
+local function hms_invalidate(tags, genprefix, idxprefix, token, genttl, heatkey, hotscore, hot)
+  local removed = 0
+  for i, tag in ipairs(tags) do
+    redis.call('SET', genprefix .. tag, token .. ':' .. i, 'EX', genttl)
+    local idx = idxprefix .. tag
+    local members = redis.call('SMEMBERS', idx)
+    for s = 1, #members, 1000 do
+      local chunk = {unpack(members, s, math.min(s + 999, #members))}
+      removed = removed + redis.call('UNLINK', unpack(chunk))
+      if heatkey ~= '' then
+        for _, k in ipairs(chunk) do
+          local score = redis.call('ZSCORE', heatkey, k)
+          -- Capped: refresh-ahead of a few thousand keys is plenty; more would be a stampede.
+          if score and tonumber(score) >= hotscore and #hot < 5000 then hot[#hot + 1] = k end
+        end
+      end
+    end
+    redis.call('DEL', idx)
+  end
+  return removed
+end
+"""
+
+# Invalidate tags. ARGV: 1 gen prefix, 2 tag-index prefix, 3 new-generation token,
+# 4 generation ttl s, 5 heat zset key ('' to skip hot-key detection), 6 hot threshold,
+# 7.. tags. Returns {keys unlinked, hot key 1, hot key 2, ...}.
+INVALIDATE = _INVALIDATE_FN + r"""
+local hot = {}
+local tags = {unpack(ARGV, 7)}
+local removed = hms_invalidate(tags, ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
+                               tonumber(ARGV[6]), hot)
+table.insert(hot, 1, removed)
+return hot
+"""
+
+# Append a batch of changes (one JSON list of tags) to the change log; ask for a fan-out task
+# unless one is already pending. KEYS: 1 change list, 2 pending flag. ARGV: 1 batch,
+# 2 pending ttl s. Returns 1 if the caller must dispatch the fan-out task.
+RECORD_CHANGES = r"""
+redis.call('RPUSH', KEYS[1], ARGV[1])
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return 1 end
+return 0
+"""
+
+# Apply up to ARGV[1] batches of the change log: take them off the list and invalidate their
+# tags in the same atomic step, so a worker dying half-way loses nothing. With ARGV[8] = '1' and
+# the list empty afterwards, clear the pending flag in that same step too: a batch recorded
+# later then dispatches a new task. KEYS: 1 change list, 2 pending flag. ARGV: 1 max batches,
+# 2 gen prefix, 3 tag-index prefix, 4 token, 5 generation ttl s, 6 heat key, 7 hot threshold,
+# 8 clear flag if empty. Returns {batches, tags, keys unlinked, hot keys...}.
+APPLY_CHANGES = _INVALIDATE_FN + r"""
+local batches = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+redis.call('LTRIM', KEYS[1], #batches, -1)
+local seen, tags = {}, {}
+for _, b in ipairs(batches) do
+  for _, t in ipairs(cjson.decode(b)) do
+    if not seen[t] then seen[t] = true; tags[#tags + 1] = t end
+  end
+end
+local hot = {}
+local removed = hms_invalidate(tags, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],
+                               tonumber(ARGV[7]), hot)
+if ARGV[8] == '1' and redis.call('LLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]) end
+return {#batches, #tags, removed, unpack(hot)}
+"""

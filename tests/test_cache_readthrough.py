@@ -1,0 +1,109 @@
+"""get_or_build: single flight under concurrent misses, and bad input."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import pytest
+from django.test import override_settings
+
+from hms_tasks.cache import registry
+from hms_tasks.cache.core import backend, get_or_build
+from hms_tasks.cache.stats import cache_stats
+from hms_tasks.errors import InvalidArguments
+from tests.helpers import wait_for
+
+
+class SlowBuilder:
+    """Builds ``{"id": i}`` once released; counts how often it was asked."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+
+    def __call__(self, ids: Sequence[int]) -> Mapping[int, dict[str, Any]]:
+        with self.lock:
+            self.calls += 1
+        assert self.release.wait(30), "the test never released the builder"
+        return {i: {"id": i, "updated_at": "2026-01-01T00:00:00+00:00"} for i in ids if i < 1000}
+
+
+@pytest.fixture
+def slow() -> Iterator[SlowBuilder]:
+    builder = SlowBuilder()
+    registry.register_kind("slowkind", build_many=builder, tags=lambda i: [f"slowkind:{i}"])
+    yield builder
+    builder.release.set()
+    registry._kinds.pop("slowkind", None)
+
+
+def _misses(kind: str) -> int:
+    return int(cache_stats(window_minutes=2)["kinds"].get(kind, {}).get("misses", 0))
+
+
+def test_concurrent_misses_build_once(slow: SlowBuilder) -> None:
+    n = 8
+    results: list[Any] = []
+    with override_settings(HMS_TASKS_CACHE_WAIT_MS=10_000):
+        threads = [threading.Thread(target=lambda: results.append(get_or_build("slowkind", 7)))
+                   for _ in range(n)]
+        for t in threads:
+            t.start()
+        # Every reader has missed (one holds the lease and builds, the rest wait on it).
+        wait_for(lambda: _misses("slowkind") == n, what="all readers to miss")
+        assert slow.calls == 1
+        slow.release.set()
+        for t in threads:
+            t.join(30)
+    assert results == [{"id": 7, "updated_at": "2026-01-01T00:00:00+00:00"}] * n
+    assert slow.calls == 1
+    # And it is now a hit for everyone.
+    assert get_or_build("slowkind", 7) == results[0]
+    assert slow.calls == 1
+    stats = cache_stats(window_minutes=2)["kinds"]["slowkind"]
+    assert stats["hits"] == 1
+    assert stats["misses"] == n
+
+
+def test_waiters_fall_through_to_the_database_when_the_builder_is_slow(slow: SlowBuilder
+                                                                        ) -> None:
+    holder = threading.Thread(target=lambda: get_or_build("slowkind", 8))
+    holder.start()
+    wait_for(lambda: slow.calls == 1, what="the lease holder to start building")
+    with override_settings(HMS_TASKS_CACHE_WAIT_MS=0):
+        other = threading.Thread(target=lambda: get_or_build("slowkind", 8))
+        other.start()
+        wait_for(lambda: slow.calls == 2, what="the second reader to build itself")
+    slow.release.set()
+    holder.join(30)
+    other.join(30)
+    assert backend().get("slowkind:8") == {"id": 8, "updated_at": "2026-01-01T00:00:00+00:00"}
+
+
+def test_missing_row_is_not_cached(slow: SlowBuilder) -> None:
+    slow.release.set()
+    assert get_or_build("slowkind", 5000) is None
+    assert get_or_build("slowkind", 5000) is None
+    assert slow.calls == 2
+    assert not backend().client().exists(backend().internal_key(
+        "lease", backend().make_key("slowkind:5000")))
+
+
+@pytest.mark.parametrize(
+    ("kind", "id_", "message"),
+    [
+        ("nosuchkind", 1, "kind: unknown kind (allowed:"),
+        ("slowkind", "1", "id: every id must be a positive integer"),
+        ("slowkind", 0, "id: every id must be a positive integer"),
+        ("slowkind", True, "id: every id must be a positive integer"),
+    ],
+)
+def test_bad_input_names_the_argument(slow: SlowBuilder, kind: str, id_: Any, message: str
+                                      ) -> None:
+    with pytest.raises(InvalidArguments) as info:
+        get_or_build(kind, id_)
+    assert message in str(info.value)
+    assert slow.calls == 0
