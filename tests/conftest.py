@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from hms_tasks import conf, names, store
+from tests.demo_fixtures import *  # noqa: F403  (the SQLite test database's directory)
 from tests.helpers import RedisServer
 
 

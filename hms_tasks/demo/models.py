@@ -12,6 +12,9 @@ every extra index slows the bulk seeding and each write of a real HMS:
 
 A foreign key whose column leads one of those composite indexes has ``db_index=False``: the
 composite index serves lookups by that key alone too, so a separate one would only cost writes.
+Two foreign keys no query here filters on have no index at all (``Encounter.practitioner``,
+``Appointment.department``): each index on these big tables slows seeding by seconds. Add one
+with a migration when a query needs it (deleting a practitioner or department then scans).
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ class Encounter(models.Model):
         Patient, on_delete=models.PROTECT, related_name="encounters", db_index=False
     )
     practitioner = models.ForeignKey(
-        Practitioner, on_delete=models.PROTECT, related_name="encounters"
+        Practitioner, on_delete=models.PROTECT, related_name="encounters", db_index=False
     )
     department = models.ForeignKey(
         Department, on_delete=models.PROTECT, related_name="encounters", db_index=False
@@ -150,7 +153,7 @@ class Appointment(models.Model):
         Practitioner, on_delete=models.PROTECT, related_name="appointments", db_index=False
     )
     department = models.ForeignKey(
-        Department, on_delete=models.PROTECT, related_name="appointments"
+        Department, on_delete=models.PROTECT, related_name="appointments", db_index=False
     )
     scheduled_at = models.DateTimeField()
     duration_minutes = models.PositiveSmallIntegerField(default=15)

@@ -28,6 +28,8 @@ from __future__ import annotations
 import logging
 import random
 import time as monotonic_clock
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, tzinfo
 from typing import Final, TypedDict
@@ -60,6 +62,9 @@ MAX_PATIENTS: Final = 5_000_000
 _PATIENTS_PER_FLUSH: Final = 5_000
 # Rows per INSERT statement. SQLite's backend lowers it further to fit its 999-variable limit.
 _INSERT_BATCH: Final = 2_000
+
+# SQLite page cache while seeding, negative: in KiB (256 MiB).
+_SQLITE_CACHE_KIB: Final = -262_144
 
 # Demo tables, parents first: the order rows are inserted in.
 _MODELS: Final[tuple[type[models.Model], ...]] = (
@@ -471,7 +476,7 @@ def seed(
     call_command("migrate", database=using, verbosity=0, interactive=False)
     day = today if today is not None else timezone.localdate()
     generator = _Generator(rng=random.Random(seed), today=day, tz=timezone.get_default_timezone())
-    with transaction.atomic(using=using):
+    with _bulk_load_tuning(using), transaction.atomic(using=using):
         existing = sum(model._default_manager.using(using).count() for model in _MODELS)
         if existing and not force:
             raise SeedRefused(
@@ -510,12 +515,46 @@ def _check_arguments(*, patients: int, seed: int, today: date | None, using: str
         raise SeedArgumentError("using must name a database in settings.DATABASES")
 
 
+@contextmanager
+def _bulk_load_tuning(using: str) -> Iterator[None]:
+    """On SQLite, a 256 MiB page cache while seeding, restored afterwards.
+
+    The default 2 MiB cache cannot hold the appointment indexes, whose random-order inserts
+    then spill pages to the WAL over and over: the larger cache makes seeding about a third
+    faster. The setting belongs to this connection only; nothing else is affected.
+    """
+    connection = connections[using]
+    if connection.vendor != "sqlite":
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA cache_size")
+        previous = int(cursor.fetchone()[0])
+        cursor.execute(f"PRAGMA cache_size = {_SQLITE_CACHE_KIB}")
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"PRAGMA cache_size = {previous}")
+
+
 def _delete_demo_rows(using: str) -> None:
     """Empty the demo tables and restart their id sequences (TRUNCATE ... RESTART IDENTITY on
     PostgreSQL): deleting through the ORM would load every row to honour ``PROTECT``."""
     connection = connections[using]
-    tables = [model._meta.db_table for model in _MODELS]
+    # Children first: deleting a parent row makes SQLite look for rows referencing it, and
+    # some foreign keys have no index (see models), so parents first would scan per row.
+    tables = [model._meta.db_table for model in reversed(_MODELS)]
     statements = connection.ops.sql_flush(no_style(), tables, reset_sequences=True)
+    if connection.vendor == "postgresql":
+        # PostgreSQL refuses TRUNCATE while deferred foreign-key checks are pending, as they are
+        # when the caller's transaction inserted demo rows before (tests do). Running them now
+        # clears them; afterwards the constraints go back to Django's INITIALLY DEFERRED.
+        statements = [
+            "SET CONSTRAINTS ALL IMMEDIATE",
+            *statements,
+            "SET CONSTRAINTS ALL DEFERRED",
+        ]
     connection.ops.execute_sql_flush(statements)
 
 

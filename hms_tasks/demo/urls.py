@@ -1,7 +1,8 @@
 """URLs of the demo HMS: ``/healthz`` and the JSON API under ``/api/``.
 
-This is the demo's ``ROOT_URLCONF``. Unknown paths and server errors answer in JSON as well
-(``handler404`` / ``handler500``), so API clients never have to parse an HTML page.
+This is the demo's ``ROOT_URLCONF``. Bad requests, unknown paths and server errors answer in
+JSON as well (``handler400``, ``handler404``, ``handler500``), so API clients never have to
+parse an HTML page.
 """
 
 from __future__ import annotations
@@ -28,5 +29,6 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("api/", include(api_urlpatterns)),
 ]
 
+handler400 = "hms_tasks.demo.api.bad_request"
 handler404 = "hms_tasks.demo.api.not_found"
 handler500 = "hms_tasks.demo.api.server_error"
