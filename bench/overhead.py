@@ -15,7 +15,7 @@ import redis
 
 from bench.common import Row, private_redis, wait_until, worker_process
 
-N = int(os.environ.get("BENCH_OVERHEAD_N", "3000"))
+N = int(os.environ.get("BENCH_OVERHEAD_N", "2000"))
 ROUNDS = int(os.environ.get("BENCH_OVERHEAD_ROUNDS", "3"))
 NODE = "bench-overhead@localhost"
 
