@@ -32,7 +32,7 @@ __all__ = [
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hms_tasks.demo.settings")
 
 #: Task modules of the capabilities; the app imports them when it starts.
-TASK_MODULES = ["hms_tasks.metrics.tasks"]
+TASK_MODULES = ["hms_tasks.cache.tasks", "hms_tasks.metrics.tasks"]
 
 # A task's hard time limit when it declares none; capabilities declare their own.
 DEFAULT_TIME_LIMIT = 300

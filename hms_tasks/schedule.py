@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import importlib
 import re
-from datetime import timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
+from celery.schedules import crontab
 from celery.schedules import schedule as celery_schedule
 
 from hms_tasks.errors import ConfigurationError
@@ -27,22 +28,44 @@ _ALLOWED = {"task", "schedule", "args", "kwargs", "options", "relative"}
 
 
 def period_seconds(sched: Any) -> float:
-    """The period of a schedule in seconds (for crontab: the gap between its next two runs)."""
-    if isinstance(sched, (int, float)):
+    """The period of a schedule in seconds; for a crontab, the shortest gap between its runs."""
+    if isinstance(sched, (int, float)) and not isinstance(sched, bool):
         return float(sched)
     if isinstance(sched, timedelta):
         return sched.total_seconds()
-    if isinstance(sched, celery_schedule) and type(sched) is celery_schedule:
+    if isinstance(sched, crontab):
+        return _crontab_gap(sched)
+    if type(sched) is celery_schedule:
         return float(getattr(sched, "run_every").total_seconds())  # noqa: B009  (untyped)
-    if hasattr(sched, "remaining_estimate"):
-        # remaining_estimate(last_run) answers "how long from *now* until the run after
-        # last_run": the difference between the answers for now and for the next run is
-        # the gap between two runs.
-        now = sched.now()
-        to_first = sched.remaining_estimate(now)
-        to_second = sched.remaining_estimate(now + to_first + timedelta(seconds=1))
-        return max(float((to_second - to_first).total_seconds()), 1.0)
     raise TypeError(type(sched).__name__)
+
+
+def _crontab_gap(sched: crontab) -> float:
+    # Walk a fixed stretch of calendar (a year and a bit, enough for monthly schedules and
+    # February) and take the shortest gap between the first thousand runs. Celery's own
+    # remaining_estimate() would ask the app for its time zone, that is for the very
+    # configuration this function helps to build.
+    day = date(2026, 1, 1)
+    previous: datetime | None = None
+    shortest: float | None = None
+    runs = 0
+    for _ in range(400):
+        if (day.month in sched.month_of_year and day.day in sched.day_of_month
+                and (day.weekday() + 1) % 7 in sched.day_of_week):
+            for hour in sorted(sched.hour):
+                for minute in sorted(sched.minute):
+                    t = datetime(day.year, day.month, day.day, hour, minute)  # noqa: DTZ001
+                    if previous is not None:
+                        gap = (t - previous).total_seconds()
+                        shortest = gap if shortest is None else min(shortest, gap)
+                    previous = t
+                    runs += 1
+            if runs >= 1000:
+                break
+        day += timedelta(days=1)
+    if shortest is None:
+        raise TypeError("a crontab that does not run twice within a year")
+    return shortest
 
 
 def _normalize(key: str, entry: Any) -> dict[str, Any]:

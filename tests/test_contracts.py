@@ -19,6 +19,11 @@ from hms_tasks import names
 # Renaming or removing a task breaks queued messages and beat entries: update the README's
 # migration notes before changing this list.
 REGISTERED_TASKS = [
+    "hms.cache.fanout_changes",
+    "hms.cache.invalidate_tags",
+    "hms.cache.stats",
+    "hms.cache.warm_hot",
+    "hms.cache.warm_patients",
     "hms.metrics.collect_host",
 ]
 

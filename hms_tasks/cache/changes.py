@@ -50,6 +50,7 @@ __all__ = [
     "Recorder",
     "apply_changes",
     "changed",
+    "changed_everything",
     "connect",
     "flush",
     "pending_entries",
@@ -144,6 +145,12 @@ def changed(model: type[models.Model], rows: Iterable[Any], *, using: str = "def
         obj = SimpleNamespace(**row) if isinstance(row, Mapping) else row
         tags.update(tracked.tags(obj))
     _record(tags, using)
+
+
+def changed_everything(*, using: str = "default") -> None:
+    """Record that the whole cache is stale (data reloaded, a migration rewrote rows): on
+    commit, every cached value dies at once."""
+    _record({ALL}, using)
 
 
 class InvalidatingQuerySet(models.QuerySet[Any]):

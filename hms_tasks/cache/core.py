@@ -9,7 +9,7 @@ import secrets
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypedDict, cast
+from typing import Any, Literal, TypedDict, cast, overload
 
 import redis
 from django.core.cache import caches
@@ -28,6 +28,7 @@ __all__ = [
     "check_ids",
     "count_queries",
     "get_or_build",
+    "get_or_build_many",
     "heat_key",
     "parse_key",
     "ttl_of",
@@ -157,6 +158,40 @@ def get_or_build(kind: str, id_: int) -> dict[str, Any] | None:
     return payload
 
 
+def get_or_build_many(kind: str, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """Payloads of many ids of one kind (for list views): one round trip for the hits, and
+    the misses built together by the kind's ``build_many`` (a constant number of queries)
+    and filled conditionally, as :func:`warm` does. No single flight here: a list is built
+    by whoever asks first, once per miss. Ids without a row are left out."""
+    k = get_kind(kind)
+    ids = check_ids(list(ids))
+    be = backend()
+    made = {i: be.make_and_validate_key(k.key(i)) for i in ids}
+    try:
+        raws = be._scripts["READ_MANY"](keys=list(made.values()), args=[be.gen_prefix])
+    except redis.RedisError as exc:
+        _degraded(exc)
+        return dict(k.build_many(ids))
+    out: dict[int, dict[str, Any]] = {}
+    for i, raw in zip(ids, raws, strict=True):
+        value = be.decode(raw, _MISSING) if raw else _MISSING
+        if value is not _MISSING:
+            out[i] = cast(dict[str, Any], value)
+    misses = [i for i in ids if i not in out]
+    pipe = be.client().pipeline(transaction=False)
+    stats = _stats_key(be)
+    pipe.hincrby(stats, f"{kind}:hit", len(out))
+    pipe.hincrby(stats, f"{kind}:miss", len(misses))
+    pipe.expire(stats, _STATS_TTL)
+    for key in made.values():
+        pipe.zincrby(heat_key(be), 1, key)
+    pipe.execute()
+    if misses:
+        warmed = warm(kind, misses, keep=True)
+        out.update(warmed)
+    return {i: out[i] for i in ids if i in out}
+
+
 def _build_one(k: Kind, id_: int) -> dict[str, Any] | None:
     return k.build_many([id_]).get(id_)
 
@@ -206,7 +241,16 @@ def count_queries(using: str = "default") -> Iterator[list[int]]:
         yield counter
 
 
-def warm(kind: str, ids: Sequence[int]) -> WarmSummary:
+@overload
+def warm(kind: str, ids: Sequence[int]) -> WarmSummary: ...
+
+
+@overload
+def warm(kind: str, ids: Sequence[int], *, keep: Literal[True]) -> dict[int, dict[str, Any]]: ...
+
+
+def warm(kind: str, ids: Sequence[int], *, keep: bool = False
+         ) -> WarmSummary | dict[int, dict[str, Any]]:
     """Build and store the payloads of ``ids``, in batches of :data:`WARM_BATCH`.
 
     Per batch: one round trip for the tags' generations (before the database read), the kind's
@@ -220,6 +264,7 @@ def warm(kind: str, ids: Sequence[int]) -> WarmSummary:
     ttl = ttl_of(kind)
     summary: WarmSummary = {"kind": kind, "requested": len(ids), "written": 0,
                             "skipped_stale": 0, "missing": 0, "batches": 0, "queries": 0}
+    kept: dict[int, dict[str, Any]] = {}
     with count_queries() as queries:
         for start in range(0, len(ids), WARM_BATCH):
             batch = ids[start:start + WARM_BATCH]
@@ -228,6 +273,8 @@ def warm(kind: str, ids: Sequence[int]) -> WarmSummary:
             gens = be.generations(distinct)
             gen_of = dict(zip([ALL, *distinct], gens, strict=True))
             payloads = k.build_many(batch)
+            if keep:
+                kept.update(payloads)
             pipe = be.client().pipeline(transaction=False)
             for i, payload in payloads.items():
                 tags = [ALL, *tags_of[i]]
@@ -239,7 +286,7 @@ def warm(kind: str, ids: Sequence[int]) -> WarmSummary:
             summary["missing"] += len(batch) - len(payloads)
             summary["batches"] += 1
     summary["queries"] = queries[0]
-    return summary
+    return kept if keep else summary
 
 
 def parse_key(be: TaggedRedisCache, made_key: str) -> tuple[str, int] | None:

@@ -34,6 +34,7 @@ from django.db.models import Count, F, QuerySet
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 
+from hms_tasks.cache.core import get_or_build, get_or_build_many
 from hms_tasks.demo.models import Appointment, Department, Encounter, Patient, Practitioner
 from hms_tasks.errors import HmsTasksError
 
@@ -56,8 +57,10 @@ __all__ = [
     "parse_fields",
     "parse_limit",
     "patient_detail",
+    "patient_details",
     "patient_page",
     "practitioner_day",
+    "practitioner_days",
 ]
 
 #: Page size when ``?limit=`` is absent, and the most one page returns (larger is clamped).
@@ -284,59 +287,79 @@ def patient_detail(patient_id: int, *, using: str = "default") -> PatientDetail 
 
     Three queries, however long the history.
     """
-    if not 0 < patient_id <= _MAX_ID:
-        return None
-    patient = Patient.objects.using(using).filter(id=patient_id).values(*PATIENT_FIELDS).first()
-    if patient is None:
-        return None
-    encounters = (
+    return patient_details([patient_id], using=using).get(patient_id)
+
+
+def patient_details(ids: Iterable[int], *, using: str = "default") -> dict[int, PatientDetail]:
+    """:func:`patient_detail` of each patient in ``ids`` (unknown ids left out): three
+    queries, however many ids; the batch form a cache warmer wants."""
+    wanted = sorted({i for i in ids if 0 < i <= _MAX_ID})
+    if not wanted:
+        return {}
+    patients = {
+        p["id"]: p
+        for p in Patient.objects.using(using).filter(id__in=wanted).values(*PATIENT_FIELDS)
+    }
+    if not patients:
+        return {}
+    joined = {
+        "department_code": F("department__code"),
+        "department_name": F("department__name"),
+        "practitioner_staff_number": F("practitioner__staff_number"),
+        "practitioner_given_name": F("practitioner__given_name"),
+        "practitioner_family_name": F("practitioner__family_name"),
+    }
+    encounters: dict[int, list[dict[str, Scalar | Row]]] = {pid: [] for pid in patients}
+    for row in (
         Encounter.objects.using(using)
-        .filter(patient_id=patient_id)
+        .filter(patient_id__in=list(patients))
         .order_by("-admitted_at", "-id")
         .values(
             "id",
+            "patient_id",
             "kind",
             "status",
             "admitted_at",
             "discharged_at",
             "department_id",
             "practitioner_id",
-            department_code=F("department__code"),
-            department_name=F("department__name"),
-            practitioner_staff_number=F("practitioner__staff_number"),
-            practitioner_given_name=F("practitioner__given_name"),
-            practitioner_family_name=F("practitioner__family_name"),
+            **joined,
         )
-    )
-    appointments = (
+    ):
+        encounters[row["patient_id"]].append(_care_item(row, drop=("patient_id",)))
+    appointments: dict[int, list[dict[str, Scalar | Row]]] = {pid: [] for pid in patients}
+    for row in (
         Appointment.objects.using(using)
-        .filter(patient_id=patient_id)
+        .filter(patient_id__in=list(patients))
         .order_by("-scheduled_at", "-id")
         .values(
             "id",
+            "patient_id",
             "scheduled_at",
             "duration_minutes",
             "status",
             "department_id",
             "practitioner_id",
-            department_code=F("department__code"),
-            department_name=F("department__name"),
-            practitioner_staff_number=F("practitioner__staff_number"),
-            practitioner_given_name=F("practitioner__given_name"),
-            practitioner_family_name=F("practitioner__family_name"),
+            **joined,
         )
-    )
-    return PatientDetail(
-        patient=_jsonable(patient),
-        encounters=[_care_item(row) for row in encounters],
-        appointments=[_care_item(row) for row in appointments],
-    )
+    ):
+        appointments[row["patient_id"]].append(_care_item(row, drop=("patient_id",)))
+    return {
+        pid: PatientDetail(
+            patient=_jsonable(patient),
+            encounters=encounters[pid],
+            appointments=appointments[pid],
+        )
+        for pid, patient in patients.items()
+    }
 
 
-def _care_item(row: Mapping[str, Any]) -> dict[str, Scalar | Row]:
+def _care_item(row: Mapping[str, Any], *, drop: Sequence[str] = ()) -> dict[str, Scalar | Row]:
     """Fold the joined department and practitioner columns into nested objects."""
     item: dict[str, Scalar | Row] = {
-        key: value for key, value in _jsonable(row).items() if not key.startswith(_NESTED)
+        key: value
+        for key, value in _jsonable(row).items()
+        if not key.startswith(_NESTED) and key not in drop
     }
     item["department"] = {
         "id": row["department_id"],
@@ -356,60 +379,67 @@ def practitioner_day(
     practitioner_id: int, day: date, *, using: str = "default"
 ) -> PractitionerDay | None:
     """The appointments of one practitioner on ``day`` (midnight to midnight in the current
-    time zone) in time order, with each patient's MRN and name; None if no such practitioner.
+    time zone) in time order; None if no such practitioner.
 
-    Two queries; the (practitioner, scheduled_at) index serves the second.
+    Patients appear by id only: a cached schedule must not go stale when a patient's record
+    changes (that change invalidates the patient's own payload, not every schedule they are
+    in). Two queries; the (practitioner, scheduled_at) index serves the second.
     """
-    if not 0 < practitioner_id <= _MAX_ID:
-        return None
-    practitioner = (
-        Practitioner.objects.using(using)
-        .filter(id=practitioner_id)
+    return practitioner_days([practitioner_id], day, using=using).get(practitioner_id)
+
+
+def practitioner_days(
+    ids: Iterable[int], day: date, *, using: str = "default"
+) -> dict[int, PractitionerDay]:
+    """:func:`practitioner_day` of each practitioner in ``ids``: two queries for any number."""
+    wanted = sorted({i for i in ids if 0 < i <= _MAX_ID})
+    if not wanted:
+        return {}
+    practitioners = {
+        p["id"]: p
+        for p in Practitioner.objects.using(using)
+        .filter(id__in=wanted)
         .values("id", "staff_number", "given_name", "family_name", "role", "department_id")
-        .first()
-    )
-    if practitioner is None:
-        return None
+    }
+    if not practitioners:
+        return {}
     try:
         start = timezone.make_aware(datetime.combine(day, time.min))
         # The next day's midnight, not start + 24 h: days around DST changes are 23 or 25 h.
         end = timezone.make_aware(datetime.combine(day + timedelta(days=1), time.min))
     except OverflowError:
         raise BadParameter("date", "date is out of range", allowed="YYYY-MM-DD") from None
-    rows = (
+    appointments: dict[int, list[dict[str, Scalar | Row]]] = {pid: [] for pid in practitioners}
+    for row in (
         Appointment.objects.using(using)
-        .filter(practitioner_id=practitioner_id, scheduled_at__gte=start, scheduled_at__lt=end)
+        .filter(
+            practitioner_id__in=list(practitioners), scheduled_at__gte=start, scheduled_at__lt=end
+        )
         .order_by("scheduled_at", "id")
         .values(
             "id",
+            "practitioner_id",
             "scheduled_at",
             "duration_minutes",
             "status",
             "department_id",
             "patient_id",
-            patient_mrn=F("patient__mrn"),
-            patient_given_name=F("patient__given_name"),
-            patient_family_name=F("patient__family_name"),
         )
-    )
-    appointments: list[dict[str, Scalar | Row]] = []
-    for row in rows:
+    ):
         item: dict[str, Scalar | Row] = {
-            key: value for key, value in _jsonable(row).items() if not key.startswith("patient_")
+            k: v for k, v in _jsonable(row).items() if k not in ("patient_id", "practitioner_id")
         }
-        item["patient"] = {
-            "id": row["patient_id"],
-            "mrn": row["patient_mrn"],
-            "given_name": row["patient_given_name"],
-            "family_name": row["patient_family_name"],
-        }
-        appointments.append(item)
-    return PractitionerDay(
-        practitioner=_jsonable(practitioner),
-        date=day.isoformat(),
-        count=len(appointments),
-        appointments=appointments,
-    )
+        item["patient"] = {"id": row["patient_id"]}
+        appointments[row["practitioner_id"]].append(item)
+    return {
+        pid: PractitionerDay(
+            practitioner=_jsonable(p),
+            date=day.isoformat(),
+            count=len(appointments[pid]),
+            appointments=appointments[pid],
+        )
+        for pid, p in practitioners.items()
+    }
 
 
 def department_census(department_id: int, *, using: str = "default") -> DepartmentCensus | None:
@@ -529,29 +559,39 @@ def patients(request: HttpRequest) -> JsonResponse:
 
 @_json_get
 def patient(request: HttpRequest, patient_id: int) -> JsonResponse:
-    """``GET /api/patients/<id>/``."""
-    detail = patient_detail(patient_id)
+    """``GET /api/patients/<id>/``: read through the hms-tasks cache (kind ``patient``)."""
+    detail = get_or_build("patient", patient_id) if 0 < patient_id <= _MAX_ID else None
     return _not_found("patient") if detail is None else JsonResponse(detail)
 
 
 @_json_get
 def practitioner_appointments_today(request: HttpRequest, practitioner_id: int) -> JsonResponse:
-    """``GET /api/practitioners/<id>/appointments/today/?date=YYYY-MM-DD``."""
-    day = practitioner_day(practitioner_id, parse_date(request.GET.get("date")))
-    return _not_found("practitioner") if day is None else JsonResponse(day)
+    """``GET /api/practitioners/<id>/appointments/today/?date=YYYY-MM-DD``: today's schedule
+    reads through the cache (kind ``schedule``); other days come from the database."""
+    day = parse_date(request.GET.get("date"))
+    schedule: Mapping[str, Any] | None
+    if not 0 < practitioner_id <= _MAX_ID:
+        schedule = None
+    elif day == timezone.localdate():
+        schedule = get_or_build("schedule", practitioner_id)
+    else:
+        schedule = practitioner_day(practitioner_id, day)
+    return _not_found("practitioner") if schedule is None else JsonResponse(dict(schedule))
 
 
 @_json_get
 def department(request: HttpRequest, department_id: int) -> JsonResponse:
-    """``GET /api/departments/<id>/census/``."""
-    census = department_census(department_id)
+    """``GET /api/departments/<id>/census/``: read through the cache (kind ``census``)."""
+    census = get_or_build("census", department_id) if 0 < department_id <= _MAX_ID else None
     return _not_found("department") if census is None else JsonResponse(census)
 
 
 @_json_get
 def departments(request: HttpRequest) -> JsonResponse:
-    """``GET /api/departments/census/``."""
-    return JsonResponse({"results": departments_census()})
+    """``GET /api/departments/census/``: every department's census, each through the cache."""
+    ids = list(Department.objects.order_by("code").values_list("id", flat=True))
+    census = get_or_build_many("census", ids) if ids else {}
+    return JsonResponse({"results": [census[i] for i in ids if i in census]})
 
 
 def bad_request(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:

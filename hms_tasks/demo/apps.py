@@ -10,3 +10,10 @@ class DemoHmsConfig(AppConfig):
     label = "hms"
     verbose_name = "Demo HMS"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # The demo uses hms-tasks' cache the way a real HMS would: registering its kinds
+        # and models from its own AppConfig.
+        from hms_tasks.demo.cache import register
+
+        register()

@@ -22,11 +22,16 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from hms_tasks.cache.changes import InvalidatingQuerySet
+
 __all__ = ["Appointment", "Department", "Encounter", "Patient", "Practitioner"]
 
 
 class Department(models.Model):
     """A ward, clinic or the emergency department; ``beds`` is zero where nobody stays."""
+
+    # Bulk updates invalidate the hms-tasks cache like saves do.
+    objects = InvalidatingQuerySet.as_manager()
 
     class Kind(models.TextChoices):
         WARD = "ward", "Ward"
@@ -47,6 +52,9 @@ class Department(models.Model):
 
 class Practitioner(models.Model):
     """A member of the clinical staff, attached to a home department."""
+
+    # Bulk updates invalidate the hms-tasks cache like saves do.
+    objects = InvalidatingQuerySet.as_manager()
 
     class Role(models.TextChoices):
         PHYSICIAN = "physician", "Physician"
@@ -70,6 +78,9 @@ class Practitioner(models.Model):
 
 class Patient(models.Model):
     """A registered patient. Every column but ``id`` is patient data (PHI): never log it."""
+
+    # Bulk updates invalidate the hms-tasks cache like saves do.
+    objects = InvalidatingQuerySet.as_manager()
 
     class Sex(models.TextChoices):
         FEMALE = "female", "Female"
@@ -100,6 +111,9 @@ class Patient(models.Model):
 class Encounter(models.Model):
     """A stay or visit. ``admitted_at`` is the (planned) start; ``discharged_at`` is null while
     the patient is still there and for planned or cancelled encounters."""
+
+    # Bulk updates invalidate the hms-tasks cache like saves do.
+    objects = InvalidatingQuerySet.as_manager()
 
     class Kind(models.TextChoices):
         INPATIENT = "inpatient", "Inpatient"
@@ -138,6 +152,9 @@ class Encounter(models.Model):
 
 class Appointment(models.Model):
     """A booked slot with a practitioner in a department."""
+
+    # Bulk updates invalidate the hms-tasks cache like saves do.
+    objects = InvalidatingQuerySet.as_manager()
 
     class Status(models.TextChoices):
         BOOKED = "booked", "Booked"

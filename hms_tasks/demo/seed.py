@@ -40,6 +40,7 @@ from django.db import connections, models, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from hms_tasks.cache import changes
 from hms_tasks.demo.models import Appointment, Department, Encounter, Patient, Practitioner
 from hms_tasks.errors import HmsTasksError
 
@@ -486,6 +487,9 @@ def seed(
         if existing:
             _delete_demo_rows(using)
         summary = _write(generator, patients=patients, using=using)
+        # Rows were replaced wholesale behind the ORM's signals (bulk inserts on the base
+        # manager, raw flushes): everything cached about the old ones is wrong now.
+        changes.changed_everything(using=using)
     summary["deleted"] = existing
     summary["seconds"] = round(monotonic_clock.perf_counter() - started, 3)
     logger.info(
@@ -560,8 +564,12 @@ def _delete_demo_rows(using: str) -> None:
 
 def _write(generator: _Generator, *, patients: int, using: str) -> SeedSummary:
     hospital = generator.hospital(patients=patients)
-    Department.objects.using(using).bulk_create(hospital.departments, batch_size=_INSERT_BATCH)
-    Practitioner.objects.using(using).bulk_create(hospital.practitioners, batch_size=_INSERT_BATCH)
+    Department._base_manager.using(using).bulk_create(
+        hospital.departments, batch_size=_INSERT_BATCH
+    )
+    Practitioner._base_manager.using(using).bulk_create(
+        hospital.practitioners, batch_size=_INSERT_BATCH
+    )
 
     batch = _Batch()
     counts = {"encounters": 0, "appointments": 0}
@@ -581,7 +589,7 @@ def _write(generator: _Generator, *, patients: int, using: str) -> SeedSummary:
             logger.debug("seeded %d of %d patients", number, patients)
 
     # auto_now stamped every patient with the insert time; restore the generated one.
-    Patient.objects.using(using).update(updated_at=F("created_at"))
+    Patient._base_manager.using(using).update(updated_at=F("created_at"))
     _reset_sequences(using)
     return SeedSummary(
         departments=len(hospital.departments),
@@ -597,9 +605,9 @@ def _write(generator: _Generator, *, patients: int, using: str) -> SeedSummary:
 
 
 def _flush(batch: _Batch, *, using: str) -> None:
-    Patient.objects.using(using).bulk_create(batch.patients, batch_size=_INSERT_BATCH)
-    Encounter.objects.using(using).bulk_create(batch.encounters, batch_size=_INSERT_BATCH)
-    Appointment.objects.using(using).bulk_create(batch.appointments, batch_size=_INSERT_BATCH)
+    Patient._base_manager.using(using).bulk_create(batch.patients, batch_size=_INSERT_BATCH)
+    Encounter._base_manager.using(using).bulk_create(batch.encounters, batch_size=_INSERT_BATCH)
+    Appointment._base_manager.using(using).bulk_create(batch.appointments, batch_size=_INSERT_BATCH)
 
 
 def _reset_sequences(using: str) -> None:
