@@ -40,11 +40,12 @@ def period_seconds(sched: Any) -> float:
     raise TypeError(type(sched).__name__)
 
 
-def _crontab_gap(sched: crontab) -> float:
+def _crontab_gap(sched: Any) -> float:
     # Walk a fixed stretch of calendar (a year and a bit, enough for monthly schedules and
     # February) and take the shortest gap between the first thousand runs. Celery's own
     # remaining_estimate() would ask the app for its time zone, that is for the very
     # configuration this function helps to build.
+    # (The crontab's expanded fields are sets of ints, untyped in celery-types.)
     day = date(2026, 1, 1)
     previous: datetime | None = None
     shortest: float | None = None
