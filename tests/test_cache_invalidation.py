@@ -1,0 +1,171 @@
+"""From a model change to its cached values gone: signals, commit, the change log, a real
+worker running hms.cache.fanout_changes, real Redis and the real database."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+import pytest
+from django.db import transaction
+
+from hms_tasks import names, reports
+from hms_tasks.cache import changes
+from hms_tasks.cache.core import backend, get_or_build
+from hms_tasks.demo.models import Appointment, Patient, Practitioner
+from hms_tasks.demo.seed import seed
+from tests.helpers import RedisServer, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def hospital() -> None:
+    seed(patients=60, seed=5, today=date.today(), force=True)
+    # Seeding recorded a whole-cache invalidation; let it land before the test warms.
+    assert changes.flush()
+    wait_for(lambda: changes.pending_entries() == 0, what="the seed's invalidation")
+
+
+def cached(kind: str, id_: int) -> bool:
+    from hms_tasks.cache.registry import get_kind
+
+    be = backend()
+    return bool(be.has_key(get_kind(kind).key(id_)))
+
+
+def patients(n: int) -> list[int]:
+    return list(Patient.objects.order_by("id").values_list("id", flat=True)[:n])
+
+
+def settle() -> None:
+    """This process's committed changes are in Redis, and some worker has applied them."""
+    assert changes.flush()
+    wait_for(lambda: changes.pending_entries() == 0, what="the change log to drain")
+
+
+def test_save_commit_task_keys_gone(worker: Any, hospital: None) -> None:
+    a, b = patients(2)
+    assert get_or_build("patient", a) is not None
+    assert get_or_build("patient", b) is not None
+    assert cached("patient", a)
+    with transaction.atomic():
+        p = Patient.objects.get(id=a)
+        p.allergies = "penicillin"
+        p.save()
+    wait_for(lambda: not cached("patient", a), what="the patient's key to go")
+    assert cached("patient", b)  # untouched
+    assert get_or_build("patient", a)["patient"]["allergies"] == "penicillin"
+    report = wait_for(lambda: reports.latest(names.CACHE_FANOUT_CHANGES),
+                      what="fanout's run report")
+    assert report["outcome"] == "success"
+    assert report["summary"]["unlinked"] >= 1
+
+
+def test_rollback_dispatches_nothing(worker: Any, hospital: None) -> None:
+    (a,) = patients(1)
+    get_or_build("patient", a)
+    before = changes.recorder().stats["recorded"]
+    with pytest.raises(RuntimeError), transaction.atomic():
+        Patient.objects.filter(id=a).first().save()  # type: ignore[union-attr]
+        raise RuntimeError("rolled back")
+    assert changes.flush()
+    assert changes.recorder().stats["recorded"] == before
+    assert changes.pending_entries() == 0
+    assert cached("patient", a)
+
+
+def test_savepoint_rollback_is_honoured(worker: Any, hospital: None) -> None:
+    a, b = patients(2)
+    get_or_build("patient", a)
+    get_or_build("patient", b)
+    with transaction.atomic():
+        Patient.objects.get(id=a).save()
+        try:
+            with transaction.atomic():
+                Patient.objects.get(id=b).save()
+                raise RuntimeError("inner rolled back")
+        except RuntimeError:
+            pass
+    settle()
+    wait_for(lambda: not cached("patient", a), what="the committed change to land")
+    assert cached("patient", b)
+
+
+def test_bulk_update_invalidates_every_row_and_a_move_both_schedules(worker: Any,
+                                                                     hospital: None) -> None:
+    ids = patients(5)
+    for i in ids:
+        get_or_build("patient", i)
+    Patient.objects.filter(id__in=ids[:3]).update(notes="")
+    wait_for(lambda: not any(cached("patient", i) for i in ids[:3]), what="bulk invalidation")
+    assert all(cached("patient", i) for i in ids[3:])
+
+    first, second = Practitioner.objects.order_by("id").values_list("id", flat=True)[:2]
+    get_or_build("schedule", first)
+    get_or_build("schedule", second)
+    appointment = Appointment.objects.filter(practitioner_id=first).order_by("id").first()
+    assert appointment is not None
+    Appointment.objects.filter(id=appointment.id).update(practitioner_id=second)
+    wait_for(lambda: not cached("schedule", first) and not cached("schedule", second),
+             what="both practitioners' schedules to go")
+
+
+def test_moving_an_instance_invalidates_its_old_tags(worker: Any, hospital: None) -> None:
+    first, second = Practitioner.objects.order_by("id").values_list("id", flat=True)[:2]
+    get_or_build("schedule", first)
+    get_or_build("schedule", second)
+    appointment = Appointment.objects.filter(practitioner_id=first).order_by("id").first()
+    assert appointment is not None
+    appointment.practitioner_id = second
+    appointment.save()
+    wait_for(lambda: not cached("schedule", first) and not cached("schedule", second),
+             what="old and new schedules to go")
+
+
+def test_only_hot_keys_are_rewarmed(worker: Any, hospital: None) -> None:
+    hot, cold = patients(2)
+    for _ in range(4):
+        get_or_build("patient", hot)  # heat 4 >= HMS_TASKS_CACHE_HOT_SCORE (3)
+    get_or_build("patient", cold)
+    with transaction.atomic():
+        for pid in (hot, cold):
+            p = Patient.objects.get(id=pid)
+            p.allergies = "latex"
+            p.save()
+    wait_for(lambda: not cached("patient", cold), what="the cold key to go")
+    report = wait_for(lambda: (r := reports.latest(names.CACHE_FANOUT_CHANGES)) and
+                      r["summary"]["rewarmed"] >= 1 and r, what="refresh-ahead")
+    assert report["summary"]["hot"] == 1
+    assert cached("patient", hot)  # re-warmed right away, with the new data
+    assert backend().get(f"patient:{hot}")["patient"]["allergies"] == "latex"
+    assert not cached("patient", cold)
+
+
+def test_outage_during_commits_loses_no_invalidation(worker: Any, hospital: None,
+                                                     redis_server: RedisServer) -> None:
+    ids = patients(4)
+    for i in ids:
+        get_or_build("patient", i)
+    failures = changes.recorder().stats["failures"]
+    redis_server.stop()
+    try:
+        # The HMS keeps writing while Redis (broker and cache) is down: no write fails.
+        for i in ids[:3]:
+            with transaction.atomic():
+                p = Patient.objects.get(id=i)
+                p.allergies = "peanuts"
+                p.save()
+        wait_for(lambda: changes.recorder().stats["failures"] > failures,
+                 what="the recorder to notice the outage")
+        assert not changes.recorder().idle()  # still holding the changes
+    finally:
+        redis_server.start()
+    # The data survived the restart (AOF), so the stale keys are still there until the
+    # buffered changes land.
+    assert cached("patient", ids[3])
+    wait_for(lambda: not any(cached("patient", i) for i in ids[:3]), timeout=60,
+             what="the buffered invalidations to land after the outage")
+    assert cached("patient", ids[3])
+    assert all(get_or_build("patient", i)["patient"]["allergies"] == "peanuts"
+               for i in ids[:3])
