@@ -66,9 +66,13 @@ def test_rollback_dispatches_nothing(worker: Any, hospital: None) -> None:
     (a,) = patients(1)
     get_or_build("patient", a)
     before = changes.recorder().stats["recorded"]
-    with pytest.raises(RuntimeError), transaction.atomic():
-        Patient.objects.filter(id=a).first().save()  # type: ignore[union-attr]
-        raise RuntimeError("rolled back")
+    def change_then_fail() -> None:
+        with transaction.atomic():
+            Patient.objects.get(id=a).save()
+            raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError):
+        change_then_fail()
     assert changes.flush()
     assert changes.recorder().stats["recorded"] == before
     assert changes.pending_entries() == 0

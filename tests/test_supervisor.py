@@ -126,6 +126,9 @@ def _stack_env(redis_server: RedisServer, home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(REDIS_URL=redis_server.url, HMS_TASKS_HOME=str(home), PYTHONUNBUFFERED="1")
     env.pop("FLOWER_BASIC_AUTH", None)
+    # The stack gets a database of its own (SQLite under its home), even when the suite runs
+    # against PostgreSQL: the session's test database is not the stack's to seed.
+    env.pop("DATABASE_URL", None)
     return env
 
 
