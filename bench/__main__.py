@@ -10,6 +10,7 @@ from bench.common import Row, print_table
 
 BENCHES = {
     "overhead": "bench.overhead",
+    "cache": "bench.cache",
 }
 
 

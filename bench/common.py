@@ -77,15 +77,15 @@ def private_redis() -> Iterator[str]:
 
 
 @contextmanager
-def worker_process(*, redis_url: str, include: str, queues: str, node: str,
+def worker_process(*, redis_url: str, queues: str, node: str, include: str | None = None,
                    extra_env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """A real ``celery worker`` (solo pool: one process, no pool overhead in the figures)."""
     env = {**os.environ, "REDIS_URL": redis_url, **(extra_env or {})}
     env.setdefault("HMS_TASKS_HOME", tempfile.mkdtemp(prefix="hms-bench-home-"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "hms_tasks", "worker", "--pool", "solo",
-         "--loglevel", "WARNING", "--include", include, "-Q", queues, "-n", node,
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
+         "--loglevel", "WARNING", *(["--include", include] if include else []), "-Q", queues,
+         "-n", node, "--without-gossip", "--without-mingle", "--without-heartbeat"],
         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

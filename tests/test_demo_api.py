@@ -7,7 +7,7 @@ query functions. ``client`` is pytest-django's test client.
 from __future__ import annotations
 
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -206,9 +206,9 @@ def test_bad_cursor_is_rejected_without_echo(client: Client, hospital: SeedSumma
 # --- /api/patients/<id>/ ---------------------------------------------------------------------
 
 
-def test_patient_detail_matches_the_database(client: Client, hospital: SeedSummary) -> None:
+def test_patient_summary_matches_the_database(client: Client, hospital: SeedSummary) -> None:
     busiest = (
-        Patient.objects.annotate(n=Count("encounters", distinct=True))
+        Patient.objects.annotate(n=Count("appointments", distinct=True))
         .order_by("-n", "id")
         .values_list("id", flat=True)
         .first()
@@ -216,26 +216,30 @@ def test_patient_detail_matches_the_database(client: Client, hospital: SeedSumma
     assert busiest is not None
     patient = Patient.objects.get(id=busiest)
     body = client.get(f"/api/patients/{busiest}/").json()
+    assert body["id"] == busiest
+    assert body["updated_at"] == patient.updated_at.isoformat()
     assert body["patient"]["mrn"] == patient.mrn
-    assert body["patient"]["notes"] == patient.notes
-    assert body["patient"]["updated_at"] == patient.updated_at.isoformat()
-    encounters = Encounter.objects.filter(patient_id=busiest).select_related("department")
-    assert {e["id"] for e in body["encounters"]} == {e.id for e in encounters}
-    by_id = {e.id: e for e in encounters}
-    for item in body["encounters"]:
-        encounter = by_id[item["id"]]
+    assert body["patient"]["allergies"] == patient.allergies
+    assert "notes" not in body["patient"]  # free text stays out of summaries
+    active = Encounter.objects.filter(
+        patient_id=busiest, status__in=("planned", "admitted")
+    ).order_by("admitted_at", "id")
+    assert [e["id"] for e in body["active_encounters"]] == [e.id for e in active]
+    for item, encounter in zip(body["active_encounters"], active, strict=True):
         assert item["status"] == encounter.status
-        assert item["department"]["code"] == encounter.department.code
-        assert item["practitioner"]["id"] == encounter.practitioner_id
-    appointment_ids = set(
-        Appointment.objects.filter(patient_id=busiest).values_list("id", flat=True)
+        assert item["department_id"] == encounter.department_id
+        assert item["practitioner_id"] == encounter.practitioner_id
+    midnight = timezone.make_aware(
+        datetime.combine(timezone.localdate(), datetime.min.time())
     )
-    assert {a["id"] for a in body["appointments"]} == appointment_ids
-    times = [a["scheduled_at"] for a in body["appointments"]]
-    assert times == sorted(times, reverse=True)
+    upcoming = Appointment.objects.filter(
+        patient_id=busiest, status__in=("booked", "arrived"), scheduled_at__gte=midnight
+    ).order_by("scheduled_at", "id")
+    assert [a["id"] for a in body["upcoming_appointments"]] == [a.id for a in upcoming]
+    assert body["upcoming_appointments"], "the busiest patient has something upcoming"
 
 
-def test_patient_detail_query_count_is_constant(client: Client, hospital: SeedSummary) -> None:
+def test_patient_summary_query_count_is_constant(client: Client, hospital: SeedSummary) -> None:
     history = Patient.objects.annotate(
         n=Count("encounters", distinct=True) + Count("appointments", distinct=True)
     ).order_by("n", "id")

@@ -23,13 +23,13 @@ fails authentication or decryption reads as a miss and is logged without its con
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from typing import Any
 
+import orjson
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.cache.backends.redis import RedisCache
@@ -65,7 +65,8 @@ class HmsSerializer:
     def dumps(self, obj: Any) -> bytes | int:
         if type(obj) is int:
             return obj
-        data = json.dumps(obj, separators=(",", ":"), default=str).encode()
+        # orjson: several times faster than json for the payloads warming writes in bulk.
+        data = orjson.dumps(obj, default=str)
         return self._fernet.encrypt(data) if self._fernet else data
 
     def loads(self, data: bytes) -> Any:
@@ -80,7 +81,7 @@ class HmsSerializer:
                 raise Undecryptable from None
         elif data.startswith(_FERNET_PREFIX):
             raise Undecryptable  # encrypted while keys were set; unreadable without them
-        return json.loads(data)
+        return orjson.loads(data)
 
 
 class TaggedRedisCache(RedisCache):
@@ -112,8 +113,8 @@ class TaggedRedisCache(RedisCache):
     def _scripts(self) -> dict[str, Any]:
         c = self.client()
         return {name: c.register_script(getattr(lua, name)) for name in (
-            "READ", "READ_MANY", "GENERATIONS", "FILL", "INVALIDATE", "RECORD_CHANGES",
-            "APPLY_CHANGES")}
+            "READ", "READ_MANY", "GENERATIONS", "FILL", "FILL_MANY", "INVALIDATE",
+            "RECORD_CHANGES", "APPLY_CHANGES")}
 
     def internal_key(self, *parts: str) -> str:
         """Keys of generations, tag indexes, leases and statistics, under the backend's prefix."""
@@ -220,6 +221,19 @@ class TaggedRedisCache(RedisCache):
             args += [tag, gen]
         result = self._scripts["FILL"](keys=[made_key], args=args, client=pipe)
         return pipe is not None or bool(result)
+
+    def fill_many(self, items: Sequence[tuple[str, Any, Sequence[str], Sequence[str]]], *,
+                  timeout: int) -> int:
+        """:meth:`fill` for many ``(made_key, value, tags, gens)`` in one atomic call; returns
+        how many were stored (the others had a tag invalidated since their ``gens``)."""
+        if not items:
+            return 0
+        args: list[Any] = [self.gen_prefix, self.index_prefix, timeout, self.index_ttl(timeout)]
+        for _, value, tags, gens in items:
+            args += [self.encode_tagged(value, tags, gens), len(tags)]
+            for tag, gen in zip(tags, gens, strict=True):
+                args += [tag, gen]
+        return int(self._scripts["FILL_MANY"](keys=[i[0] for i in items], args=args))
 
     def invalidate_tags(self, tags: Iterable[str], *, heat_key: str = "",
                         hot_score: float = 0) -> tuple[int, list[str]]:

@@ -254,9 +254,9 @@ def warm(kind: str, ids: Sequence[int], *, keep: bool = False
     """Build and store the payloads of ``ids``, in batches of :data:`WARM_BATCH`.
 
     Per batch: one round trip for the tags' generations (before the database read), the kind's
-    ``build_many`` (a constant number of queries), one pipelined round trip of conditional
-    fills. Idempotent: warming twice writes the same payloads. A payload whose tag was
-    invalidated during its batch is skipped (counted as ``skipped_stale``), never stored.
+    ``build_many`` (a constant number of queries), one atomic call of conditional fills.
+    Idempotent: warming twice writes the same payloads. A payload whose tag was invalidated
+    during its batch is skipped (counted as ``skipped_stale``), never stored.
     """
     k = get_kind(kind)
     ids = check_ids(list(ids))
@@ -275,14 +275,14 @@ def warm(kind: str, ids: Sequence[int], *, keep: bool = False
             payloads = k.build_many(batch)
             if keep:
                 kept.update(payloads)
-            pipe = be.client().pipeline(transaction=False)
+            items = []
             for i, payload in payloads.items():
                 tags = [ALL, *tags_of[i]]
-                be.fill(be.make_and_validate_key(k.key(i)), payload, tags=tags,
-                        gens=[gen_of[t] for t in tags], timeout=ttl, pipe=pipe)
-            stored = pipe.execute()
-            summary["written"] += sum(1 for r in stored if r == 1)
-            summary["skipped_stale"] += sum(1 for r in stored if r != 1)
+                items.append((be.make_and_validate_key(k.key(i)), payload, tags,
+                              [gen_of[t] for t in tags]))
+            stored = be.fill_many(items, timeout=ttl)
+            summary["written"] += stored
+            summary["skipped_stale"] += len(items) - stored
             summary["missing"] += len(batch) - len(payloads)
             summary["batches"] += 1
     summary["queries"] = queries[0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 __all__ = [
     "APPLY_CHANGES",
     "FILL",
+    "FILL_MANY",
     "GENERATIONS",
     "HEADER_MAGIC",
     "INVALIDATE",
@@ -167,6 +168,39 @@ local function hms_invalidate(tags, genprefix, idxprefix, token, genttl, heatkey
   end
   return removed
 end
+"""
+
+# FILL for many keys in one call (warming). KEYS: value keys. ARGV: 1 gen prefix, 2 tag-index
+# prefix, 3 value ttl s, 4 index/generation ttl s, then per key: value, tag count n, n x (tag,
+# gen). Returns the number stored (the rest were refused as stale).
+FILL_MANY = r"""
+local stored = 0
+local a = 5
+local current = {}  -- generations read once per call: 'all' is on every key
+for k = 1, #KEYS do
+  local value = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  local first = a + 2
+  local ok = true
+  for i = first, first + 2 * n - 1, 2 do
+    local tag = ARGV[i]
+    if current[tag] == nil then current[tag] = redis.call('GET', ARGV[1] .. tag) end
+    if current[tag] ~= ARGV[i + 1] then ok = false break end
+  end
+  if ok then
+    redis.call('SET', KEYS[k], value, 'EX', ARGV[3])
+    for i = first, first + 2 * n - 1, 2 do
+      if ARGV[i] ~= 'all' then
+        local idx = ARGV[2] .. ARGV[i]
+        redis.call('SADD', idx, KEYS[k])
+        redis.call('EXPIRE', idx, ARGV[4])
+      end
+    end
+    stored = stored + 1
+  end
+  a = first + 2 * n
+end
+return stored
 """
 
 # Invalidate tags. ARGV: 1 gen prefix, 2 tag-index prefix, 3 new-generation token,

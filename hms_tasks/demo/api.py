@@ -1,6 +1,6 @@
 """JSON API of the demo HMS: plain Django views over small, reusable query functions.
 
-The functions (:func:`patient_page`, :func:`patient_detail`, :func:`practitioner_day`,
+The functions (:func:`patient_page`, :func:`patient_summary`, :func:`practitioner_day`,
 :func:`department_census`, :func:`departments_census`, :func:`departments_census_of`) do the
 work and return JSON-ready TypedDicts; a cache layer can call them directly and store what they
 return. The views only parse query parameters, call them and wrap the result in a
@@ -30,7 +30,7 @@ from functools import wraps
 from typing import Any, Concatenate, Final, ParamSpec, TypedDict
 
 from django.core import signing
-from django.db.models import Count, F, QuerySet
+from django.db.models import Count, QuerySet
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 
@@ -43,10 +43,11 @@ __all__ = [
     "DEFAULT_PATIENT_FIELDS",
     "MAX_LIMIT",
     "PATIENT_FIELDS",
+    "SUMMARY_FIELDS",
     "BadParameter",
     "DepartmentCensus",
-    "PatientDetail",
     "PatientPage",
+    "PatientSummary",
     "PractitionerDay",
     "decode_cursor",
     "department_census",
@@ -56,9 +57,9 @@ __all__ = [
     "parse_date",
     "parse_fields",
     "parse_limit",
-    "patient_detail",
-    "patient_details",
     "patient_page",
+    "patient_summaries",
+    "patient_summary",
     "practitioner_day",
     "practitioner_days",
 ]
@@ -94,6 +95,20 @@ DEFAULT_PATIENT_FIELDS: Final = (
     "sex",
     "updated_at",
 )
+
+#: Patient columns of a summary: no contact details, no free-text notes.
+SUMMARY_FIELDS: Final = (
+    "id",
+    "mrn",
+    "given_name",
+    "family_name",
+    "birth_date",
+    "sex",
+    "allergies",
+    "updated_at",
+)
+_ACTIVE_ENCOUNTER: Final = (Encounter.Status.PLANNED, Encounter.Status.ADMITTED)
+_UPCOMING_APPOINTMENT: Final = (Appointment.Status.BOOKED, Appointment.Status.ARRIVED)
 
 # Largest id a BigAutoField holds; larger path ids are simply not found (SQLite and PostgreSQL
 # would raise on binding them).
@@ -137,10 +152,13 @@ class PatientPage(TypedDict):
     next: str | None
 
 
-class PatientDetail(TypedDict):
+class PatientSummary(TypedDict):
+    id: int
+    #: The patient row's ``updated_at``: how fresh this summary is.
+    updated_at: str
     patient: Row
-    encounters: list[dict[str, Scalar | Row]]
-    appointments: list[dict[str, Scalar | Row]]
+    active_encounters: list[Row]
+    upcoming_appointments: list[Row]
 
 
 class PractitionerDay(TypedDict):
@@ -282,39 +300,47 @@ def patient_page(
     )
 
 
-def patient_detail(patient_id: int, *, using: str = "default") -> PatientDetail | None:
-    """A patient with all encounters (latest first) and appointments (latest first), or None.
+def patient_summary(patient_id: int, *, using: str = "default") -> PatientSummary | None:
+    """One patient's summary (see :func:`patient_summaries`), or None."""
+    return patient_summaries([patient_id], using=using).get(patient_id)
 
-    Three queries, however long the history.
+
+def patient_summaries(ids: Iterable[int], *, using: str = "default") -> dict[int, PatientSummary]:
+    """The summary of each patient in ``ids`` (unknown ids left out): the patient's record
+    (without contact details and notes), active encounters (planned or admitted, by admission)
+    and upcoming appointments (booked or arrived, from today's midnight, by time).
+
+    Three queries for any number of ids; the (patient, status) and (patient, scheduled_at)
+    indexes serve them. Departments and practitioners appear by id only, so that a cached
+    summary depends on this patient's rows and nothing else (tag ``patient:<id>``). Built for
+    throughput: tuples, not model instances or dicts, and only the conversions JSON needs.
     """
-    return patient_details([patient_id], using=using).get(patient_id)
-
-
-def patient_details(ids: Iterable[int], *, using: str = "default") -> dict[int, PatientDetail]:
-    """:func:`patient_detail` of each patient in ``ids`` (unknown ids left out): three
-    queries, however many ids; the batch form a cache warmer wants."""
     wanted = sorted({i for i in ids if 0 < i <= _MAX_ID})
     if not wanted:
         return {}
-    patients = {
-        p["id"]: p
-        for p in Patient.objects.using(using).filter(id__in=wanted).values(*PATIENT_FIELDS)
-    }
+    patients: dict[int, dict[str, Scalar]] = {}
+    for pid, mrn, given, family, born, sex, allergies, updated in (
+        Patient.objects.using(using).filter(id__in=wanted).values_list(*SUMMARY_FIELDS)
+    ):
+        patients[pid] = {
+            "id": pid,
+            "mrn": mrn,
+            "given_name": given,
+            "family_name": family,
+            "birth_date": born.isoformat(),
+            "sex": sex,
+            "allergies": allergies,
+            "updated_at": updated.isoformat(),
+        }
     if not patients:
         return {}
-    joined = {
-        "department_code": F("department__code"),
-        "department_name": F("department__name"),
-        "practitioner_staff_number": F("practitioner__staff_number"),
-        "practitioner_given_name": F("practitioner__given_name"),
-        "practitioner_family_name": F("practitioner__family_name"),
-    }
-    encounters: dict[int, list[dict[str, Scalar | Row]]] = {pid: [] for pid in patients}
-    for row in (
+    found = list(patients)
+    encounters: dict[int, list[Row]] = {pid: [] for pid in found}
+    for eid, pid, kind, status, admitted, discharged, department, practitioner in (
         Encounter.objects.using(using)
-        .filter(patient_id__in=list(patients))
-        .order_by("-admitted_at", "-id")
-        .values(
+        .filter(patient_id__in=found, status__in=_ACTIVE_ENCOUNTER)
+        .order_by("admitted_at", "id")
+        .values_list(
             "id",
             "patient_id",
             "kind",
@@ -323,16 +349,26 @@ def patient_details(ids: Iterable[int], *, using: str = "default") -> dict[int, 
             "discharged_at",
             "department_id",
             "practitioner_id",
-            **joined,
         )
     ):
-        encounters[row["patient_id"]].append(_care_item(row, drop=("patient_id",)))
-    appointments: dict[int, list[dict[str, Scalar | Row]]] = {pid: [] for pid in patients}
-    for row in (
+        encounters[pid].append(
+            {
+                "id": eid,
+                "kind": kind,
+                "status": status,
+                "admitted_at": admitted.isoformat(),
+                "discharged_at": discharged.isoformat() if discharged else None,
+                "department_id": department,
+                "practitioner_id": practitioner,
+            }
+        )
+    since = timezone.make_aware(datetime.combine(timezone.localdate(), time.min))
+    appointments: dict[int, list[Row]] = {pid: [] for pid in found}
+    for aid, pid, at, minutes, status, department, practitioner in (
         Appointment.objects.using(using)
-        .filter(patient_id__in=list(patients))
-        .order_by("-scheduled_at", "-id")
-        .values(
+        .filter(patient_id__in=found, status__in=_UPCOMING_APPOINTMENT, scheduled_at__gte=since)
+        .order_by("scheduled_at", "id")
+        .values_list(
             "id",
             "patient_id",
             "scheduled_at",
@@ -340,15 +376,25 @@ def patient_details(ids: Iterable[int], *, using: str = "default") -> dict[int, 
             "status",
             "department_id",
             "practitioner_id",
-            **joined,
         )
     ):
-        appointments[row["patient_id"]].append(_care_item(row, drop=("patient_id",)))
+        appointments[pid].append(
+            {
+                "id": aid,
+                "scheduled_at": at.isoformat(),
+                "duration_minutes": minutes,
+                "status": status,
+                "department_id": department,
+                "practitioner_id": practitioner,
+            }
+        )
     return {
-        pid: PatientDetail(
-            patient=_jsonable(patient),
-            encounters=encounters[pid],
-            appointments=appointments[pid],
+        pid: PatientSummary(
+            id=pid,
+            updated_at=str(patient["updated_at"]),
+            patient=patient,
+            active_encounters=encounters[pid],
+            upcoming_appointments=appointments[pid],
         )
         for pid, patient in patients.items()
     }
@@ -559,7 +605,8 @@ def patients(request: HttpRequest) -> JsonResponse:
 
 @_json_get
 def patient(request: HttpRequest, patient_id: int) -> JsonResponse:
-    """``GET /api/patients/<id>/``: read through the hms-tasks cache (kind ``patient``)."""
+    """``GET /api/patients/<id>/``: the patient's summary, read through the hms-tasks cache
+    (kind ``patient``)."""
     detail = get_or_build("patient", patient_id) if 0 < patient_id <= _MAX_ID else None
     return _not_found("patient") if detail is None else JsonResponse(detail)
 

@@ -3,7 +3,8 @@ whose changes invalidate them. A real HMS does the same from its own ``AppConfig
 
 Kinds (tags in brackets):
 
-``patient``   a patient's details: the patient, encounters, appointments [``patient:<id>``]
+``patient``   a patient summary: the patient, active encounters, upcoming appointments
+              [``patient:<id>``]
 ``schedule``  a practitioner's appointments today (key ``schedule:<id>:<date>``)
               [``practitioner:<id>``]
 ``census``    a department's census [``department:<id>``]
@@ -22,7 +23,6 @@ from typing import Any
 from django.utils import timezone
 
 from hms_tasks.cache.registry import register_kind, register_model
-from hms_tasks.cache.tags import ALL
 from hms_tasks.demo import api
 from hms_tasks.demo.models import Appointment, Department, Encounter, Patient, Practitioner
 
@@ -38,11 +38,8 @@ def _day_bounds(day: date) -> tuple[datetime, datetime]:
 
 
 def build_patients(ids: Sequence[int]) -> dict[int, dict[str, Any]]:
-    """Patient details (the API's ``/api/patients/<id>/``) for ``ids``: three queries."""
-    return {
-        pid: {"id": pid, "updated_at": detail["patient"]["updated_at"], **detail}
-        for pid, detail in api.patient_details(ids).items()
-    }
+    """Patient summaries (the API's ``/api/patients/<id>/``) for ``ids``: three queries."""
+    return {pid: dict(summary) for pid, summary in api.patient_summaries(ids).items()}
 
 
 def build_schedules(ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -115,11 +112,8 @@ def register() -> None:
         hot_ids=hot_departments,
     )
     register_model(Patient, tags=lambda p: [f"patient:{p.pk}"])
-    # Patient details embed practitioners' names and departments' codes, which no per-patient
-    # tag covers; staff and departments change a few times a day, so such a change
-    # invalidates everything ("all") rather than track who appears where.
-    register_model(Practitioner, tags=lambda p: [f"practitioner:{p.pk}", ALL])
-    register_model(Department, tags=lambda d: [f"department:{d.pk}", ALL])
+    register_model(Practitioner, tags=lambda p: [f"practitioner:{p.pk}"])
+    register_model(Department, tags=lambda d: [f"department:{d.pk}"])
     register_model(
         Encounter,
         fields=("patient_id", "department_id"),
