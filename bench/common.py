@@ -86,7 +86,9 @@ def worker_process(*, redis_url: str, queues: str, node: str, include: str | Non
         [sys.executable, "-m", "celery", "-A", "hms_tasks", "worker", "--pool", "solo",
          "--loglevel", "WARNING", *(["--include", include] if include else []), "-Q", queues,
          "-n", node, "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # The worker's log goes to a file: a worker that fails to start says why there.
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=open(Path(env["HMS_TASKS_HOME"]) / f"worker-{node}.log", "ab"),  # noqa: SIM115
     )
     try:
         yield proc
