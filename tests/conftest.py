@@ -6,6 +6,7 @@ on a free port and points the broker, result backend, cache and hms-tasks state 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     store.reset()
     app.conf.update(broker_url=server.url, result_backend=server.url)
     yield server
+    # Unsubscribe the result listener first: it would otherwise retry against the stopped
+    # server and log "the Celery application must be restarted" after the session.
+    with contextlib.suppress(Exception):
+        app.backend.result_consumer.stop()
     server.stop()
 
 
