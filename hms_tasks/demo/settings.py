@@ -51,7 +51,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 20,
     }
-    DATABASES["default"]["TEST"] = {"NAME": str(HOME / "test-hms.sqlite3")}
+    # One test database per test run (a file, so worker threads share it): two runs in one
+    # checkout must not delete each other's database.
+    DATABASES["default"]["TEST"] = {"NAME": str(HOME / f"test-hms-{os.getpid()}.sqlite3")}
 
 CACHES = {
     "default": {
