@@ -55,6 +55,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # checkout must not delete each other's database.
     DATABASES["default"]["TEST"] = {"NAME": str(HOME / f"test-hms-{os.getpid()}.sqlite3")}
 
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Likewise one test database per run: two runs against one server must not drop each
+    # other's.
+    DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
+
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
