@@ -41,6 +41,7 @@ from django.db.models.signals import post_delete, post_init, post_save
 
 from hms_tasks import conf, names
 from hms_tasks.cache.backend import GENERATION_TTL
+from hms_tasks.cache.core import backend, heat_key
 from hms_tasks.cache.registry import TrackedModel, tracked_models
 from hms_tasks.cache.tags import ALL
 
@@ -72,8 +73,6 @@ _LOADED = "_hms_cache_loaded"
 
 
 def _keys() -> tuple[str, str]:
-    from hms_tasks.cache.core import backend
-
     be = backend()
     return be.internal_key("changes"), be.internal_key("fanout-pending")
 
@@ -267,8 +266,6 @@ class Recorder:
                 self._failing_since = None
 
     def _flush(self, tags: set[str]) -> None:
-        from hms_tasks.cache.core import backend
-
         be = backend()
         log, flag = _keys()
         ordered = sorted(tags)
@@ -282,6 +279,8 @@ class Recorder:
             self.owe_dispatch = True
 
     def _dispatch(self) -> None:
+        # Imported here: an HMS process loads this module with its models, long before it
+        # records a change, and need not build the Celery app for that.
         from hms_tasks.celery import app
 
         # retry=False: a broker outage must fail fast here, the flusher retries itself.
@@ -343,8 +342,6 @@ def apply_changes(*, max_entries: int = 100, clear_if_empty: bool) -> Applied:
     With ``clear_if_empty`` and the log empty afterwards, the pending flag is cleared in the
     same step, so the next recorded change dispatches a new task.
     """
-    from hms_tasks.cache.core import backend, heat_key
-
     be = backend()
     out = be._scripts["APPLY_CHANGES"](keys=list(_keys()), args=[
         max_entries, be.gen_prefix, be.index_prefix, secrets.token_hex(8), GENERATION_TTL,
@@ -355,6 +352,4 @@ def apply_changes(*, max_entries: int = 100, clear_if_empty: bool) -> Applied:
 
 def pending_entries() -> int:
     """Entries waiting in the change log."""
-    from hms_tasks.cache.core import backend
-
     return int(backend().client().llen(_keys()[0]))

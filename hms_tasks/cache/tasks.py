@@ -16,9 +16,10 @@ from typing import Any
 import redis
 from celery import group
 
-from hms_tasks import names
+from hms_tasks import conf, names
 from hms_tasks.base import Capability
 from hms_tasks.cache import changes, core, warming
+from hms_tasks.cache.registry import kinds
 from hms_tasks.cache.stats import cache_stats
 from hms_tasks.cache.tags import check_tags
 from hms_tasks.errors import InvalidArguments
@@ -35,12 +36,6 @@ CHUNK = 1000
 FANOUT_LINGER = 0.1
 #: fanout_changes hands over to a fresh task after this long (its time limit is far off).
 FANOUT_BUDGET = 20.0
-
-
-def _merge(total: dict[str, int], part: dict[str, Any]) -> None:
-    for k, v in part.items():
-        if isinstance(v, int):
-            total[k] = total.get(k, 0) + v
 
 
 @cache.task(names.CACHE_WARM_PATIENTS)
@@ -75,8 +70,6 @@ def warm_hot(limit: int = 5000) -> dict[str, Any]:
         raise InvalidArguments(names.CACHE_WARM_HOT, ["limit: expected int from 1 to 100000"])
     tracked = warming.decay_heat()
     summary: dict[str, Any] = {"heat_tracked": tracked}
-    from hms_tasks.cache.registry import kinds
-
     for kind in kinds():
         ids = warming.hot_ids(kind, limit)
         summary[f"{kind}_hot"] = len(ids)
@@ -107,8 +100,6 @@ def invalidate_tags(tags: list[str]) -> dict[str, Any]:
     if not tags:
         raise InvalidArguments(names.CACHE_INVALIDATE_TAGS, ["tags: must not be empty"])
     be = core.backend()
-    from hms_tasks import conf
-
     unlinked, hot = be.invalidate_tags(tags, heat_key=core.heat_key(be),
                                        hot_score=conf.get().cache_hot_score)
     rewarmed = sum(w["written"] for w in warming.refresh_ahead(hot))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from hms_tasks.cache.core import WarmSummary, backend, heat_key, parse_key, warm
+from hms_tasks.cache.core import MAX_WARM_IDS, WarmSummary, backend, heat_key, parse_key, warm
 from hms_tasks.cache.registry import get_kind, kinds
 
 __all__ = ["decay_heat", "hot_ids", "refresh_ahead"]
@@ -50,4 +50,8 @@ def refresh_ahead(made_keys: Iterable[str]) -> list[WarmSummary]:
         parsed = parse_key(be, made)
         if parsed:
             by_kind[parsed[0]].append(parsed[1])
-    return [warm(kind, ids) for kind, ids in sorted(by_kind.items())]
+    return [
+        warm(kind, ids[start:start + MAX_WARM_IDS])
+        for kind, ids in sorted(by_kind.items())
+        for start in range(0, len(ids), MAX_WARM_IDS)
+    ]
