@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 a task or service failed, 2 bad input (nothing was published
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ def _fail(message: str, code: int = BAD_INPUT) -> NoReturn:
 def _setup() -> None:
     import django
 
+    # As `celery -A hms_tasks` does: the demo settings unless the HMS names its own.
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hms_tasks.demo.settings")
     django.setup()
 
 

@@ -46,10 +46,19 @@ def _clean_hms_keys(redis_server: RedisServer) -> Iterator[None]:
     """Each test starts without hms-tasks state or queued messages (Celery's bindings stay)."""
     if redis_server.proc is None:  # a test stopped it
         redis_server.start()
+    starts = redis_server.starts
     _delete_hms_state()
     yield
     if redis_server.proc is None:
         redis_server.start()
+    if redis_server.starts != starts:
+        # The server was restarted: pooled connections of this process point at the old
+        # one. Drop them, so later tests (control commands, results) reconnect cleanly.
+        from hms_tasks.celery import app
+
+        app.pool.force_close_all()
+        app.backend.client.connection_pool.disconnect()
+        store.reset()
     # Messages a test left queued must not reach the next test's worker.
     _delete_hms_state()
 

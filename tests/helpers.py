@@ -45,12 +45,15 @@ class RedisServer:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        #: How many times the server was started: a test that restarts it changes this.
+        self.starts = 0
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        self.starts += 1
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             # AOF, like a broker in production: a test that stops and restarts the server
