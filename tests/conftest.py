@@ -54,10 +54,12 @@ def _clean_hms_keys(redis_server: RedisServer) -> Iterator[None]:
     if redis_server.starts != starts:
         # The server was restarted: pooled connections of this process point at the old
         # one. Drop them, so later tests (control commands, results) reconnect cleanly.
+        from kombu import pools
+
         from hms_tasks.celery import app
 
-        app.pool.force_close_all()
-        app.backend.client.connection_pool.disconnect()
+        pools.reset()
+        app._after_fork()  # what Celery does when inherited connections are unusable
         store.reset()
     # Messages a test left queued must not reach the next test's worker.
     _delete_hms_state()
