@@ -38,9 +38,53 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": "hms.cache.stats",
         "schedule": 300.0,
     },
-    # Every minute: one host snapshot per run; the raw input of the metrics store and alerts.
+    # Every minute: one host snapshot of whichever node takes it, kept in its run report (the
+    # per-node series in the metrics store come from metrics-collect).
     "metrics-collect-host": {
         "task": "hms.metrics.collect_host",
         "schedule": 60.0,
+    },
+    # Every minute: sample every live node (host, worker processes) and, from one of them,
+    # Redis, the Celery queues and the database; nodes that stopped are reported missing.
+    "metrics-collect": {
+        "task": "hms.metrics.collect",
+        "schedule": 60.0,
+    },
+    # Every minute: fold raw points into the 1-minute and 1-hour aggregates, prune what the
+    # retention dropped, and turn the API's request timings into series.
+    "metrics-rollup": {
+        "task": "hms.metrics.rollup",
+        "schedule": 60.0,
+    },
+    # Every minute: the alert rules' "for" and "clear_for" durations count in evaluations, so
+    # the cadence matches the samples'.
+    "metrics-evaluate-alerts": {
+        "task": "hms.metrics.evaluate_alerts",
+        "schedule": 60.0,
+    },
+    # Every 5 minutes: every process already checks its memory after each task; the sweep
+    # catches pool children that sit idle above a tier.
+    "memory-sweep": {
+        "task": "hms.memory.sweep",
+        "schedule": 300.0,
+    },
+    # Every 30 s: check every registered service at once and feed the circuit breakers, so a
+    # dead service's breaker opens within about a minute even when no HMS call hits it.
+    # Single-flight (a Redis lock); a sweep still queued when the next is due is stale.
+    "health-sweep": {
+        "task": "hms.health.sweep",
+        "schedule": 30.0,
+        "options": {"expires": 25},
+    },
+    # 02:30 every night: a short smoke load test of the demo HMS API, judged against its
+    # thresholds and compared with the previous night (a regression raises the
+    # loadtest_regression alert). It runs the test HMS_TASKS_LOADTEST_NIGHTLY names: unset by
+    # default (production settings), so the entry does nothing; the demo settings set it. A
+    # run that waited past 03:30 is no longer a night-time run: it expires.
+    "loadtest-nightly": {
+        "task": "hms.loadtest.run",
+        "schedule": crontab(hour=2, minute=30),
+        "kwargs": {"nightly": True},
+        "options": {"expires": 3600},
     },
 }

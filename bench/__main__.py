@@ -10,7 +10,10 @@ from bench.common import Row, print_table
 
 BENCHES = {
     "overhead": "bench.overhead",
+    "health": "bench.health",
     "cache": "bench.cache",
+    "loadtest": "bench.loadtest",
+    "metrics": "bench.metrics",
 }
 
 

@@ -10,7 +10,7 @@ limits are inconsistent, with an error naming the entry or setting.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from celery import Celery, bootsteps
@@ -21,6 +21,7 @@ from hms_tasks import conf, names, schedule
 from hms_tasks.errors import ConfigurationError
 
 __all__ = [
+    "STARTUP_CHECKS",
     "app",
     "celery_defaults",
     "load_tasks",
@@ -32,10 +33,20 @@ __all__ = [
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hms_tasks.demo.settings")
 
 #: Task modules of the capabilities; the app imports them when it starts.
-TASK_MODULES = ["hms_tasks.cache.tasks", "hms_tasks.metrics.tasks"]
+TASK_MODULES = [
+    "hms_tasks.cache.tasks",
+    "hms_tasks.health.tasks",
+    "hms_tasks.loadtest.tasks",
+    "hms_tasks.memory.tasks",
+    "hms_tasks.metrics.tasks",
+]
 
 # A task's hard time limit when it declares none; capabilities declare their own.
 DEFAULT_TIME_LIMIT = 300
+
+#: Extra start-up checks capabilities register from their task modules (each returns problems,
+#: one line each), so the core runs them without knowing the capabilities.
+STARTUP_CHECKS: list[Callable[[], list[str]]] = []
 
 
 def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> Any:
@@ -89,6 +100,15 @@ def celery_defaults() -> dict[str, Any]:
         "beat_scheduler": "hms_tasks.celery:CheckedScheduler",
         "timezone": settings.TIME_ZONE,
         "enable_utc": True,
+        # Every node also consumes its own queue (<node>.dq2): metric samples and memory
+        # sweeps are published to each live node by name.
+        "worker_direct": True,
+        # The memory budget's emergency tier (KiB): billiard replaces a pool child after the
+        # task that took it past, never mid-task. None when the tiers are off.
+        "worker_max_memory_per_child": (
+            hms.memory_budget_mb * 1024 * hms.memory_tiers["emergency"] // 100
+            if hms.memory_budget_mb else None
+        ),
     }
 
 
@@ -157,6 +177,8 @@ def startup_problems(celery_app: Celery) -> list[str]:
                 f"CELERY_{option.upper()}['visibility_timeout'] is {given}, but"
                 f" HMS_TASKS_VISIBILITY_TIMEOUT is {vt}: set them alike"
             )
+    for check in STARTUP_CHECKS:
+        problems += check()
     default_limit = c.task_time_limit
     for name, task in sorted(celery_app.tasks.items()):
         if name.startswith("celery."):

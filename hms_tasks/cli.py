@@ -10,7 +10,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import date
 from typing import Any, NoReturn
 
@@ -234,6 +235,61 @@ def check() -> None:
     click.echo("ok")
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--sweep", "sweep_first", is_flag=True,
+              help="Check the services from this process first (registered instances only).")
+@click.option("--service", "selected", multiple=True, metavar="NAME",
+              help="Only this service (repeatable).")
+def health(as_json: bool, sweep_first: bool, selected: tuple[str, ...]) -> None:
+    """Each service's last status, breaker, latency and availability (5 min, 1 h, 24 h).
+
+    Reads what the sweeps stored; exit code 1 when a service is down or its breaker open.
+    """
+    _setup()
+    from hms_tasks.errors import UnknownService
+    from hms_tasks.health import registry, report, sweep
+
+    names_given = list(selected) or None
+    try:
+        for name in names_given or ():
+            registry.get(name)
+        if sweep_first:
+            if names_given:
+                for name in names_given:
+                    sweep.check_service(name)
+            else:
+                sweep.sweep()
+        rows = report.status(names_given)
+    except UnknownService as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+    else:
+        table = [
+            [r["service"], r["status"], r["breaker"],
+             f"{sum(i['status'] in ('up', 'degraded') for i in r['instances'])}"
+             f"/{len(r['instances'])}",
+             _ms(r["latency_ms"]), _percent(r["windows"]["5m"]["availability"]),
+             _percent(r["windows"]["1h"]["availability"]),
+             _percent(r["windows"]["24h"]["availability"]), _ms(r["windows"]["1h"]["p95_ms"]),
+             _fmt_time(r["checked_at"])]
+            for r in rows
+        ]
+        click.echo(_table(table, ["SERVICE", "STATUS", "BREAKER", "INSTANCES", "LAST_MS",
+                                  "AVAIL_5M", "AVAIL_1H", "AVAIL_24H", "P95_1H_MS", "CHECKED"]))
+    if any(r["status"] == "down" or r["breaker"] == "open" for r in rows):
+        sys.exit(1)
+
+
 @cli.command()
 @click.option("--patients", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Synthetic patients to seed into an empty demo database.")
@@ -252,6 +308,443 @@ def run(patients: int, seed_demo: bool, api_port: int, flower_port: int, host: s
 
     sys.exit(supervisor.run(patients=patients, seed=seed_demo, api_port=api_port,
                             flower_port=flower_port, host=host))
+
+
+@contextmanager
+def _redis_needed() -> Iterator[None]:
+    """Turn an unreachable Redis into a one-line error (exit 1) instead of a traceback."""
+    import redis
+
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        _fail(f"Redis is unreachable ({type(exc).__name__}); check REDIS_URL", 1)
+
+
+def _age(ts: float, now: float) -> str:
+    age = max(0.0, now - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if age >= size:
+            return f"{age / size:.0f}{unit}"
+    return f"{age:.0f}s"
+
+
+@cli.command()
+@click.argument("series", metavar="[SERIES]", required=False)
+@click.option("--node", help="Only series whose node label is N.", metavar="N")
+@click.option("--since", default="1h", show_default=True,
+              help="How far back: 90s, 15m, 1h, 7d, 1h30m.")
+@click.option("--resolution", type=click.Choice(["auto", "raw", "1m", "1h"]), default="auto",
+              show_default=True, help="Raw points or aggregates (auto: by --since).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def metrics(series: str | None, node: str | None, since: str, resolution: str,
+            as_json: bool) -> None:
+    """List the series in the metrics store, or show the points of SERIES (a name such as
+    host.cpu.percent, or a full id such as host.cpu.percent{node=w1@h})."""
+    _setup()
+    with _redis_needed():
+        _metrics(series, node, since, resolution, as_json)
+
+
+def _metrics(series: str | None, node: str | None, since: str, resolution: str,
+             as_json: bool) -> None:
+    from hms_tasks import conf
+    from hms_tasks.metrics import store as ts
+
+    try:
+        seconds = ts.parse_duration(since)
+    except ValueError as exc:
+        _fail(f"--since: {exc}")
+    longest = max(conf.get().metrics_retention.values())
+    if seconds > longest:
+        _fail(f"--since: at most the longest retention, {longest // 86400} days")
+    now = time.time()
+    latest = ts.latest(now=now)
+    wanted = {"node": node} if node else {}
+    if series is None:
+        rows = [(sid, p) for sid, p in sorted(latest.items())
+                if not node or ts.labels_of(sid).get("node") == node]
+        if as_json:
+            click.echo(json.dumps([{"series": sid, "ts": p.ts, "value": p.value}
+                                   for sid, p in rows], indent=2))
+        elif not rows:
+            click.echo("no series yet" + (f" for node {node}" if node else ""))
+        else:
+            click.echo(_table([[sid, f"{p.value:g}", _age(p.ts, now)] for sid, p in rows],
+                              ["SERIES", "LAST", "AGE"]))
+        return
+    try:
+        name, labels = ts.parse_series(series)
+    except ValueError as exc:
+        _fail(f"SERIES: {exc}")
+    ids = ts.matching(name, {**dict(labels), **wanted}, among=list(latest))
+    if not ids:
+        known = ", ".join(ts.series_names()) or "none yet"
+        _fail(f"unknown series {series!r}" + (f" for node {node}" if node else "")
+              + f"; known: {known}")
+    out: dict[str, Any] = {}
+    for sid in ids:
+        used, points = ts.query(sid, since=now - seconds, now=now,
+                                resolution=resolution)  # type: ignore[arg-type]
+        out[sid] = {"resolution": used, "points": [p._asdict() for p in points]}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    for sid, body in out.items():
+        click.echo(f"{sid}  ({body['resolution']}, {len(body['points'])} points)")
+        if body["resolution"] == "raw":
+            cells = [[_fmt_time(p["ts"]), f"{p['value']:g}"] for p in body["points"]]
+            click.echo(_table(cells, ["TIME", "VALUE"]) if cells else "  no points")
+        else:
+            cells = [[_fmt_time(p["ts"]), f"{p['min']:g}", f"{p['max']:g}", f"{p['mean']:g}",
+                      str(p["n"])] for p in body["points"]]
+            click.echo(_table(cells, ["TIME", "MIN", "MAX", "MEAN", "COUNT"]) if cells
+                       else "  no points (rolled up every minute)")
+
+
+@cli.command()
+@click.option("--all", "show_all", is_flag=True, help="Include recently resolved alerts.")
+@click.option("--events", "last", type=click.IntRange(0, 1000), default=0,
+              help="Also show the last N transitions.")
+@click.option("--rules", "show_rules", is_flag=True, help="List the configured rules instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def alerts(show_all: bool, last: int, show_rules: bool, as_json: bool) -> None:
+    """List the alerts that are pending or firing (with --all, resolved ones too)."""
+    _setup()
+    with _redis_needed():
+        _alerts(show_all, last, show_rules, as_json)
+
+
+def _alerts(show_all: bool, last: int, show_rules: bool, as_json: bool) -> None:
+    from hms_tasks.metrics import alerts as al
+
+    if show_rules:
+        rules = al.rules()
+        if as_json:
+            click.echo(json.dumps([r.__dict__ for r in rules], indent=2, default=list))
+            return
+        click.echo(_table([[r.name, r.series, f"{r.op} {r.threshold:g}", f"{r.clear:g}",
+                            f"{r.for_s}s", f"{r.clear_for_s}s", r.severity] for r in rules],
+                          ["RULE", "SERIES", "FIRES", "CLEARS AT", "FOR", "CLEAR FOR",
+                           "SEVERITY"]))
+        return
+    states = sorted(al.states().values(), key=lambda st: (st["state"] != "firing", st["id"]))
+    if not show_all:
+        states = [st for st in states if st["state"] != "resolved"]
+    recent = al.events(last=last) if last else []
+    if as_json:
+        click.echo(json.dumps({"alerts": states, "events": recent}, indent=2))
+        return
+    if states:
+        click.echo(_table([[st["rule"], st["series"], st["state"], _fmt_time(st["since"]),
+                            "-" if st["value"] is None else f"{st['value']:g}"]
+                           for st in states], ["RULE", "SERIES", "STATE", "SINCE", "VALUE"]))
+    else:
+        click.echo("no alerts" + ("" if show_all else " pending or firing"))
+    if recent:
+        click.echo("")
+        click.echo(_table([[_fmt_time(e["at"]), e["rule"], e["series"],
+                            f"{e['old']} -> {e['new']}",
+                            "-" if e["value"] is None else f"{e['value']:g}"] for e in recent],
+                          ["AT", "RULE", "SERIES", "TRANSITION", "VALUE"]))
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="IP address to listen on; anything but loopback exposes the metrics.")
+@click.option("--port", type=click.IntRange(1, 65535), default=9808, show_default=True,
+              help="Port to listen on.")
+def exporter(host: str, port: int) -> None:
+    """Serve the metrics store in Prometheus text format at http://HOST:PORT/metrics."""
+    _setup()
+    import signal
+    import threading
+
+    from hms_tasks.metrics.prometheus import ExporterServer
+
+    try:
+        server = ExporterServer(host, port)
+    except ValueError:
+        _fail("--host: expected an IP address such as 127.0.0.1 or ::1")
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port} ({exc.strerror or type(exc).__name__})", 1)
+    signal.signal(signal.SIGTERM,
+                  lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"serving http://{shown}:{server.server_address[1]}/metrics", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@cli.command()
+@click.option("--events", "last", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="How many recent memory events (tier actions, child starts and exits).")
+@click.option("--snapshot", "snapshot_id", metavar="ID",
+              help="Show the results of tracemalloc comparison ID instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def memory(last: int, snapshot_id: str | None, as_json: bool) -> None:
+    """Show what the memory tiers did (RSS before and after, objects collected, pause), or the
+    results of a tracemalloc comparison started with hms.memory.snapshot."""
+    _setup()
+    with _redis_needed():
+        _memory(last, snapshot_id, as_json)
+
+
+def _memory(last: int, snapshot_id: str | None, as_json: bool) -> None:
+    from hms_tasks.memory import hooks, snapshot
+
+    if snapshot_id is not None:
+        if not snapshot_id.isalnum() or len(snapshot_id) > 32:
+            _fail("--snapshot: expected the id hms.memory.snapshot returned")
+        results = snapshot.results(snapshot_id)
+        if as_json:
+            click.echo(json.dumps(results, indent=2))
+            return
+        if not results:
+            click.echo("no results (yet) for that comparison")
+        for r in results:
+            click.echo(f"pid {r['pid']} on {r['node']}: traced {r['traced_before']:,} ->"
+                       f" {r['traced_after']:,} bytes over {r['seconds']:g} s")
+            click.echo(_table([[s["site"], f"{s['size_diff']:+,}", f"{s['count_diff']:+,}"]
+                               for s in r["top"]], ["SITE", "BYTES", "BLOCKS"]))
+        return
+    events = hooks.events(last=last)
+    if as_json:
+        click.echo(json.dumps(events, indent=2))
+        return
+    if not events:
+        click.echo("no memory events yet")
+        return
+    mib = 1024 * 1024
+    click.echo(_table([[_fmt_time(e["at"]), e["node"], str(e["pid"]), e["tier"], e["action"],
+                        f"{e['rss_before'] / mib:.1f}", f"{e['rss_after'] / mib:.1f}",
+                        f"{e['budget'] / mib:.0f}", str(e["collected"]), f"{e['pause_ms']:.1f}"]
+                       for e in events],
+                      ["AT", "NODE", "PID", "TIER", "ACTION", "RSS MiB", "AFTER", "BUDGET",
+                       "OBJECTS", "PAUSE ms"]))
+
+
+@cli.group()
+def loadtest() -> None:
+    """Distributed load tests: run, follow, abort, report (see the README)."""
+
+
+def _run_id(run_id: str) -> str:
+    from hms_tasks.loadtest.orchestrate import valid_run_id
+
+    if not valid_run_id(run_id):
+        _fail("RUN_ID: expected the id `hms-tasks loadtest run` printed")
+    return run_id
+
+
+def _follow(run_id: str, *, timeout: float, task_result: Any = None) -> dict[str, Any] | None:
+    """Show a progress bar until the run's report is stored; return the report."""
+    from hms_tasks.loadtest import keys, orchestrate, text
+
+    deadline = time.monotonic() + timeout
+    st = None
+    while st is None:  # the run task records the run first
+        if task_result is not None and task_result.failed():
+            exc = task_result.result
+            _fail(f"the run was refused: {type(exc).__name__}: {exc}")
+        st = orchestrate.status(run_id)
+        if st is None:
+            if time.monotonic() > deadline:
+                _fail("no such run (is a worker consuming hms.loadtest?)", 1)
+            time.sleep(0.2)
+    steps = 1000
+    with click.progressbar(length=steps, label=f"load test {st['test']}", show_eta=False,
+                           item_show_func=lambda s: s, file=sys.stderr) as progress:
+        shown = 0
+        while True:
+            st = orchestrate.status(run_id) or st
+            target = int(text.fraction_done(st) * steps)
+            progress.update(target - shown, current_item=text.progress_stats(st))
+            shown = target
+            doc = keys.report(run_id)
+            if doc is not None:
+                return doc
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.5)
+
+
+@loadtest.command("run")
+@click.argument("test_name", metavar="[TEST]", required=False)
+@click.option("--file", "file", metavar="PATH", help="A JSON or YAML test definition.")
+@click.option("--name", help="Test name (groups runs for the regression check).")
+@click.option("--target", help="Target id from HMS_TASKS_LOADTEST_TARGETS (never a URL).")
+@click.option("--scenario", metavar="demo|PATH.py",
+              help="The shipped demo locustfile, or a locustfile in the scenarios directory.")
+@click.option("--endpoint", "endpoints", multiple=True, metavar="'METHOD /path [WEIGHT]'",
+              help="A weighted endpoint (repeatable); replaces the scenario.")
+@click.option("--users", type=int, help="Simulated users over all shards.")
+@click.option("--spawn-rate", type=float, help="Users started per second.")
+@click.option("--ramp-up", type=float, help="Seconds to start every user (instead of a rate).")
+@click.option("--duration", type=float, help="Seconds of load.")
+@click.option("--shards", type=int, help="Worker processes generating load.")
+@click.option("--threshold", "thresholds", multiple=True,
+              metavar="[ 'METHOD /path:' ]METRIC=VALUE",
+              help="p50_ms, p95_ms, p99_ms, error_rate (0-1) or min_rps; repeatable.")
+@click.option("--wait", is_flag=True, help="Follow the run with a progress bar, print its report.")
+@click.option("--json", "as_json", is_flag=True, help="With --wait: print the report as JSON.")
+def loadtest_run(test_name: str | None, file: str | None, name: str | None,
+                 target: str | None, scenario: str | None, endpoints: tuple[str, ...],
+                 users: int | None, spawn_rate: float | None, ramp_up: float | None,
+                 duration: float | None, shards: int | None, thresholds: tuple[str, ...],
+                 wait: bool, as_json: bool) -> None:
+    """Start a load test: TEST from HMS_TASKS_LOADTEST_TESTS, a --file, flags, or a mix (flags
+    win). Checks the definition and the free loadtest workers before anything is sent."""
+    _setup()
+    from hms_tasks import conf, names
+    from hms_tasks.celery import app
+    from hms_tasks.errors import InvalidArguments, LoadTestRefused
+    from hms_tasks.loadtest import orchestrate, spec, text
+
+    s = conf.get()
+    base = None
+    if test_name is not None:
+        if test_name not in s.loadtest_tests:
+            _fail(f"unknown test {test_name!r}; defined in HMS_TASKS_LOADTEST_TESTS:"
+                  f" {', '.join(sorted(s.loadtest_tests)) or 'none'}")
+        base = {"name": test_name, **s.loadtest_tests[test_name]}
+    definition, problems = text.definition_from(
+        base=base, file=file, name=name, target=target, scenario=scenario,
+        endpoints=endpoints, users=users, spawn_rate=spawn_rate, ramp_up=ramp_up,
+        duration=duration, shards=shards, thresholds=thresholds)
+    if base is None and "name" not in definition:
+        definition["name"] = "adhoc"
+    try:
+        if problems:
+            raise InvalidArguments(names.LOADTEST_RUN, problems)
+        test = spec.parse(definition)
+        orchestrate.check_capacity(test)
+    except InvalidArguments as exc:
+        _fail("\n  ".join(["invalid load test; nothing was started:", *exc.problems]))
+    except LoadTestRefused as exc:
+        _fail(str(exc))
+    result = app.send_task(names.LOADTEST_RUN, kwargs={"test": test.to_json()})
+    click.echo(f"started load test {test.name}: run {result.id}"
+               f" ({test.users} users, {test.shards} shards, {test.duration:g} s)")
+    if not wait:
+        return
+    timeout = s.loadtest_start_delay + test.duration + s.loadtest_grace + 60
+    doc = _follow(result.id, timeout=timeout, task_result=result)
+    if doc is None:
+        _fail(f"no report within {timeout:g} s; see `hms-tasks loadtest status {result.id}`", 1)
+    click.echo(json.dumps(doc, indent=2) if as_json else text.report_text(doc))
+    if doc["verdict"]["status"] != "passed":
+        sys.exit(1)
+
+
+@loadtest.command("status")
+@click.argument("run_id", metavar="RUN_ID")
+@click.option("--follow", is_flag=True, help="Follow the run with a progress bar to its end.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def loadtest_status(run_id: str, follow: bool, as_json: bool) -> None:
+    """Show a run's progress: elapsed time, users, current RPS, requests and failures, per
+    shard too."""
+    _setup()
+    from hms_tasks.loadtest import orchestrate, text
+
+    st = orchestrate.status(_run_id(run_id))
+    if st is None:
+        _fail("no such run (runs are kept HMS_TASKS_LOADTEST_KEEP_DAYS days)")
+    if follow and st["status"] not in ("passed", "failed", "aborted"):
+        _follow(run_id, timeout=st["end_at"] - time.time() + 120)
+        st = orchestrate.status(run_id) or st
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(f"load test {st['test']}  run {run_id}  target {st['target']}")
+    click.echo(text.progress_line(st))
+    click.echo(_table([[str(r["index"]), r["state"], r["node"] or "-", str(r["users"]),
+                        str(r["rps"]), str(r["requests"]), str(r["failures"]),
+                        r["reason"] or ""] for r in st["shards"]],
+                      ["SHARD", "STATE", "NODE", "USERS", "RPS", "REQUESTS", "FAILURES",
+                       "REASON"]))
+
+
+@loadtest.command("abort")
+@click.argument("run_id", metavar="RUN_ID")
+def loadtest_abort(run_id: str) -> None:
+    """Stop every shard of a run (within 5 s); what they measured is kept and merged."""
+    _setup()
+    from hms_tasks.loadtest import orchestrate
+
+    outcome = orchestrate.abort_run(_run_id(run_id))
+    if outcome == "unknown":
+        _fail("no such run")
+    click.echo({"asked": "abort requested: every shard stops within 5 s",
+                "already asked": "abort was already requested",
+                "over": "the run is already over"}[outcome])
+
+
+@loadtest.command("report")
+@click.argument("run_id", metavar="RUN_ID")
+@click.option("--html", "html_path", metavar="PATH", help="Write the HTML report to PATH.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def loadtest_report(run_id: str, html_path: str | None, as_json: bool) -> None:
+    """Show a run's report: summary, verdict per threshold, regression, endpoints, shards."""
+    _setup()
+    from hms_tasks.loadtest import keys, report, text
+
+    doc = keys.report(_run_id(run_id))
+    if doc is None:
+        known = keys.run(run_id)
+        _fail("the run has no report yet (see `hms-tasks loadtest status`)" if known
+              else "no such run", 1 if known else BAD_INPUT)
+    if html_path is not None:
+        with open(html_path, "w", encoding="utf-8") as out:
+            out.write(report.render_html(doc))
+        click.echo(f"wrote {html_path}", err=True)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    elif html_path is None:
+        click.echo(text.report_text(doc))
+
+
+@loadtest.command("list")
+@click.option("--last", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="How many recent runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def loadtest_list(last: int, as_json: bool) -> None:
+    """List the tests of HMS_TASKS_LOADTEST_TESTS (with any problem) and the recent runs."""
+    _setup()
+    from hms_tasks import conf
+    from hms_tasks.errors import InvalidArguments
+    from hms_tasks.loadtest import keys, spec
+
+    tests: list[dict[str, Any]] = []
+    for name in sorted(conf.get().loadtest_tests):
+        try:
+            t = spec.configured(name)
+            tests.append({"name": name, "target": t.target, "users": t.users,
+                          "duration": t.duration, "shards": t.shards, "problems": []})
+        except InvalidArguments as exc:
+            tests.append({"name": name, "problems": exc.problems})
+    runs: list[dict[str, Any]] = []
+    for rid in keys.recent_runs(last=last):
+        rec = keys.run(rid)
+        if rec:
+            runs.append({"run_id": rid, "test": rec.get("test"), "status": rec.get("status"),
+                         "created_at": float(rec.get("created_at", 0))})
+    if as_json:
+        click.echo(json.dumps({"tests": tests, "runs": runs}, indent=2))
+        return
+    click.echo(_table([[t["name"], str(t.get("target", "-")), str(t.get("users", "-")),
+                        str(t.get("duration", "-")), str(t.get("shards", "-")),
+                        "; ".join(t["problems"]) or "ok"] for t in tests],
+                      ["TEST", "TARGET", "USERS", "DURATION", "SHARDS", "CHECK"])
+               if tests else "no tests in HMS_TASKS_LOADTEST_TESTS")
+    click.echo("")
+    click.echo(_table([[r["run_id"], str(r["test"]), str(r["status"]),
+                        _fmt_time(r["created_at"])] for r in runs],
+                      ["RUN", "TEST", "STATUS", "CREATED"]) if runs else "no runs yet")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

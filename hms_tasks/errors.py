@@ -9,7 +9,13 @@
     │                           data); the worker log has the traceback
     ├── InvalidArguments        a task was called with arguments that do not fit its signature
     │                           (permanent: never retried); names the field and the expected type
+    ├── UnknownService          a service name, or a URL's host, that is not in HMS_TASKS_SERVICES
+    │                           (the allowlist of health checks and breakers); a ValueError too
+    ├── LoadTestRefused         a load test that cannot start now (more shards than free
+    │                           loadtest worker processes); nothing was started
     └── TransientError          a dependency is briefly unavailable; tasks retry these only
+        └── ServiceUnavailable  a guarded service's circuit breaker is open (or its half-open
+                                trials are taken): raised before any network call
 
 Messages name settings, fields and types. They never carry argument *values*: a value might be
 patient data, and errors end up in logs, Flower and run reports.
@@ -23,8 +29,11 @@ __all__ = [
     "ConfigurationError",
     "HmsTasksError",
     "InvalidArguments",
+    "LoadTestRefused",
+    "ServiceUnavailable",
     "TaskFailed",
     "TransientError",
+    "UnknownService",
 ]
 
 
@@ -55,6 +64,44 @@ class InvalidArguments(HmsTasksError, ValueError):
 
 class TransientError(HmsTasksError):
     """A dependency (Redis, the database, a service) is briefly unavailable: worth a retry."""
+
+
+class UnknownService(HmsTasksError, ValueError):
+    """A service name, instance or URL host that HMS_TASKS_SERVICES does not list: refused."""
+
+
+class LoadTestRefused(HmsTasksError):
+    """A load test that will not start now (for example more shards than live loadtest
+    worker processes); the message says how many there are. Nothing was started."""
+
+
+class ServiceUnavailable(TransientError):
+    """The circuit breaker of ``service`` (or of one of its instances) refuses calls.
+
+    ``state`` is ``open``, ``half_open`` (its trial calls are all taken) or ``unknown`` (Redis
+    is unreachable and HMS_TASKS_BREAKER_FAIL_OPEN is False); ``retry_after`` is the seconds
+    until the breaker admits a trial call, when known.
+    """
+
+    def __init__(self, service: str, instance: str | None = None, state: str = "open",
+                 retry_after: float | None = None) -> None:
+        # args stay plain values: Celery's result backend rebuilds exceptions from them.
+        super().__init__(service, instance, state, retry_after)
+        self.service = service
+        self.instance = instance
+        self.state = state
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        what = f"service {self.service!r}" + (
+            f" instance {self.instance!r}" if self.instance else "")
+        why = {"open": "its circuit breaker is open",
+               "half_open": "its circuit breaker is half-open and its trial calls are taken",
+               "unknown": "the breaker state is unknown (Redis unreachable; failing closed)"}.get(
+            self.state, self.state)
+        after = (f"; retry in {self.retry_after:.1f} s" if self.retry_after is not None
+                 else "")
+        return f"{what} is unavailable: {why}{after}"
 
 
 class TaskFailed(HmsTasksError):

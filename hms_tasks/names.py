@@ -16,7 +16,20 @@ __all__ = [
     "CACHE_WARM_PATIENTS",
     "CAPABILITY_QUEUES",
     "DEFAULT_QUEUE",
+    "HEALTH_CHECK_SERVICE",
+    "HEALTH_SWEEP",
+    "LOADTEST_MERGE",
+    "LOADTEST_RUN",
+    "LOADTEST_SHARD",
+    "MEMORY_SNAPSHOT",
+    "MEMORY_SWEEP",
+    "MEMORY_SWEEP_NODE",
+    "METRICS_COLLECT",
     "METRICS_COLLECT_HOST",
+    "METRICS_COLLECT_NODE",
+    "METRICS_DELIVER_WEBHOOK",
+    "METRICS_EVALUATE_ALERTS",
+    "METRICS_ROLLUP",
     "queue_for",
 ]
 
@@ -43,6 +56,25 @@ CACHE_STATS = "hms.cache.stats"
 
 # metrics
 METRICS_COLLECT_HOST = "hms.metrics.collect_host"
+METRICS_COLLECT = "hms.metrics.collect"
+METRICS_COLLECT_NODE = "hms.metrics.collect_node"
+METRICS_ROLLUP = "hms.metrics.rollup"
+METRICS_EVALUATE_ALERTS = "hms.metrics.evaluate_alerts"
+METRICS_DELIVER_WEBHOOK = "hms.metrics.deliver_webhook"
+
+# memory
+MEMORY_SWEEP = "hms.memory.sweep"
+MEMORY_SWEEP_NODE = "hms.memory.sweep_node"
+MEMORY_SNAPSHOT = "hms.memory.snapshot"
+
+# health
+HEALTH_SWEEP = "hms.health.sweep"
+HEALTH_CHECK_SERVICE = "hms.health.check_service"
+
+# loadtest
+LOADTEST_RUN = "hms.loadtest.run"
+LOADTEST_SHARD = "hms.loadtest.shard"
+LOADTEST_MERGE = "hms.loadtest.merge"
 
 
 def queue_for(task_name: str) -> str:

@@ -13,11 +13,11 @@ import redis
 
 from hms_tasks import conf
 
-__all__ = ["client", "key", "reset"]
+__all__ = ["binary_client", "client", "key", "reset"]
 
 
 @cache
-def _client(url: str) -> redis.Redis:
+def _client(url: str, decode: bool = True) -> redis.Redis:
     # redis-py's pool notices a fork (pid check) and reconnects in the child, so one client per
     # process and URL is safe with the prefork pool. Timeouts keep a dead TCP peer from hanging
     # a worker; health checks catch connections a firewall dropped while idle.
@@ -27,13 +27,18 @@ def _client(url: str) -> redis.Redis:
         socket_connect_timeout=3,
         socket_keepalive=True,
         health_check_interval=30,
-        decode_responses=True,
+        decode_responses=decode,
     )
 
 
 def client() -> redis.Redis:
     """The shared Redis client for hms-tasks state (``HMS_TASKS_REDIS_URL``), decoding to str."""
     return _client(conf.get().redis_url)
+
+
+def binary_client() -> redis.Redis:
+    """The same Redis as :func:`client`, returning bytes (for packed binary values)."""
+    return _client(conf.get().redis_url, False)
 
 
 def reset() -> None:

@@ -443,6 +443,8 @@ def run(
                 sup._stop_for_signal()
                 return EXIT_OK
             env = _child_env(redis.url, state_dir)
+            # The load tests' "demo" target is the API this stack serves.
+            env["HMS_DEMO_API_URL"] = f"http://{_hostport(_browse_host(host), api_port)}"
 
             step = sup.start("seed", _prepare_argv(patients=patients, seed=seed), env)
             code = sup.wait_one(step)

@@ -30,3 +30,29 @@ def die() -> dict[str, Any]:
 
     os.kill(os.getpid(), signal.SIGKILL)
     return {}
+
+
+_leaked: list[bytes] = []
+
+
+@testing.task("hms.test.leak_to")
+def leak_to(mb: int) -> dict[str, Any]:
+    """Keep allocating (and holding) 2 MiB blocks until this process's RSS reaches ``mb`` MiB,
+    as a leaking task would. Returns the pid and RSS after."""
+    import os
+
+    from hms_tasks.memory.tiers import current_rss
+
+    while current_rss() < mb * 1024 * 1024:
+        _leaked.append(os.urandom(1024) * 2048)  # written, so resident
+    return {"pid": os.getpid(), "rss": current_rss(), "blocks": len(_leaked)}
+
+
+@testing.task("hms.test.whoami")
+def whoami() -> dict[str, Any]:
+    """The pid and RSS of the process that runs it."""
+    import os
+
+    from hms_tasks.memory.tiers import current_rss
+
+    return {"pid": os.getpid(), "rss": current_rss()}

@@ -24,7 +24,20 @@ REGISTERED_TASKS = [
     "hms.cache.stats",
     "hms.cache.warm_hot",
     "hms.cache.warm_patients",
+    "hms.health.check_service",
+    "hms.health.sweep",
+    "hms.loadtest.merge",
+    "hms.loadtest.run",
+    "hms.loadtest.shard",
+    "hms.memory.snapshot",
+    "hms.memory.sweep",
+    "hms.memory.sweep_node",
+    "hms.metrics.collect",
     "hms.metrics.collect_host",
+    "hms.metrics.collect_node",
+    "hms.metrics.deliver_webhook",
+    "hms.metrics.evaluate_alerts",
+    "hms.metrics.rollup",
 ]
 
 

@@ -50,7 +50,7 @@ def test_bad_input_exits_2_and_publishes_nothing(args: list[str], message: str) 
 
 
 def test_unknown_task_lists_known_tasks() -> None:
-    result = run("dispatch", "hms.metrics.collect")
+    result = run("dispatch", "hms.metrics.collect_everything")
     assert result.exit_code == 2
     assert names.METRICS_COLLECT_HOST in result.output
 

@@ -23,6 +23,8 @@ def test_wheel_carries_schedule_and_migrations_and_runs_outside_the_repo(tmp_pat
         assert "beat_schedule.py" in members
         assert "hms_tasks/py.typed" in members
         assert any(m.startswith("hms_tasks/demo/migrations/0001") for m in members)
+        # The shipped locustfile of the demo load test (not a module: package data).
+        assert "hms_tasks/loadtest/locustfiles/demo_api.py" in members
         # A pure-Python wheel installs by unpacking; the environment's dependencies stay.
         zf.extractall(tmp_path / "site")
     elsewhere = tmp_path / "elsewhere"

@@ -28,6 +28,8 @@ INSTALLED_APPS = [
     "hms_tasks.demo.apps.DemoHmsConfig",
 ]
 MIDDLEWARE = [
+    # First, so it times the whole stack: feeds the API p95 and error-rate alert rules.
+    "hms_tasks.metrics.middleware.TimingMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.middleware.common.CommonMiddleware",
 ]
@@ -78,6 +80,20 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
 TIME_ZONE = os.environ.get("TZ_NAME", "UTC")
 LANGUAGE_CODE = "en-us"
+
+# Load tests: the demo API is the one target (its URL from HMS_DEMO_API_URL, which `hms-tasks
+# run` sets to the API it serves), and the nightly smoke test of it is on.
+HMS_TASKS_LOADTEST_TARGETS = {
+    "demo": os.environ.get("HMS_DEMO_API_URL") or "http://127.0.0.1:8000",
+}
+HMS_TASKS_LOADTEST_TESTS = {
+    "smoke": {
+        "target": "demo", "scenario": "demo", "users": 10, "ramp_up": 5, "duration": 60,
+        "shards": 1,
+        "thresholds": {"p95_ms": 1000, "error_rate": 0.01, "min_rps": 2},
+    },
+}
+HMS_TASKS_LOADTEST_NIGHTLY = "smoke"
 
 LOGGING = {
     "version": 1,

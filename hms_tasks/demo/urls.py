@@ -1,4 +1,4 @@
-"""URLs of the demo HMS: ``/healthz`` and the JSON API under ``/api/``.
+"""URLs of the demo HMS: ``/healthz``, ``/metrics`` (Prometheus) and the JSON API under ``/api/``.
 
 This is the demo's ``ROOT_URLCONF``. Bad requests, unknown paths and server errors answer in
 JSON as well (``handler400``, ``handler404``, ``handler500``), so API clients never have to
@@ -10,6 +10,7 @@ from __future__ import annotations
 from django.urls import URLPattern, URLResolver, include, path
 
 from hms_tasks.demo import api
+from hms_tasks.metrics.prometheus import metrics_view
 
 api_urlpatterns: list[URLPattern | URLResolver] = [
     path("patients/", api.patients, name="hms-patients"),
@@ -26,6 +27,7 @@ api_urlpatterns: list[URLPattern | URLResolver] = [
 
 urlpatterns: list[URLPattern | URLResolver] = [
     path("healthz", api.healthz, name="hms-healthz"),
+    path("metrics", metrics_view, name="hms-metrics"),
     path("api/", include(api_urlpatterns)),
 ]
 

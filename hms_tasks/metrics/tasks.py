@@ -1,17 +1,42 @@
-"""Metric tasks. Work happens in plain functions (:mod:`hms_tasks.metrics.host`); the tasks here
-only adapt them to Celery. Each task runs on the ``hms.metrics`` queue."""
+"""Metric tasks, on the ``hms.metrics`` queue (and the nodes' direct queues). The work is in
+plain functions (:mod:`~hms_tasks.metrics.host`, :mod:`~hms_tasks.metrics.collect`,
+:mod:`~hms_tasks.metrics.store`, :mod:`~hms_tasks.metrics.alerts`); these only adapt them.
+
+How the capability splits its work: ``collect`` (any worker, every minute) pings the nodes and
+publishes ``collect_node`` to each live node's direct queue; every node samples itself into the
+time-series store and one of them the shared services. Nothing waits on a subtask, so a solo
+worker never deadlocks on its own sweep. ``rollup`` folds raw points into the 1-minute and
+1-hour aggregates, prunes what retention dropped and turns the API's request timings into
+series; ``evaluate_alerts`` runs the alert rules over the newest points and hands each
+notification to ``deliver_webhook``, which retries with backoff.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from hms_tasks import names
+import redis
+
+from hms_tasks import names, store
 from hms_tasks.base import Capability
-from hms_tasks.metrics import host
+from hms_tasks.errors import InvalidArguments, TransientError
+from hms_tasks.metrics import alerts, collect, host, timings
+from hms_tasks.metrics import store as ts
 
-__all__ = ["collect_host", "metrics"]
+__all__ = [
+    "collect_host",
+    "collect_node",
+    "collect_sweep",
+    "deliver_webhook",
+    "evaluate_alerts",
+    "metrics",
+    "rollup",
+]
 
-metrics = Capability(name="metrics", soft_time_limit=20, time_limit=30)
+metrics = Capability(name="metrics", soft_time_limit=20, time_limit=30,
+                     autoretry_for=(redis.ConnectionError, redis.TimeoutError))
+
+_EVENT_FIELDS = set(alerts.Transition.__annotations__)
 
 
 @metrics.task(names.METRICS_COLLECT_HOST)
@@ -27,3 +52,106 @@ def collect_host() -> dict[str, Any]:
     percentages of the machine, nothing about patients.
     """
     return dict(host.snapshot())
+
+
+@metrics.task(names.METRICS_COLLECT)
+def collect_sweep() -> dict[str, Any]:
+    """Start a metrics sweep of every node: ping the workers, record the known nodes that did
+    not answer as missing (``node.up`` 0), publish ``collect_node`` to each live node's direct
+    queue, and close the previous sweep (its nodes that never reported count as missing).
+
+    When: every minute from beat (``metrics-collect``). About the ping timeout
+    (``HMS_TASKS_METRICS_PING_TIMEOUT``, 1 s). Idempotent: a re-run starts another sweep, which
+    only adds samples. Retries Redis connection errors. Writes ``<p>:metrics:sweep:*``,
+    ``<p>:nodes`` and ``node.up`` series. Returns the sweep id, the live nodes and the missing
+    ones (node names, no data).
+    """
+    return collect.start_sweep()
+
+
+@metrics.task(names.METRICS_COLLECT_NODE)
+def collect_node(sweep: str | None = None) -> dict[str, Any]:
+    """Sample the node that runs it: host (CPU, memory, swap, disk, network, load) and worker
+    processes (RSS, threads, open files and tasks run per pool child); the first node of a
+    sweep also samples Redis, the Celery queues and the database.
+
+    When: published by ``collect`` to each node's direct queue (``<node>.dq2``), or ad hoc
+    (then it samples the shared services too). A few ms, plus up to 1 s when it samples the
+    services (``inspect`` replies). Idempotent: another sample of the same moment. Retries
+    Redis connection errors. Writes the node's series, ``<p>:metrics:sweep:<id>`` and
+    ``<p>:nodes``. Returns counts and whether this report completed the sweep.
+    """
+    if sweep is not None and (len(sweep) > 64 or not sweep.isalnum()):
+        raise InvalidArguments(names.METRICS_COLLECT_NODE, ["sweep: expected a sweep id"])
+    return collect.collect_node(sweep)
+
+
+@metrics.task(names.METRICS_ROLLUP)
+def rollup() -> dict[str, Any]:
+    """Turn the API's completed minutes of request timings into series (requests, errors,
+    error rate, mean and p95 duration), fold new raw points into the 1-minute and 1-hour
+    aggregates, and delete every block whose retention ended.
+
+    When: every minute from beat (``metrics-rollup``). Milliseconds per thousand series. One
+    at a time (a lock): a second concurrent run returns at once. Idempotent: each raw byte is
+    folded once (the fold offset moves atomically with the fold). Retries Redis connection
+    errors. Writes ``<p>:ts:*``. Returns counts.
+    """
+    lock = store.key("metrics", "rollup", "lock")
+    client = store.client()
+    if not client.set(lock, "1", nx=True, ex=50):
+        return {"skipped": True}
+    try:
+        api_points = timings.convert()
+        if api_points:
+            ts.write(api_points)
+        summary: dict[str, Any] = dict(ts.rollup())
+        summary["api_points"] = len(api_points)
+        return summary
+    finally:
+        client.delete(lock)
+
+
+@metrics.task(names.METRICS_EVALUATE_ALERTS)
+def evaluate_alerts() -> dict[str, Any]:
+    """Evaluate the alert rules (``HMS_TASKS_ALERT_RULES``) against the newest point of every
+    series; persist state changes (pending, firing, resolved); log every transition and hand
+    each firing or resolved one to ``deliver_webhook`` for every configured webhook.
+
+    When: every minute from beat (``metrics-evaluate-alerts``). Milliseconds (1,000 series in
+    well under 100 ms, benchmarked). Idempotent: re-evaluating the same points changes nothing.
+    Retries Redis connection errors. Writes ``<p>:alerts:state`` and ``<p>:alerts:events``.
+    Returns counts (rules, series, pending, firing, transitions, webhooks queued).
+    """
+    from hms_tasks import conf
+
+    counts, notify = alerts.evaluate_and_store()
+    hooks = sorted(conf.get().alert_webhooks)
+    for event in notify:
+        for hook in hooks:
+            deliver_webhook.apply_async(kwargs={"webhook": hook, "event": dict(event)},
+                                        ignore_result=True)
+    return {**counts, "webhooks_queued": len(notify) * len(hooks)}
+
+
+@metrics.task(names.METRICS_DELIVER_WEBHOOK, autoretry_for=(TransientError,), max_retries=6,
+              retry_backoff=2, retry_backoff_max=120)
+def deliver_webhook(webhook: str, event: dict[str, Any]) -> dict[str, Any]:
+    """POST one alert notification (``event``: a transition of ``<p>:alerts:events``) as JSON
+    to the webhook named ``webhook`` in ``HMS_TASKS_ALERT_WEBHOOKS``.
+
+    When: queued by ``evaluate_alerts``. One request of at most ``HMS_TASKS_WEBHOOK_TIMEOUT``
+    seconds; redirects are never followed. A URL the allowlist does not allow is refused
+    before any network traffic. Retries connection errors, timeouts, 408, 429 and 5xx with
+    exponential backoff (up to 6 times, 2 minutes apart at most); 4xx and redirects fail at
+    once. At-least-once: a receiver may see a notification twice (``id`` and ``at`` identify
+    it). Writes nothing. Returns the HTTP status.
+    """
+    unknown = set(event) - _EVENT_FIELDS
+    if unknown:
+        raise InvalidArguments(names.METRICS_DELIVER_WEBHOOK,
+                               ["event: only alert transition fields are sent"])
+    url = alerts.webhook_url(webhook)
+    status = alerts.deliver(url, {"v": 1, "source": "hms-tasks", "alert": event})
+    return {"webhook": webhook, "status": status, "rule": event.get("rule"),
+            "state": event.get("new")}

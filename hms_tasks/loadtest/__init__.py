@@ -1,0 +1,26 @@
+"""Distributed load tests: Locust shards dispatched as Celery tasks, merged exactly, judged
+against SLOs.
+
+This package never imports Locust or gevent: importing Locust monkey-patches the process with
+gevent, which must never happen inside a Celery worker or a test process. Locust only runs in
+a subprocess (:mod:`hms_tasks.loadtest.runner`, started by each shard). Modules:
+
+- :mod:`~hms_tasks.loadtest.spec`: test definitions, validation, the targets allowlist;
+- :mod:`~hms_tasks.loadtest.stats`: response-time histograms and the exact merge;
+- :mod:`~hms_tasks.loadtest.keys`: the Redis layout of runs, shards and reports;
+- :mod:`~hms_tasks.loadtest.capacity`: live worker processes consuming ``hms.loadtest``;
+- :mod:`~hms_tasks.loadtest.orchestrate`: start, abort, status and merge of a run;
+- :mod:`~hms_tasks.loadtest.shard`: one shard: the runner subprocess and its supervision;
+- :mod:`~hms_tasks.loadtest.report`: verdicts, regressions and the HTML report;
+- :mod:`~hms_tasks.loadtest.text`: what the ``hms-tasks loadtest`` commands print and read;
+- :mod:`~hms_tasks.loadtest.runner`: the load generator, run as a subprocess (it imports
+  Locust inside its ``main`` only);
+- :mod:`~hms_tasks.loadtest.tasks`: the Celery tasks.
+
+``locustfiles/demo_api.py`` is the shipped scenario of the demo HMS API: package data, not a
+module (its directory has no ``__init__.py``).
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []

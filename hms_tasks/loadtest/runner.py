@@ -1,0 +1,303 @@
+"""``python -m hms_tasks.loadtest.runner``: one shard's load generator, in its own process.
+
+Locust is imported here, inside :func:`main`, and nowhere else: importing it monkey-patches the
+process with gevent, which must never happen in a Celery worker. A shard
+(:mod:`hms_tasks.loadtest.shard`) starts this module as a subprocess, writes one JSON line of
+configuration to its stdin and reads JSON lines from the file descriptor the configuration
+names (``out_fd``; stdout and stderr are the Locust log)::
+
+    {"type": "ready", "pid", "locust"}                      setup done, waiting for start_at
+    {"type": "tick", "t", "u", "e": {key: [n, f, sum_ms, min_ms, max_ms, none, {bucket: count}]},
+     "x": {"<key>\t<error>": count}, "b": blocked}           one wall-clock second (deltas)
+    {"type": "final", "reason", "started_at", "stopped_at", "locust": {key: {n, f, hist}}}
+    {"type": "error", "stage", "error"}                     setup failed (exit code 3)
+
+Ticks carry the requests that *completed* in second ``t`` (``int(time.time())``, what Locust's
+own per-second counters use), per request key ``"<method> <name>"``: count, failures, the sum,
+minimum and maximum of response times, requests without a response time, and the response-time
+histogram in Locust's own rounded buckets (:func:`locust.stats.bucket_response_time`). Merging
+the buckets of every shard gives exactly the percentiles one Locust process would report for
+the same requests. ``final`` repeats Locust's own cumulative counters, so the shard can check
+its sum of ticks against them.
+
+Safety: only the target may be contacted. After Locust is imported, every socket ``connect``
+of the process (gevent's socket class: FastHttpUser, HttpUser, raw sockets) is checked against
+the target's resolved addresses and port, and anything else (another host, another port, a
+redirect elsewhere, a Unix socket) fails with ``ConnectionRefusedError`` before a packet is
+sent; such attempts are counted (``b``). The run is bounded on its own: at ``end_at`` the users
+stop (in-flight requests finish within ``stop_timeout``), at ``hard_deadline`` the process exits
+whatever happens, and it stops when its parent (the shard) is gone. SIGTERM stops the load at
+once and still writes the final line (an abort keeps partial results).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["main"]
+
+#: Distinct request keys and error keys one shard tracks; more fold into "(other)".
+MAX_KEYS = 500
+MAX_ERRORS = 100
+EXIT_SETUP_FAILED = 3
+
+
+def _allowed_addresses(base_url: str) -> tuple[set[str], int]:
+    parts = urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    try:
+        return {str(ipaddress.ip_address(host))}, port
+    except ValueError:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return {str(ipaddress.ip_address(i[4][0])) for i in infos}, port
+
+
+def _install_guard(base_url: str, counter: list[int]) -> None:
+    """Refuse every connection but to the target (see the module docstring)."""
+    from gevent import _socketcommon  # type: ignore[import-untyped]
+
+    ips, port = _allowed_addresses(base_url)
+    original_connect = _socketcommon.SocketMixin.connect
+    original_connect_ex = _socketcommon.SocketMixin.connect_ex
+
+    def permitted(sock: Any, address: Any) -> bool:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        if not isinstance(address, tuple) or len(address) < 2 or address[1] != port:
+            return False
+        host = address[0]
+        try:
+            return str(ipaddress.ip_address(host)) in ips
+        except ValueError:
+            try:
+                found = {str(ipaddress.ip_address(i[4][0]))
+                         for i in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+            except OSError:
+                return False
+            return bool(found) and found <= ips
+
+    def refuse() -> ConnectionRefusedError:
+        counter[0] += 1
+        return ConnectionRefusedError(errno.EACCES, "hms-tasks load test: only the target may"
+                                                    " be contacted")
+
+    def connect(self: Any, address: Any) -> Any:
+        if not permitted(self, address):
+            raise refuse()
+        return original_connect(self, address)
+
+    def connect_ex(self: Any, address: Any) -> Any:
+        if not permitted(self, address):
+            refuse()
+            return errno.EACCES
+        return original_connect_ex(self, address)
+
+    _socketcommon.SocketMixin.connect = connect
+    _socketcommon.SocketMixin.connect_ex = connect_ex
+
+
+def _endpoint_users(config: dict[str, Any]) -> list[type[Any]]:
+    from locust import FastHttpUser, HttpUser, between
+
+    scenario = config["scenario"]
+    base: type[Any] = FastHttpUser if scenario.get("user_class", "fast") == "fast" else HttpUser
+    tasks: dict[Any, int] = {}
+    for ep in scenario["endpoints"]:
+        def request(user: Any, ep: dict[str, Any] = ep) -> None:
+            kwargs: dict[str, Any] = {"name": ep["name"], "allow_redirects": False}
+            if ep.get("json") is not None:
+                kwargs["json"] = ep["json"]
+            user.client.request(ep["method"], ep["path"], **kwargs)
+
+        request.__name__ = f"request_{len(tasks)}"
+        tasks[request] = ep["weight"]
+    low, high = scenario.get("wait", [0.5, 1.5])
+    attrs: dict[str, Any] = {"tasks": tasks, "wait_time": between(low, high),
+                             "host": config["host"]}
+    if base is FastHttpUser:
+        attrs.update(connection_timeout=5.0, network_timeout=30.0)
+    return [type("EndpointsUser", (base,), attrs)]
+
+
+def _file_users(path: str) -> list[type[Any]]:
+    from locust.util.load_locustfile import load_locustfile
+
+    classes, shapes = load_locustfile(path)
+    if shapes:
+        raise ValueError("load test shapes are not supported (users, spawn rate and duration"
+                         " come from the test definition)")
+    users = list(classes.values())
+    if not users:
+        raise ValueError("the locustfile defines no user class")
+    return users
+
+
+class _Recorder:
+    """Per-second deltas of every request, in Locust's own buckets."""
+
+    def __init__(self, raw_path: str | None) -> None:
+        from locust.stats import StatsError, bucket_response_time
+
+        self.bucket = bucket_response_time
+        self.parse_error = StatsError.parse_error
+        self.seconds: dict[int, dict[str, list[Any]]] = {}
+        self.errors: dict[int, dict[str, int]] = {}
+        self.keys: set[str] = set()
+        self.error_keys: set[str] = set()
+        self.raw = open(raw_path, "a", buffering=1 << 16) if raw_path else None  # noqa: SIM115
+
+    def on_request(self, request_type: str, name: str, response_time: float | None,
+                   response_length: int, exception: Any = None, **_: Any) -> None:
+        t = int(time.time())
+        key = f"{request_type} {name}"
+        if key not in self.keys:
+            if len(self.keys) >= MAX_KEYS:
+                key = "OTHER (other)"
+            self.keys.add(key)
+        per = self.seconds.setdefault(t, {})
+        row = per.get(key)
+        if row is None:
+            row = per[key] = [0, 0, 0.0, None, 0.0, 0, {}]
+        row[0] += 1
+        if exception is not None:
+            row[1] += 1
+            err = f"{key}\t{self.parse_error(exception)}"[:300]
+            if err not in self.error_keys:
+                if len(self.error_keys) >= MAX_ERRORS:
+                    err = f"{key}\t(other errors)"
+                self.error_keys.add(err)
+            errs = self.errors.setdefault(t, {})
+            errs[err] = errs.get(err, 0) + 1
+        if response_time is None:
+            row[5] += 1
+        else:
+            row[2] += response_time
+            row[3] = response_time if row[3] is None else min(row[3], response_time)
+            row[4] = max(row[4], response_time)
+            b = self.bucket(response_time)
+            hist = row[6]
+            hist[b] = hist.get(b, 0) + 1
+        if self.raw is not None:
+            self.raw.write(f"{key}\t{response_time!r}\n")
+
+    def ticks(self, *, before: int, users: int, blocked: int, since: int) -> list[dict[str, Any]]:
+        """Ticks for every second from ``since`` to ``before`` (exclusive), empty ones too."""
+        out = []
+        for t in range(since, before):
+            out.append({"type": "tick", "t": t, "u": users, "e": self.seconds.pop(t, {}),
+                        "x": self.errors.pop(t, {}), "b": blocked})
+        # Requests stamped before `since` (none in practice) still count: fold them in.
+        for t in sorted(k for k in self.seconds if k < since):
+            out.insert(0, {"type": "tick", "t": t, "u": users, "e": self.seconds.pop(t),
+                           "x": self.errors.pop(t, {}), "b": blocked})
+        return out
+
+
+def main() -> int:
+    config: dict[str, Any] = json.loads(sys.stdin.readline())
+    out = os.fdopen(int(config["out_fd"]), "w", buffering=1)
+
+    def emit(doc: dict[str, Any]) -> None:
+        out.write(json.dumps(doc, separators=(",", ":")) + "\n")
+
+    # Locust (and gevent's monkey-patching) from here on: this process only.
+    from gevent import monkey
+
+    monkey.patch_all()
+    import gevent
+    import locust
+    from locust.env import Environment
+
+    blocked = [0]
+    stopping = {"reason": ""}
+    try:
+        _install_guard(config["host"], blocked)
+        kind = config["scenario"]["kind"]
+        if kind == "endpoints":
+            user_classes = _endpoint_users(config)
+        else:
+            user_classes = _file_users(config["locustfile"])
+        recorder = _Recorder(config.get("raw_path"))
+        env = Environment(user_classes=user_classes, host=config["host"],
+                          stop_timeout=float(config.get("stop_timeout", 10)),
+                          catch_exceptions=True)
+        runner = env.create_local_runner()
+        env.events.request.add_listener(recorder.on_request)  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        emit({"type": "error", "stage": "setup",
+              "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        return EXIT_SETUP_FAILED
+
+    parent = os.getppid()
+    start_at = float(config["start_at"])
+    end_at = float(config["end_at"])
+    hard_deadline = float(config["hard_deadline"])
+
+    def on_term() -> None:
+        if not stopping["reason"]:
+            stopping["reason"] = "terminated"
+
+    gevent.signal_handler(signal.SIGTERM, on_term)
+    emit({"type": "ready", "pid": os.getpid(), "locust": locust.__version__})
+
+    def must_stop() -> bool:
+        if os.getppid() != parent and not stopping["reason"]:
+            stopping["reason"] = "parent-gone"
+        return bool(stopping["reason"]) or time.time() >= hard_deadline
+
+    while time.time() < start_at and not must_stop():
+        gevent.sleep(min(0.05, max(0.0, start_at - time.time())))
+    started_at = time.time()
+    first_second = int(started_at)
+    next_second = first_second
+    last_users = 0
+    if not must_stop():
+        runner.start(int(config["users"]), spawn_rate=float(config["spawn_rate"]))
+        while True:
+            now = time.time()
+            if now >= end_at and not stopping["reason"]:
+                stopping["reason"] = "done"
+            if must_stop():
+                break
+            current = int(now)
+            last_users = runner.user_count
+            if current > next_second:
+                for tick in recorder.ticks(before=current, users=last_users,
+                                           blocked=blocked[0], since=next_second):
+                    emit(tick)
+                next_second = current
+            gevent.sleep(min(0.1, max(0.005, min(end_at, current + 1) - time.time())))
+        if stopping["reason"] != "done":
+            env.stop_timeout = 1.0  # an abort: in-flight requests get one second
+        stopper = gevent.spawn(runner.stop)
+        stopper.join(timeout=max(0.5, hard_deadline - time.time()))
+    else:
+        stopping["reason"] = stopping["reason"] or "deadline"
+    stopped_at = time.time()
+    for tick in recorder.ticks(before=int(stopped_at) + 1, users=last_users, blocked=blocked[0],
+                               since=next_second):
+        emit(tick)
+    own = {f"{e.method} {e.name}": {"n": e.num_requests, "f": e.num_failures,
+                                    "hist": dict(e.response_times)}
+           for e in env.stats.entries.values()}
+    emit({"type": "final", "reason": stopping["reason"] or "done", "started_at": started_at,
+          "stopped_at": stopped_at, "blocked": blocked[0], "locust": own})
+    if recorder.raw is not None:
+        recorder.raw.close()
+    out.flush()
+    # Greenlets of users that ignored the stop may still run: leave without waiting for them.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
