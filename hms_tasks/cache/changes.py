@@ -267,16 +267,16 @@ class Recorder:
 
     def _flush(self, tags: set[str]) -> None:
         be = backend()
-        log, flag = _keys()
+        keys = list(_keys())
+        record = be._scripts["RECORD_CHANGES"]
         ordered = sorted(tags)
-        pipe = be.client().pipeline(transaction=False)
+        # One EVALSHA per entry, not a pipeline: a pipeline of scripts first asks SCRIPT
+        # EXISTS, a second round trip, and almost every flush is a single entry.
         for start in range(0, len(ordered), BATCH_TAGS):
-            be._scripts["RECORD_CHANGES"](keys=[log, flag], args=[
-                json.dumps(ordered[start:start + BATCH_TAGS]), PENDING_TTL], client=pipe)
-        results = pipe.execute()
-        self.stats["flushed_entries"] += len(results)
-        if any(r == 1 for r in results):
-            self.owe_dispatch = True
+            entry = json.dumps(ordered[start:start + BATCH_TAGS])
+            if record(keys=keys, args=[entry, PENDING_TTL]) == 1:
+                self.owe_dispatch = True
+            self.stats["flushed_entries"] += 1
 
     def _dispatch(self) -> None:
         # Imported here: an HMS process loads this module with its models, long before it
