@@ -211,7 +211,7 @@ class TaggedRedisCache(RedisCache):
             args=[self.gen_prefix, secrets.token_hex(8), GENERATION_TTL, ALL, *tags])]
 
     def fill(self, made_key: str, value: Any, *, tags: Sequence[str], gens: Sequence[str],
-             timeout: int | None, lock: tuple[str, str] = ("", ""), pipe: Any = None) -> bool:
+             timeout: int | None, lock: tuple[str, str] = ("", "")) -> bool:
         """Store ``value`` at the made key if ``tags`` still have ``gens``; release ``lock``."""
         ttl = int(timeout) if timeout else 86400
         args: list[Any] = [self.gen_prefix, self.index_prefix,
@@ -219,8 +219,7 @@ class TaggedRedisCache(RedisCache):
                            lock[0], lock[1]]
         for tag, gen in zip(tags, gens, strict=True):
             args += [tag, gen]
-        result = self._scripts["FILL"](keys=[made_key], args=args, client=pipe)
-        return pipe is not None or bool(result)
+        return bool(self._scripts["FILL"](keys=[made_key], args=args))
 
     def fill_many(self, items: Sequence[tuple[str, Any, Sequence[str], Sequence[str]]], *,
                   timeout: int) -> int:

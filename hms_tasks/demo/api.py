@@ -1,7 +1,7 @@
 """JSON API of the demo HMS: plain Django views over small, reusable query functions.
 
 The functions (:func:`patient_page`, :func:`patient_summary`, :func:`practitioner_day`,
-:func:`department_census`, :func:`departments_census`, :func:`departments_census_of`) do the
+:func:`departments_census_of`) do the
 work and return JSON-ready TypedDicts; a cache layer can call them directly and store what they
 return. The views only parse query parameters, call them and wrap the result in a
 :class:`~django.http.JsonResponse`.
@@ -50,8 +50,6 @@ __all__ = [
     "PatientSummary",
     "PractitionerDay",
     "decode_cursor",
-    "department_census",
-    "departments_census",
     "departments_census_of",
     "encode_cursor",
     "parse_date",
@@ -501,11 +499,6 @@ def practitioner_days(
     }
 
 
-def department_census(department_id: int, *, using: str = "default") -> DepartmentCensus | None:
-    """The census of one department, or None if there is none with that id. Two queries."""
-    census = departments_census_of([department_id], using=using)
-    return census[0] if census else None
-
 
 def departments_census_of(ids: Iterable[int], *, using: str = "default") -> list[DepartmentCensus]:
     """The census of each department in ``ids`` (unknown ids are left out), by code.
@@ -517,10 +510,6 @@ def departments_census_of(ids: Iterable[int], *, using: str = "default") -> list
         return []
     return _census(Department.objects.using(using).filter(id__in=wanted), wanted, using=using)
 
-
-def departments_census(*, using: str = "default") -> list[DepartmentCensus]:
-    """The census of every department, by code. Two queries, whatever the number of them."""
-    return _census(Department.objects.using(using).all(), None, using=using)
 
 
 def _census(
