@@ -3,8 +3,9 @@ change log is applied, every cached key is absent or equal to what the database 
 
 Writer threads update patients (the real signal -> commit -> change log -> worker path);
 filler threads read through the cache, with random delays injected between a fill's database
-read and its write. The same checker runs against a deliberately naive fill (a plain SET after
-the build) and must catch it: that is how we know it has teeth.
+read and its write (some of them last until an invalidation of the row has landed). The same
+checker runs against a deliberately naive fill (a plain SET after the build) and must catch it:
+that is how we know it has teeth.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ WRITERS = 3
 FILLERS = 3
 
 
+LANDED = -1.0  # a pause that lasts until an invalidation of the row has landed
+
+
 class Delays:
     """Random pauses between a fill's database read and its write (the race window)."""
 
@@ -42,12 +46,19 @@ class Delays:
         self.rng = rng
         self.lock = threading.Lock()
 
-    def pause(self) -> None:
+    def pause(self, invalidated: Callable[[], bool]) -> None:
         with self.lock:
-            # Some pauses outlast the invalidation's latency: a fill that stores after the
-            # invalidation landed is the one that leaves a stale value behind for good.
-            delay = self.rng.choice((0.0, 0.0, 0.002, 0.01, 0.05, 0.12))
-        time.sleep(delay)
+            delay = self.rng.choice((0.0, 0.0, 0.002, 0.01, 0.05, 0.12, LANDED, LANDED))
+        if delay != LANDED:
+            time.sleep(delay)
+            return
+        # A fill that stores after an invalidation of its row landed is the one that leaves a
+        # stale value behind for good. Timed sleeps catch that only when they outlast the
+        # invalidation's latency, which a loaded CI machine stretches; so half the pauses wait
+        # for the landing itself (up to a bound: the row may not be written again).
+        deadline = time.monotonic() + 0.5
+        while not invalidated() and time.monotonic() < deadline:
+            time.sleep(0.002)
 
 
 @pytest.fixture
@@ -55,8 +66,11 @@ def checked_kind() -> Iterator[Delays]:
     delays = Delays(random.Random(0))
 
     def build_many(ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        tags = [f"patient:{i}" for i in ids]
+        before = backend().generations(tags)
         built = build_patients(ids)
-        delays.pause()  # the database was read; the fill comes later
+        # The database was read; the fill comes later.
+        delays.pause(lambda: backend().generations(tags) != before)
         return built
 
     registry.register_kind("chk", build_many=build_many, tags=lambda i: [f"patient:{i}"])
@@ -89,10 +103,21 @@ def run_seed(seed_value: int, ids: list[int], fill: Callable[[int], None],
     reads = [pid for is_write, pid, _ in plan if not is_write]
     errors: list[BaseException] = []
 
-    def worker_thread(items: list[Any], act: Callable[[Any], None]) -> None:
+    writing = threading.Event()
+    writing.set()
+
+    def worker_thread(items: list[Any], act: Callable[[Any], None], *,
+                      until_writes_end: bool = False) -> None:
         try:
             for item in items:
                 act(item)
+            # Fillers keep reading (their plan again) while writes go on: the last write of a
+            # row must find fills in flight, or the round cannot end with a race at all.
+            while until_writes_end and writing.is_set():
+                for item in items:
+                    act(item)
+                    if not writing.is_set():
+                        break
         except BaseException as exc:  # surfaced below
             errors.append(exc)
         finally:
@@ -114,13 +139,16 @@ def run_seed(seed_value: int, ids: list[int], fill: Callable[[int], None],
             p.allergies = f"a{value}"
             p.save()
 
-    threads = [threading.Thread(target=worker_thread, args=(writes[i::WRITERS], write))
+    writers = [threading.Thread(target=worker_thread, args=(writes[i::WRITERS], write))
                for i in range(WRITERS)]
-    threads += [threading.Thread(target=worker_thread, args=(reads[i::FILLERS], fill))
-                for i in range(FILLERS)]
-    for t in threads:
+    fillers = [threading.Thread(target=worker_thread, args=(reads[i::FILLERS], fill),
+                                kwargs={"until_writes_end": True}) for i in range(FILLERS)]
+    for t in writers + fillers:
         t.start()
-    for t in threads:
+    for t in writers:
+        t.join(120)
+    writing.clear()
+    for t in fillers:
         t.join(120)
     assert not errors, errors
     # Quiescence: every committed change recorded, applied, and no fan-out still running.
@@ -150,8 +178,9 @@ def test_no_stale_value_survives_quiescence(worker: Any, checked_kind: Delays,
 def test_checker_catches_a_naive_fill(worker: Any, checked_kind: Delays, ids: list[int]
                                       ) -> None:
     # Catching the race takes a fill that stores after the invalidation landed and no later
-    # write to that row: usually within a few seeds, more on a loaded machine. The loop stops
-    # at the first catch, so the extra seeds cost nothing unless the checker is blind.
+    # write to that row: the pauses that wait for the landing make that the first seed as a
+    # rule, on a loaded machine too. The loop stops at the first catch, so the extra seeds
+    # cost nothing unless the checker is blind.
     caught = []
     for s in range(30):
         caught += run_seed(s, ids, naive_fill, checked_kind)

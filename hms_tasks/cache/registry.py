@@ -77,9 +77,10 @@ def register_kind(
 
 def get_kind(name: object) -> Kind:
     """The registered kind ``name``; unknown: :class:`InvalidArguments` listing the kinds."""
-    if not isinstance(name, str) or name not in _kinds:
+    found = _kinds.get(name) if isinstance(name, str) else None
+    if found is None:
         raise InvalidArguments("cache", [f"kind: unknown kind (allowed: {', '.join(kinds())})"])
-    return _kinds[name]
+    return found
 
 
 def kinds() -> list[str]:
