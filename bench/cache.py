@@ -2,9 +2,10 @@
 read path. ``make bench BENCH=cache``.
 
 Each part runs in a subprocess of its own (``python -m bench.cache --part NAME``) with its own
-database settings, against one private Redis, on the demo database seeded with 100,000 patients
-(``.hms-tasks/bench/hms-100k.sqlite3``, seeded once and reused). Every part measures this
-project and its baseline in the same run and prints the ratio.
+database settings, against one private Redis, on the demo database seeded with 100,000
+patients (``.hms-tasks/bench/hms-100k.sqlite3``, seeded once and reused). Every part measures
+this project and its baseline in the same run and prints the ratio.
+``BENCH_PARTS=latency,write-sqlite make bench BENCH=cache`` runs some parts only.
 """
 
 from __future__ import annotations
@@ -69,10 +70,14 @@ def _postgres_available() -> bool:
 
 
 def run() -> list[Row]:
+    # BENCH_PARTS=latency,write-sqlite reruns some parts only (a comma-separated list).
+    chosen = [p for p in os.environ.get("BENCH_PARTS", "").split(",") if p] or list(PARTS)
+    if unknown := [p for p in chosen if p not in PARTS]:
+        raise SystemExit(f"BENCH_PARTS: unknown part {unknown[0]!r}; known: {', '.join(PARTS)}")
     rows: list[Row] = []
     with private_redis() as url:
         _seed_sqlite(url)
-        for part in PARTS:
+        for part in chosen:
             database = f"sqlite:///{SQLITE_DB}"
             if part == "write-postgres":
                 if not _postgres_available():
@@ -243,17 +248,19 @@ def _write_path(label: str) -> list[dict[str, Any]]:
                 p.save()
         return (time.perf_counter() - t0) / n
 
-    n = 1000
+    # Many short rounds, alternating which side goes first (A B B A ...): this machine's
+    # speed drifts by tens of percent within a minute, and a drift must hit both sides alike.
+    n, rounds = 250, 24
     round_(50)
     ours: list[float] = []
     base: list[float] = []
-    for _ in range(6):
-        installed(False)
-        base.append(round_(n))
-        installed(True)
-        ours.append(round_(n))
+    for r in range(rounds):
+        for on in ((False, True) if r % 2 == 0 else (True, False)):
+            installed(on)
+            (ours if on else base).append(round_(n))
     o, b = statistics.median(ours) * 1e6, statistics.median(base) * 1e6
-    return [_row(f"write path ({label}): save one Patient + commit, with vs without hms-tasks",
+    return [_row(f"write path ({label}): save one Patient + commit, with vs without hms-tasks "
+                 f"(median of {rounds} alternating rounds of {n})",
                  o, b, "us/txn", "<= 1.15x", o / b, o / b <= 1.15)]
 
 
@@ -348,17 +355,29 @@ def part_latency() -> list[dict[str, Any]]:
     ids = _patient_ids(5000)
     warm("patient", ids[:5000])
     keys = {be.make_key(f"patient:{i}"): i for i in ids}
-    c.config_set("notify-keyspace-events", "Eg")
-    # The watcher is a process of its own: a thread here would notice deletions only when
-    # the writer loop lets go of the GIL, adding its own delay to the figure. Both processes
-    # read the same CLOCK_MONOTONIC.
-    watcher = subprocess.Popen(
-        [sys.executable, "-c", _WATCH, os.environ["REDIS_URL"], str(len(ids)),
-         be.make_key("patient:")], stdout=subprocess.PIPE, text=True)
-    assert watcher.stdout is not None
-    assert watcher.stdout.readline().strip() == "ready"
     committed: dict[int, float] = {}
     with _worker("bench-latency@localhost"):
+        # Warm-up, not counted: a few changes through the whole path first, so the figure is
+        # the steady state and not one-time start-up work (the worker's first task, this
+        # process's first flush and its connections), which delayed the first ~250 changes
+        # by up to 250 ms.
+        spare = _patient_ids(5100)[5000:]
+        warm("patient", spare)
+        for pid in spare:
+            with transaction.atomic():
+                Patient.objects.filter(id=pid).update(notes="warm-up")
+        assert changes.flush(30)
+        wait_until(lambda: not any(c.exists(be.make_key(f"patient:{i}")) for i in spare), 60,
+                   "the warm-up changes to land")
+        c.config_set("notify-keyspace-events", "Eg")
+        # The watcher is a process of its own: a thread here would notice deletions only when
+        # the writer loop lets go of the GIL, adding its own delay to the figure. Both processes
+        # read the same CLOCK_MONOTONIC.
+        watcher = subprocess.Popen(
+            [sys.executable, "-c", _WATCH, os.environ["REDIS_URL"], str(len(ids)),
+             be.make_key("patient:")], stdout=subprocess.PIPE, text=True)
+        assert watcher.stdout is not None
+        assert watcher.stdout.readline().strip() == "ready"
         rate = 1000.0
         start = time.monotonic() + 0.2
         for n, pid in enumerate(ids):
@@ -376,6 +395,10 @@ def part_latency() -> list[dict[str, Any]]:
         key, at = line.rsplit(" ", 1)
         gone.setdefault(keys[key], float(at))
     assert len(gone) == len(ids), f"{len(gone)} of {len(ids)} keys went"
+    if os.environ.get("BENCH_DUMP"):
+        with open(os.environ["BENCH_DUMP"], "w") as f:
+            for n, p in enumerate(ids):
+                f.write(f"{n} {committed[p]:.6f} {(gone[p] - committed[p]) * 1000:.3f}\n")
     latencies = sorted((gone[p] - committed[p]) * 1000 for p in ids)
     p50 = latencies[len(latencies) // 2]
     p99 = latencies[int(len(latencies) * 0.99) - 1]

@@ -173,3 +173,57 @@ def test_outage_during_commits_loses_no_invalidation(worker: Any, hospital: None
     assert cached("patient", ids[3])
     assert all(get_or_build("patient", i)["patient"]["allergies"] == "peanuts"
                for i in ids[:3])
+
+
+def save_allergies(ids: list[int], value: str) -> None:
+    for i in ids:
+        with transaction.atomic():
+            p = Patient.objects.get(id=i)
+            p.allergies = value
+            p.save()
+
+
+def test_commits_are_written_by_the_committing_thread(worker: Any, hospital: None) -> None:
+    first, *ids = patients(21)
+    save_allergies([first], "dust")  # opens the recorder's own connection if it had none
+    settle()
+    for i in ids:
+        get_or_build("patient", i)
+    before = dict(changes.recorder().stats)
+    save_allergies(ids, "pollen")
+    settle()
+    after = changes.recorder().stats
+    # Written on the direct connection (at most one command per commit), none by the
+    # flusher's slower round trips.
+    assert 1 <= after["sent"] - before["sent"] <= len(ids)
+    assert after["flushed_entries"] == before["flushed_entries"]
+    wait_for(lambda: not any(cached("patient", i) for i in ids), what="the keys to go")
+
+
+def test_commands_refused_or_unanswered_are_sent_again(worker: Any, hospital: None,
+                                                        redis_server: RedisServer) -> None:
+    ids = patients(6)
+    save_allergies(ids[:1], "dust")
+    settle()
+    for i in ids:
+        get_or_build("patient", i)
+    failures = changes.recorder().stats["failures"]
+    # Refused: the script cache emptied under an open connection (NOSCRIPT replies).
+    backend().client().script_flush()
+    save_allergies(ids[:3], "latex")
+    wait_for(lambda: not any(cached("patient", i) for i in ids[:3]), timeout=30,
+             what="the refused commands' invalidations to land")
+    assert changes.recorder().stats["failures"] > failures
+    # Unanswered: Redis hangs with commands in flight; after REPLY_TIMEOUT their tags go
+    # back to the flusher, which lands them once Redis answers again.
+    failures = changes.recorder().stats["failures"]
+    redis_server.pause()
+    try:
+        save_allergies(ids[3:5], "latex")
+        wait_for(lambda: changes.recorder().stats["failures"] > failures, timeout=30,
+                 what="the recorder to give up on the unanswered commands")
+    finally:
+        redis_server.resume()
+    wait_for(lambda: not any(cached("patient", i) for i in ids[3:5]), timeout=60,
+             what="the unanswered commands' invalidations to land")
+    assert cached("patient", ids[5])

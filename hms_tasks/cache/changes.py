@@ -5,18 +5,20 @@ Write path, in every HMS process (web or worker)::
     post_save / post_delete of a registered model (or an InvalidatingQuerySet bulk change)
       -> the tags it touches (for tracked fields, the values it was loaded with as well)
       -> transaction.on_commit          (nothing on rollback; savepoints honoured)
-      -> the process's Recorder         (in memory: a set, so a burst of changes coalesces)
-      -> its flusher thread: one Lua call appends the tags to the change log in Redis and
-         says whether a fan-out task must be sent (one per burst, not one per change)
+      -> the process's Recorder: the committing thread writes the tags to the change log in
+         Redis (one Lua call, on the recorder's own connection, the reply not awaited), at
+         once or with the rest of the current 10 ms (see :class:`Recorder`)
+      -> its flusher thread reads the replies; one says whether a fan-out task must be sent
+         (one per burst, not one per change)
       -> hms.cache.fanout_changes       (on a worker)
 
-The HMS's write never waits for Redis or the broker and never fails because of them: the
-flusher works in the background. If Redis or the broker is down, tags stay buffered (the failure
-is counted and logged once per outage) and are flushed, and the task sent, when they are back;
-past ``HMS_TASKS_CACHE_MAX_PENDING_TAGS`` buffered tags the process invalidates the whole cache
+The HMS's write never waits for Redis or the broker and never fails because of them. If Redis
+or the broker is down or does not answer, tags stay buffered (the failure is counted and logged
+once per outage) and are written, and the task sent, when they are back; past
+``HMS_TASKS_CACHE_MAX_PENDING_TAGS`` buffered tags the process invalidates the whole cache
 instead (the ``all`` tag), so memory stays bounded and nothing stale survives. What is not
-covered: a process killed (SIGKILL, OOM) in the milliseconds between a commit and its flush
-loses that commit's invalidation; the value then lives until its TTL.
+covered: a process killed (SIGKILL, OOM) in the milliseconds between a commit and the write of
+its tags loses that commit's invalidation; the value then lives until its TTL.
 
 Worker side: :func:`apply_changes` takes batches off the change log and invalidates their tags
 in the same atomic Lua step, so a worker dying half-way loses nothing either.
@@ -24,13 +26,16 @@ in the same atomic Lua step, so a worker dying half-way loses nothing either.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
+import select
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import SimpleNamespace
@@ -38,6 +43,7 @@ from typing import Any
 
 from django.db import models, transaction
 from django.db.models.signals import post_delete, post_init, post_save
+from redis.exceptions import ResponseError
 
 from hms_tasks import conf, names
 from hms_tasks.cache.backend import GENERATION_TTL
@@ -64,11 +70,23 @@ logger = logging.getLogger(__name__)
 BATCH_TAGS = 1000
 #: Seconds the "a fan-out task is pending" flag lives if its task is lost.
 PENDING_TTL = 30
-#: How long the flusher lets changes gather after the first one (seconds): a burst becomes
-#: one log entry and one task, and a busy HMS process pays for one flush per this much time
-#: rather than one per commit, at the cost of this much latency (well inside the 50 ms p99
-#: budget from commit to keys gone).
+#: The most a process writes to the change log is one command per this much time (seconds):
+#: changes committed within it of the last write gather and go with the next. A busy HMS
+#: process pays for one write per LINGER rather than one per commit, at the cost of up to this
+#: much latency (well inside the 50 ms p99 budget from commit to keys gone).
 LINGER = 0.01
+#: Bytes a process may have in flight (written, not yet answered) on its direct connection;
+#: past this, changes gather for the flusher instead. Below what the sockets' buffers hold, so
+#: a commit's write never blocks, even when Redis stops reading.
+MAX_IN_FLIGHT_BYTES = 16 * 1024
+#: A reply this late (seconds) means Redis or the connection is gone: its tags go back to the
+#: flusher, which retries with backoff.
+REPLY_TIMEOUT = 2.0
+#: A process that sent nothing for this long (seconds) is quiet: its next command's reply is
+#: read by the flusher at once (it probably says to send the fan-out task: the last task
+#: stopped after 0.1 s without changes). Replies of commands in flight this long after the
+#: last send are read by the flusher too; the rest are read by the commits that follow.
+QUIET = 0.05
 _LOADED = "_hms_cache_loaded"
 
 
@@ -197,50 +215,221 @@ class InvalidatingQuerySet(models.QuerySet[Any]):
         return created
 
 
-# -- the flusher ------------------------------------------------------------------------------
+# -- the recorder -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Direct:
+    """The recorder's own Redis connection, written to without waiting for replies."""
+
+    conn: Any
+    prefix: bytes  # EVALSHA <sha> 2 <log> <flag>, packed once
+    suffix: bytes  # the pending flag's TTL, packed once
+    in_flight: deque[tuple[float, frozenset[str], int]] = field(default_factory=deque)
+    in_flight_bytes: int = 0
+    last_send: float = 0.0
+    #: A command whose reply the flusher must read as soon as it comes (see Recorder.add).
+    urgent: bool = False
+
+    @classmethod
+    def open(cls) -> _Direct:
+        be = backend()
+        pool = be.client().connection_pool
+        # A connection of its own (same parameters as the pool's), never returned to the
+        # pool: replies are read later, so nobody else may use it.
+        conn = pool.connection_class(**{**pool.connection_kwargs,
+                                        "socket_timeout": REPLY_TIMEOUT})
+        conn.connect()
+        sha = be._scripts["RECORD_CHANGES"].sha
+        parts = [b"EVALSHA", sha.encode(), b"2", *(k.encode() for k in _keys())]
+        # RESP by hand: the command's first five arguments never change, so a commit packs
+        # only its entry (redis-py's pack_command would redo all seven).
+        prefix = b"*7\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+        ttl = str(PENDING_TTL).encode()
+        return cls(conn=conn, prefix=prefix, suffix=b"$%d\r\n%s\r\n" % (len(ttl), ttl))
+
+    def send(self, tags: frozenset[str]) -> bool:
+        """Write the command appending ``tags``; False if it would not fit in flight."""
+        entry = json.dumps(sorted(tags)).encode()
+        command = b"%s$%d\r\n%s\r\n%s" % (self.prefix, len(entry), entry, self.suffix)
+        if self.in_flight_bytes + len(command) > MAX_IN_FLIGHT_BYTES:
+            return False
+        self.conn.send_packed_command([command], check_health=False)
+        self.last_send = time.monotonic()
+        self.in_flight.append((self.last_send, tags, len(command)))
+        self.in_flight_bytes += len(command)
+        return True
+
+    def replies(self) -> Iterator[tuple[frozenset[str], Any]]:
+        """The replies that have arrived, with the tags they acknowledge (never blocks long:
+        a reply that has begun to arrive is read to its end)."""
+        while self.in_flight and self.conn.can_read(0):
+            try:
+                reply = self.conn.read_response()
+            except ResponseError as exc:
+                reply = exc
+            _, tags, size = self.in_flight.popleft()
+            self.in_flight_bytes -= size
+            yield tags, reply
+
+    def close(self) -> set[str]:
+        """Drop the connection; the tags it had not acknowledged, to be sent again."""
+        self.conn.disconnect()
+        return set[str]().union(*(tags for _, tags, _ in self.in_flight))
 
 
 @dataclass
 class Recorder:
-    """The process's buffer of committed changes, flushed to Redis by a background thread."""
+    """The process's committed changes on their way to the change log in Redis.
+
+    The committing thread writes them itself, on the recorder's own connection, without
+    waiting for the reply: at once when nothing was sent in the last :data:`LINGER`, otherwise
+    gathered in ``pending`` and written by the first commit after that (a busy process writes
+    one entry per ``LINGER``, not one per commit). A background thread, the flusher, writes
+    what gathered when no commit follows, reads the replies the commits left unread, sends the
+    fan-out task when a reply says so, and takes back the tags of any command that failed or
+    went unanswered. Until that connection is up, or while it is down, the flusher appends
+    ``pending`` with a round trip of its own, with backoff.
+
+    Why the committing thread, not the flusher, does the writing: on a 2-core machine the
+    flusher's wake-ups and the GIL hand-offs around its round trips were most of the write
+    path's overhead, and every buffered change waited for them.
+    """
 
     pending: set[str] = field(default_factory=set)
     owe_dispatch: bool = False
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("recorded", "flushed_entries", "dispatched", "failures", "overflows"), 0))
+        ("recorded", "sent", "flushed_entries", "dispatched", "failures", "overflows"), 0))
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _thread: threading.Thread | None = None
+    _direct: _Direct | None = None
+    _pending_since: float = 0.0
+    _sleeping: bool = False
     _busy: bool = False
     _failing_since: float | None = None
     _max_pending: int = field(default_factory=lambda: conf.get().cache_max_pending_tags)
 
-    def add(self, tags: Iterable[str]) -> None:
+    def add(self, tags: frozenset[str]) -> None:
         """Take committed tags (called from ``on_commit``: must be cheap and never raise)."""
         with self._cond:
-            was_empty = not self.pending
-            self.pending.update(tags)
             self.stats["recorded"] += 1
-            if len(self.pending) > self._max_pending:
-                self.pending = {ALL}
-                self.stats["overflows"] += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="hms-cache-changes",
                                                 daemon=True)
                 self._thread.start()
-            if was_empty:  # otherwise the flusher is already on its way
-                self._cond.notify()
+            direct = self._direct
+            if direct is not None and time.monotonic() - direct.last_send >= LINGER:
+                batch = frozenset(self.pending | tags) if self.pending else tags
+                if self._send(direct, batch):
+                    return
+            if not self.pending:
+                self._pending_since = time.monotonic()
+                if self._sleeping:  # otherwise it looks again within LINGER anyway
+                    self._cond.notify()  # it writes them if no commit comes in time
+            self.pending.update(tags)
+            if len(self.pending) > self._max_pending:
+                self.pending = {ALL}
+                self.stats["overflows"] += 1
+
+    def _send(self, direct: _Direct, batch: frozenset[str]) -> bool:
+        """Write ``batch`` on the direct connection (locked); False: it could not be."""
+        if len(batch) > BATCH_TAGS:
+            return False
+        # After a quiet spell the reply probably says "send the fan-out task" (the last one
+        # stopped when the log ran dry): the flusher reads it at once. In a stream of
+        # commits, a later commit reads it.
+        quiet = time.monotonic() - direct.last_send > QUIET
+        try:
+            if not direct.send(batch):
+                return False
+        except Exception as exc:
+            self._drop_direct(exc)
+            return False
+        self.stats["sent"] += 1
+        self.pending = set()
+        self._take_replies(direct)
+        direct.urgent |= quiet
+        if quiet or self.pending or self.owe_dispatch:
+            self._cond.notify()
+        return True
 
     def idle(self) -> bool:
         with self._cond:
-            return not self.pending and not self.owe_dispatch and not self._busy
+            return not (self.pending or self.owe_dispatch or self._busy
+                        or (self._direct is not None and self._direct.in_flight))
+
+    def _take_replies(self, direct: _Direct) -> None:
+        """Take in the replies that have arrived (locked)."""
+        try:
+            for tags, reply in direct.replies():
+                if isinstance(reply, Exception):
+                    # NOSCRIPT (Redis restarted or its scripts flushed): the flusher's round
+                    # trip loads the script again, then reopens the direct connection.
+                    self._requeue(tags)
+                    raise reply
+                if reply == 1:
+                    self.owe_dispatch = True
+            if direct.in_flight and time.monotonic() - direct.in_flight[0][0] > REPLY_TIMEOUT:
+                raise TimeoutError(f"no reply from Redis in {REPLY_TIMEOUT} s")
+        except Exception as exc:
+            self._drop_direct(exc)
+
+    def _requeue(self, tags: Iterable[str]) -> None:
+        if not self.pending:
+            self._pending_since = time.monotonic()
+        if ALL not in self.pending:
+            self.pending.update(tags)
+
+    def _drop_direct(self, exc: Exception) -> None:
+        """Close the direct connection, its unacknowledged tags back to pending (locked)."""
+        assert self._direct is not None
+        unacked, self._direct = self._direct.close(), None
+        self._requeue(unacked)
+        self._note_failure(exc)
+
+    def _next_job(self) -> str:
+        """Wait until there is something to do (locked): "slow" (append ``pending`` with a
+        round trip, send the fan-out task), "send" (write ``pending`` on the direct
+        connection) or "replies" (read them)."""
+        while True:
+            direct, now = self._direct, time.monotonic()
+            if self.owe_dispatch or (self.pending and direct is None):
+                return "slow"
+            if self.pending:
+                due = self._pending_since + LINGER
+                if now >= due:
+                    return "send"
+                self._cond.wait(due - now)
+            elif direct is not None and direct.in_flight:
+                waited = now - direct.last_send
+                if direct.urgent or waited >= QUIET:
+                    return "replies"
+                # Commits are flowing: look again within LINGER rather than be woken by each
+                # window's first buffered change (a wake-up, and a GIL hand-off, per window).
+                self._cond.wait(min(QUIET - waited, LINGER))
+            else:
+                self._sleeping = True
+                self._cond.wait()
+                self._sleeping = False
 
     def _run(self) -> None:
         backoff = 0.05
         while True:
             with self._cond:
-                while not self.pending and not self.owe_dispatch:
-                    self._cond.wait()
-            time.sleep(LINGER)
+                job, direct = self._next_job(), self._direct
+                if job == "send" and (direct is None
+                                      or not self._send(direct, frozenset(self.pending))):
+                    job = "slow"
+            if job == "replies" and direct is not None:
+                # Wait for the replies without the lock or the GIL, then take them in.
+                with contextlib.suppress(OSError, TypeError, ValueError):  # closed meanwhile
+                    select.select([direct.conn._sock], [], [], 0.1)
+                with self._cond:
+                    if direct is self._direct:
+                        self._take_replies(direct)
+                        direct.urgent = bool(direct.urgent and direct.in_flight)
+            if job != "slow":
+                continue
             with self._cond:
                 tags, self.pending = self.pending, set()
                 self._busy = True
@@ -249,11 +438,15 @@ class Recorder:
                     self._flush(tags)
                 if self.owe_dispatch:
                     self._dispatch()
+                if self._direct is None:
+                    opened = _Direct.open()
+                    with self._cond:
+                        self._direct = opened
             except Exception as exc:
                 with self._cond:
-                    self.pending |= tags if ALL not in self.pending else set()
+                    self._requeue(tags)
                     self._busy = False
-                self._failed(exc)
+                    self._note_failure(exc)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
@@ -288,7 +481,7 @@ class Recorder:
         self.owe_dispatch = False
         self.stats["dispatched"] += 1
 
-    def _failed(self, exc: Exception) -> None:
+    def _note_failure(self, exc: Exception) -> None:
         self.stats["failures"] += 1
         if self._failing_since is None:
             self._failing_since = time.monotonic()
