@@ -5,7 +5,8 @@ Each part runs in a subprocess of its own (``python -m bench.cache --part NAME``
 database settings, against one private Redis, on the demo database seeded with 100,000
 patients (``.hms-tasks/bench/hms-100k.sqlite3``, seeded once and reused). Every part measures
 this project and its baseline in the same run and prints the ratio.
-``BENCH_PARTS=latency,write-sqlite make bench BENCH=cache`` runs some parts only.
+``BENCH_PARTS=latency,write-sqlite make bench BENCH=cache`` runs some parts only;
+``BENCH_DUMP=FILE`` makes the latency part write every commit's latency there.
 """
 
 from __future__ import annotations

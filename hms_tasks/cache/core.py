@@ -8,6 +8,7 @@ import logging
 import secrets
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Literal, TypedDict, cast, overload
 
@@ -254,9 +255,10 @@ def warm(kind: str, ids: Sequence[int], *, keep: bool = False
     """Build and store the payloads of ``ids``, in batches of :data:`WARM_BATCH`.
 
     Per batch: one round trip for the tags' generations (before the database read), the kind's
-    ``build_many`` (a constant number of queries), one atomic call of conditional fills.
-    Idempotent: warming twice writes the same payloads. A payload whose tag was invalidated
-    during its batch is skipped (counted as ``skipped_stale``), never stored.
+    ``build_many`` (a constant number of queries), one atomic call of conditional fills (in a
+    second thread, overlapping the next batch's database read). Idempotent: warming twice
+    writes the same payloads. A payload whose tag was invalidated during its batch is skipped
+    (counted as ``skipped_stale``), never stored.
     """
     k = get_kind(kind)
     ids = check_ids(list(ids))
@@ -265,7 +267,17 @@ def warm(kind: str, ids: Sequence[int], *, keep: bool = False
     summary: WarmSummary = {"kind": kind, "requested": len(ids), "written": 0,
                             "skipped_stale": 0, "missing": 0, "batches": 0, "queries": 0}
     kept: dict[int, dict[str, Any]] = {}
-    with count_queries() as queries:
+    filling: tuple[Future[int], int] | None = None
+
+    def settle() -> None:
+        if filling is not None:
+            stored = filling[0].result()
+            summary["written"] += stored
+            summary["skipped_stale"] += filling[1] - stored
+
+    # A batch's fill (serialization and the Lua call) runs in a second thread while this one
+    # reads the next batch from the database: the two overlap instead of taking turns.
+    with count_queries() as queries, ThreadPoolExecutor(1, "hms-cache-fill") as filler:
         for start in range(0, len(ids), WARM_BATCH):
             batch = ids[start:start + WARM_BATCH]
             tags_of = {i: k.tags(i) for i in batch}
@@ -280,11 +292,11 @@ def warm(kind: str, ids: Sequence[int], *, keep: bool = False
                 tags = [ALL, *tags_of[i]]
                 items.append((be.make_and_validate_key(k.key(i)), payload, tags,
                               [gen_of[t] for t in tags]))
-            stored = be.fill_many(items, timeout=ttl)
-            summary["written"] += stored
-            summary["skipped_stale"] += len(items) - stored
+            settle()
+            filling = (filler.submit(be.fill_many, items, timeout=ttl), len(items))
             summary["missing"] += len(batch) - len(payloads)
             summary["batches"] += 1
+        settle()
     summary["queries"] = queries[0]
     return kept if keep else summary
 
