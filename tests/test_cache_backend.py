@@ -70,6 +70,25 @@ def test_conditional_set_refuses_a_value_read_before_an_invalidation() -> None:
     assert c.get("p5") == {"v": "new"}
 
 
+def test_fill_many_stores_the_current_and_refuses_the_stale() -> None:
+    c = backend()
+    tags = {n: ["all", f"patient:{n}", "department:3"] for n in (11, 12, 13)}
+    gens = {n: c.generations(t[1:]) for n, t in tags.items()}  # [all, patient, department]
+    c.invalidate_tags(["patient:12"])  # 12 changed after its generations were read
+    stored = c.fill_many([(c.make_key(f"p{n}"), {"id": n}, tags[n], gens[n]) for n in tags],
+                         timeout=60)
+    assert stored == 2
+    assert c.get_many(["p11", "p12", "p13"]) == {"p11": {"id": 11}, "p13": {"id": 13}}
+    client = c.client()
+    # Indexed under each tag (so invalidation unlinks them), never under "all".
+    assert client.smembers(c.index_prefix + "department:3") == {
+        c.make_key("p11").encode(), c.make_key("p13").encode()}
+    assert not client.exists(c.index_prefix + "all")
+    assert 0 < client.ttl(c.index_prefix + "patient:11") <= c.index_ttl(60)
+    assert c.invalidate_tags(["department:3"])[0] == 2
+    assert c.get_many(["p11", "p13"]) == {}
+
+
 def test_value_survives_losing_its_tag_index_but_not_its_generation() -> None:
     c = backend()
     c.set("p6", {"id": 6}, 60, tags=["patient:6"])

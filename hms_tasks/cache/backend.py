@@ -227,11 +227,9 @@ class TaggedRedisCache(RedisCache):
         how many were stored (the others had a tag invalidated since their ``gens``)."""
         if not items:
             return 0
+        # The script reads each value's tags and generations from its header.
         args: list[Any] = [self.gen_prefix, self.index_prefix, timeout, self.index_ttl(timeout)]
-        for _, value, tags, gens in items:
-            args += [self.encode_tagged(value, tags, gens), len(tags)]
-            for tag, gen in zip(tags, gens, strict=True):
-                args += [tag, gen]
+        args += [self.encode_tagged(value, tags, gens) for _, value, tags, gens in items]
         return int(self._scripts["FILL_MANY"](keys=[i[0] for i in items], args=args))
 
     def invalidate_tags(self, tags: Iterable[str], *, heat_key: str = "",

@@ -171,34 +171,36 @@ end
 """
 
 # FILL for many keys in one call (warming). KEYS: value keys. ARGV: 1 gen prefix, 2 tag-index
-# prefix, 3 value ttl s, 4 index/generation ttl s, then per key: value, tag count n, n x (tag,
-# gen). Returns the number stored (the rest were refused as stale).
+# prefix, 3 ttl s, 4 index ttl s, then one value per key. The tags and the generations a value
+# was built under are read from its own header ("\0hms1|tag=gen,tag=gen|..."), not passed
+# beside it: a sixth of the arguments to pack and send. Returns how many were stored.
 FILL_MANY = r"""
 local stored = 0
-local a = 5
 local current = {}  -- generations read once per call: 'all' is on every key
 for k = 1, #KEYS do
-  local value = ARGV[a]
-  local n = tonumber(ARGV[a + 1])
-  local first = a + 2
-  local ok = true
-  for i = first, first + 2 * n - 1, 2 do
-    local tag = ARGV[i]
-    if current[tag] == nil then current[tag] = redis.call('GET', ARGV[1] .. tag) end
-    if current[tag] ~= ARGV[i + 1] then ok = false break end
+  local value = ARGV[k + 4]
+  local e = string.find(value, '|', 7, true)
+  local ok, tags = e ~= nil, {}
+  if ok then
+    for pair in string.gmatch(string.sub(value, 7, e - 1), '[^,]+') do
+      local eq = string.find(pair, '=', 1, true)
+      local tag = string.sub(pair, 1, eq - 1)
+      if current[tag] == nil then current[tag] = redis.call('GET', ARGV[1] .. tag) end
+      if current[tag] ~= string.sub(pair, eq + 1) then ok = false break end
+      tags[#tags + 1] = tag
+    end
   end
   if ok then
     redis.call('SET', KEYS[k], value, 'EX', ARGV[3])
-    for i = first, first + 2 * n - 1, 2 do
-      if ARGV[i] ~= 'all' then
-        local idx = ARGV[2] .. ARGV[i]
+    for _, tag in ipairs(tags) do
+      if tag ~= 'all' then
+        local idx = ARGV[2] .. tag
         redis.call('SADD', idx, KEYS[k])
         redis.call('EXPIRE', idx, ARGV[4])
       end
     end
     stored = stored + 1
   end
-  a = first + 2 * n
 end
 return stored
 """
