@@ -19,7 +19,6 @@ import http.client
 import json
 import os
 import random
-import signal
 import socket
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import REPO, Row, private_redis, wait_until
+from bench.common import REPO, Row, private_redis, stop, wait_until
 
 USERS = int(os.environ.get("BENCH_LOADTEST_USERS", "20"))
 DURATION = int(os.environ.get("BENCH_LOADTEST_DURATION", "12"))
@@ -118,12 +117,7 @@ def _worker(env: dict[str, str], home: Path) -> Iterator[subprocess.Popen[bytes]
     try:
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=60)
         log.close()
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import redis
 
-from bench.common import REPO, Row, private_redis, wait_until
+from bench.common import REPO, Row, private_redis, stop, wait_until
 
 SAMPLES = int(os.environ.get("BENCH_METRICS_SAMPLES", "300"))
 SERIES = 100
@@ -53,12 +52,7 @@ def prefork_worker(*, url: str, node: str, queue: str, concurrency: int,
     try:
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _sample_cost(url: str) -> list[Row]:

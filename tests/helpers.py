@@ -35,6 +35,18 @@ def wait_for(check: Callable[[], T], *, timeout: float = 15.0, interval: float =
     return last
 
 
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM a child process if it still runs (a Celery worker shuts down warm on it), then
+    SIGKILL after ``timeout``: a test never leaves one behind."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class RedisServer:
     """A private ``redis-server`` on a free loopback port, which tests may stop and restart."""
 

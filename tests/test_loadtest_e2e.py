@@ -32,7 +32,7 @@ from django.test import override_settings
 from hms_tasks import names, store
 from hms_tasks.errors import InvalidArguments, LoadTestRefused
 from hms_tasks.loadtest import keys, stats
-from tests.helpers import RedisServer, free_port, wait_for
+from tests.helpers import RedisServer, free_port, stop, wait_for
 from tests.test_loadtest_unit import parse_html
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,13 +208,7 @@ def stack(redis_server: RedisServer, celery_app: Any,
     finally:
         override.disable()
         for proc in (worker, api):
-            proc.send_signal(signal.SIGTERM)
-        for proc in (worker, api):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
         worker_log.close()
         decoy.shutdown()
         redirector.shutdown()

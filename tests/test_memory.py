@@ -19,7 +19,7 @@ from django.test import override_settings
 from hms_tasks import names
 from hms_tasks.memory import hooks, snapshot, tiers
 from hms_tasks.memory import sweep as sweeping
-from tests.helpers import RedisServer, wait_for
+from tests.helpers import RedisServer, stop, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 NODE = "mem@localhost"
@@ -46,12 +46,7 @@ def prefork_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[subpro
     try:
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _run(celery_app: Any, name: str, **kwargs: Any) -> dict[str, Any]:

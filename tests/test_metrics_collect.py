@@ -17,7 +17,7 @@ import redis
 from hms_tasks import names, nodes, reports
 from hms_tasks.metrics import collect
 from hms_tasks.metrics import store as ts
-from tests.helpers import RedisServer, wait_for
+from tests.helpers import RedisServer, stop, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,16 +32,6 @@ def _start(name: str, redis_server: RedisServer, home: Path) -> subprocess.Popen
     )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture
 def three_workers(redis_server: RedisServer,
                   tmp_path: Path) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
@@ -50,7 +40,7 @@ def three_workers(redis_server: RedisServer,
         yield {f"{n}@localhost": p for n, p in procs.items()}
     finally:
         for p in procs.values():
-            _stop(p)
+            stop(p)
 
 
 def _sweep(celery_app: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from hms_tasks import names
-from tests.helpers import RedisServer, free_port, wait_for
+from tests.helpers import RedisServer, free_port, stop, wait_for
 
 STARTED = re.compile(r"^supervisor \| started (\w+) pid=(\d+)$")
 
@@ -90,13 +90,7 @@ class Stack:
         self.descendants |= {p.pid for p in with_children}
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
         # Only if a test failed half-way: never leave processes behind for the next test.
         for pid in [*self.pids().values(), *self.descendants]:
             if _running(pid):
