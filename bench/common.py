@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -104,6 +105,21 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def django_on(url: str) -> Any:
+    """Set Django up in this process against the Redis at ``url``; the Celery app, using it."""
+    os.environ["REDIS_URL"] = url
+    import django
+
+    django.setup()
+    from hms_tasks import conf, store
+    from hms_tasks.celery import app
+
+    conf.reset()  # settings and the store read REDIS_URL once; this one is new
+    store.reset()
+    app.conf.update(broker_url=url, result_backend=url)
+    return app
 
 
 def wait_until(check: object, timeout: float, what: str) -> None:

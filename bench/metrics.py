@@ -26,7 +26,7 @@ from pathlib import Path
 
 import redis
 
-from bench.common import REPO, Row, private_redis, stop, wait_until
+from bench.common import REPO, Row, django_on, private_redis, stop, wait_until
 
 SAMPLES = int(os.environ.get("BENCH_METRICS_SAMPLES", "300"))
 SERIES = 100
@@ -225,16 +225,7 @@ def _gc(url: str) -> list[Row]:
 
 def run() -> list[Row]:
     with private_redis() as url:
-        os.environ["REDIS_URL"] = url
-        import django
-
-        django.setup()
-        from hms_tasks import conf, store
-        from hms_tasks.celery import app
-
-        conf.reset()
-        store.reset()
-        app.conf.update(broker_url=url, result_backend=url)
+        django_on(url)
         client = redis.Redis.from_url(url)
         rows = _sample_cost(url)
         rows += _write_throughput(client)

@@ -13,7 +13,7 @@ import time
 
 import redis
 
-from bench.common import Row, private_redis, wait_until, worker_process
+from bench.common import Row, django_on, private_redis, wait_until, worker_process
 
 N = int(os.environ.get("BENCH_OVERHEAD_N", "2000"))
 ROUNDS = int(os.environ.get("BENCH_OVERHEAD_ROUNDS", "3"))
@@ -39,16 +39,7 @@ def _drain(app: object, client: redis.Redis, task_name: str, queue: str) -> floa
 
 def run() -> list[Row]:
     with private_redis() as url:
-        os.environ["REDIS_URL"] = url
-        import django
-
-        django.setup()
-        from hms_tasks import conf, store
-        from hms_tasks.celery import app
-
-        conf.reset()
-        store.reset()
-        app.conf.update(broker_url=url, result_backend=url)
+        app = django_on(url)
         client = redis.Redis.from_url(url)
         with worker_process(redis_url=url, include="bench.overhead_tasks",
                             queues="bench.idle", node=NODE):
