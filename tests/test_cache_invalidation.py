@@ -3,6 +3,7 @@ worker running hms.cache.fanout_changes, real Redis and the real database."""
 
 from __future__ import annotations
 
+import time
 from datetime import date
 from typing import Any
 
@@ -227,3 +228,20 @@ def test_commands_refused_or_unanswered_are_sent_again(worker: Any, hospital: No
     wait_for(lambda: not any(cached("patient", i) for i in ids[3:5]), timeout=60,
              what="the unanswered commands' invalidations to land")
     assert cached("patient", ids[5])
+
+
+def test_a_lone_change_after_a_stream_is_acknowledged_without_a_flush(worker: Any,
+                                                                     hospital: None) -> None:
+    rec = changes.recorder()
+    rec.add(frozenset({"patient:1"}))
+    assert changes.flush()
+    direct = rec._direct
+    assert direct is not None  # the recorder's own connection is open
+    # A change written on that connection just after another (not after a quiet spell), then
+    # nothing more: its reply must still be read, by the flusher, without anyone asking.
+    with rec._cond:
+        direct.last_send = time.monotonic() - changes.LINGER
+    sent = rec.stats["sent"]
+    rec.add(frozenset({"patient:2"}))
+    assert rec.stats["sent"] == sent + 1
+    wait_for(rec.idle, timeout=5, what="the flusher to read the last reply")

@@ -12,13 +12,15 @@ Write path, in every HMS process (web or worker)::
          (one per burst, not one per change)
       -> hms.cache.fanout_changes       (on a worker)
 
-The HMS's write never waits for Redis or the broker and never fails because of them. If Redis
-or the broker is down or does not answer, tags stay buffered (the failure is counted and logged
-once per outage) and are written, and the task sent, when they are back; past
-``HMS_TASKS_CACHE_MAX_PENDING_TAGS`` buffered tags the process invalidates the whole cache
-instead (the ``all`` tag), so memory stays bounded and nothing stale survives. What is not
-covered: a process killed (SIGKILL, OOM) in the milliseconds between a commit and the write of
-its tags loses that commit's invalidation; the value then lives until its TTL.
+The HMS's write never waits for an answer from Redis or the broker and never fails because of
+them. If Redis or the broker is down or does not answer, tags stay buffered (the failure is
+counted and logged once per outage) and are written, and the task sent, when they are back;
+past ``HMS_TASKS_CACHE_MAX_PENDING_TAGS`` buffered tags the process invalidates the whole cache
+instead (the ``all`` tag), so memory stays bounded and nothing stale survives. A process that
+exits gracefully writes what it holds first (for 2 s at most: an ``atexit`` hook, and Celery's
+``worker_process_shutdown`` for pool processes). What is not covered: a process killed
+(SIGKILL, OOM) in the milliseconds between a commit and the write of its tags loses that
+commit's invalidation; the value then lives until its TTL.
 
 Worker side: :func:`apply_changes` takes batches off the change log and invalidates their tags
 in the same atomic Lua step, so a worker dying half-way loses nothing either.
@@ -26,6 +28,7 @@ in the same atomic Lua step, so a worker dying half-way loses nothing either.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -254,6 +257,7 @@ class _Direct:
         command = b"%s$%d\r\n%s\r\n%s" % (self.prefix, len(entry), entry, self.suffix)
         if self.in_flight_bytes + len(command) > MAX_IN_FLIGHT_BYTES:
             return False
+        self._check_open()
         self.conn.send_packed_command([command], check_health=False)
         self.last_send = time.monotonic()
         self.in_flight.append((self.last_send, tags, len(command)))
@@ -263,6 +267,7 @@ class _Direct:
     def replies(self) -> Iterator[tuple[frozenset[str], Any]]:
         """The replies that have arrived, with the tags they acknowledge (never blocks long:
         a reply that has begun to arrive is read to its end)."""
+        self._check_open()
         while self.in_flight and self.conn.can_read(0):
             try:
                 reply = self.conn.read_response()
@@ -271,6 +276,12 @@ class _Direct:
             _, tags, size = self.in_flight.popleft()
             self.in_flight_bytes -= size
             yield tags, reply
+
+    def _check_open(self) -> None:
+        # redis-py reconnects a closed connection by itself; here that would pair the new
+        # connection's replies with the old one's commands.
+        if self.conn._sock is None:
+            raise ConnectionError("the recorder's connection was closed")
 
     def close(self) -> set[str]:
         """Drop the connection; the tags it had not acknowledged, to be sent again."""
@@ -314,9 +325,7 @@ class Recorder:
         with self._cond:
             self.stats["recorded"] += 1
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="hms-cache-changes",
-                                                daemon=True)
-                self._thread.start()
+                self._start_flusher()
             direct = self._direct
             if direct is not None and time.monotonic() - direct.last_send >= LINGER:
                 batch = frozenset(self.pending | tags) if self.pending else tags
@@ -331,9 +340,24 @@ class Recorder:
                 self.pending = {ALL}
                 self.stats["overflows"] += 1
 
+    def _start_flusher(self) -> None:
+        thread = threading.Thread(target=self._run, name="hms-cache-changes", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no more threads, or the interpreter is exiting: next time
+            logger.warning("cache change flusher could not start; changes stay buffered")
+            return
+        self._thread = thread
+        # A graceful exit (gunicorn's max_requests, a deploy's SIGTERM) writes what is
+        # buffered first, for a moment at most.
+        atexit.register(flush, 2.0)
+
     def _send(self, direct: _Direct, batch: frozenset[str]) -> bool:
         """Write ``batch`` on the direct connection (locked); False: it could not be."""
-        if len(batch) > BATCH_TAGS:
+        # Replies first: they make room under the in-flight cap, and a dead connection is
+        # found here rather than by the write.
+        self._take_replies(direct)
+        if direct is not self._direct or len(batch) > BATCH_TAGS:
             return False
         # After a quiet spell the reply probably says "send the fan-out task" (the last one
         # stopped when the log ran dry): the flusher reads it at once. In a stream of
@@ -347,9 +371,8 @@ class Recorder:
             return False
         self.stats["sent"] += 1
         self.pending = set()
-        self._take_replies(direct)
         direct.urgent |= quiet
-        if quiet or self.pending or self.owe_dispatch:
+        if quiet or self._sleeping or self.owe_dispatch:
             self._cond.notify()
         return True
 
@@ -384,8 +407,14 @@ class Recorder:
         """Close the direct connection, its unacknowledged tags back to pending (locked)."""
         assert self._direct is not None
         unacked, self._direct = self._direct.close(), None
-        self._requeue(unacked)
+        if unacked:
+            self._requeue(unacked)
+            # Some of them may have run, one of them setting the pending flag whose reply we
+            # lost: without a task of ours, fan-out would wait for the flag to expire. An
+            # extra task is harmless.
+            self.owe_dispatch = True
         self._note_failure(exc)
+        self._cond.notify()
 
     def _next_job(self) -> str:
         """Wait until there is something to do (locked): "slow" (append ``pending`` with a
@@ -395,6 +424,10 @@ class Recorder:
             direct, now = self._direct, time.monotonic()
             if self.owe_dispatch or (self.pending and direct is None):
                 return "slow"
+            if direct is not None and direct.in_flight and (
+                    direct.urgent or now - direct.last_send >= QUIET
+                    or direct.in_flight_bytes > MAX_IN_FLIGHT_BYTES // 2):
+                return "replies"
             if self.pending:
                 due = self._pending_since + LINGER
                 if now >= due:
@@ -402,8 +435,6 @@ class Recorder:
                 self._cond.wait(due - now)
             elif direct is not None and direct.in_flight:
                 waited = now - direct.last_send
-                if direct.urgent or waited >= QUIET:
-                    return "replies"
                 # Commits are flowing: look again within LINGER rather than be woken by each
                 # window's first buffered change (a wake-up, and a GIL hand-off, per window).
                 self._cond.wait(min(QUIET - waited, LINGER))
@@ -413,6 +444,16 @@ class Recorder:
                 self._sleeping = False
 
     def _run(self) -> None:
+        while True:
+            try:
+                self._loop()
+            except Exception:  # a bug must not stop recording for the life of the process
+                logger.exception("cache change flusher failed; restarting it")
+                with self._cond:
+                    self._busy = False
+                time.sleep(1)
+
+    def _loop(self) -> None:
         backoff = 0.05
         while True:
             with self._cond:
@@ -421,9 +462,12 @@ class Recorder:
                                       or not self._send(direct, frozenset(self.pending))):
                     job = "slow"
             if job == "replies" and direct is not None:
-                # Wait for the replies without the lock or the GIL, then take them in.
-                with contextlib.suppress(OSError, TypeError, ValueError):  # closed meanwhile
-                    select.select([direct.conn._sock], [], [], 0.1)
+                # Wait for the replies without the lock or the GIL, then take them in. (poll,
+                # not select: select refuses descriptors past 1024.)
+                with contextlib.suppress(OSError, AttributeError, ValueError):  # closed
+                    poller = select.poll()
+                    poller.register(direct.conn._sock.fileno(), select.POLLIN)
+                    poller.poll(100)
                 with self._cond:
                     if direct is self._direct:
                         self._take_replies(direct)
@@ -436,7 +480,10 @@ class Recorder:
             try:
                 if tags:
                     self._flush(tags)
-                if self.owe_dispatch:
+                    tags = set()
+                with self._cond:
+                    dispatch, self.owe_dispatch = self.owe_dispatch, False
+                if dispatch:
                     self._dispatch()
                 if self._direct is None:
                     opened = _Direct.open()
@@ -445,6 +492,9 @@ class Recorder:
             except Exception as exc:
                 with self._cond:
                     self._requeue(tags)
+                    # A failed append or dispatch may have set the pending flag (the reply was
+                    # lost, or the task was): send a task when the retry succeeds.
+                    self.owe_dispatch = True
                     self._busy = False
                     self._note_failure(exc)
                 time.sleep(backoff)
@@ -452,11 +502,11 @@ class Recorder:
                 continue
             with self._cond:
                 self._busy = False
+                since, self._failing_since = self._failing_since, None
             backoff = 0.05
-            if self._failing_since is not None:
+            if since is not None:
                 logger.warning("cache change log reachable again after %.1f s; flushed",
-                               time.monotonic() - self._failing_since)
-                self._failing_since = None
+                               time.monotonic() - since)
 
     def _flush(self, tags: set[str]) -> None:
         be = backend()
@@ -478,7 +528,6 @@ class Recorder:
 
         # retry=False: a broker outage must fail fast here, the flusher retries itself.
         app.send_task(names.CACHE_FANOUT_CHANGES, retry=False)
-        self.owe_dispatch = False
         self.stats["dispatched"] += 1
 
     def _note_failure(self, exc: Exception) -> None:

@@ -3,7 +3,7 @@
 these only adapt them to Celery.
 
 How the capability splits its work: the HMS's processes only *record* what changed (a Lua call
-per burst, from a background thread); ``fanout_changes`` applies the change log and re-warms the
+per 10 ms at most, not waited for); ``fanout_changes`` applies the change log and re-warms the
 hot keys it invalidated; ``warm_hot`` keeps the hot set warm on a schedule, splitting large sets
 into ``warm_patients`` chunks that any cache worker can take.
 """
@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 from celery import group
+from celery.signals import worker_process_shutdown
 
 from hms_tasks import conf, names
 from hms_tasks.base import Capability
@@ -36,6 +37,13 @@ CHUNK = 1000
 FANOUT_LINGER = 0.1
 #: fanout_changes hands over to a fresh task after this long (its time limit is far off).
 FANOUT_BUDGET = 20.0
+
+
+@worker_process_shutdown.connect
+def _write_recorded_changes(**_: Any) -> None:
+    # A pool process that is recycled (max_tasks_per_child, a memory tier) ends with
+    # os._exit, which runs no atexit hook: the changes its tasks committed are written first.
+    changes.flush(2.0)
 
 
 @cache.task(names.CACHE_WARM_PATIENTS)
