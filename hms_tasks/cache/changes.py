@@ -418,12 +418,14 @@ class Recorder:
 
     def _next_job(self) -> str:
         """Wait until there is something to do (locked): "slow" (append ``pending`` with a
-        round trip, send the fan-out task), "send" (write ``pending`` on the direct
-        connection) or "replies" (read them)."""
+        round trip, send the fan-out task if owed), "dispatch" (send it), "send" (write
+        ``pending`` on the direct connection) or "replies" (read them)."""
         while True:
             direct, now = self._direct, time.monotonic()
-            if self.owe_dispatch or (self.pending and direct is None):
+            if self.pending and direct is None:
                 return "slow"
+            if self.owe_dispatch:
+                return "dispatch"  # pending, if any, goes on the direct connection after
             if direct is not None and direct.in_flight and (
                     direct.urgent or now - direct.last_send >= QUIET
                     or direct.in_flight_bytes > MAX_IN_FLIGHT_BYTES // 2):
@@ -472,10 +474,12 @@ class Recorder:
                     if direct is self._direct:
                         self._take_replies(direct)
                         direct.urgent = bool(direct.urgent and direct.in_flight)
-            if job != "slow":
+            if job not in ("slow", "dispatch"):
                 continue
             with self._cond:
-                tags, self.pending = self.pending, set()
+                tags: set[str] = set()
+                if job == "slow":
+                    tags, self.pending = self.pending, set()
                 self._busy = True
             try:
                 if tags:
