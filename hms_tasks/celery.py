@@ -17,7 +17,7 @@ from celery import Celery, bootsteps
 from celery.beat import PersistentScheduler
 from kombu import Queue
 
-from hms_tasks import conf, names, schedule
+from hms_tasks import capabilities, conf, names, schedule
 from hms_tasks.errors import ConfigurationError
 
 __all__ = [
@@ -33,13 +33,7 @@ __all__ = [
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hms_tasks.demo.settings")
 
 #: Task modules of the capabilities; the app imports them when it starts.
-TASK_MODULES = [
-    "hms_tasks.cache.tasks",
-    "hms_tasks.health.tasks",
-    "hms_tasks.loadtest.tasks",
-    "hms_tasks.memory.tasks",
-    "hms_tasks.metrics.tasks",
-]
+TASK_MODULES = capabilities.module_names("tasks")
 
 # A task's hard time limit when it declares none; capabilities declare their own.
 DEFAULT_TIME_LIMIT = 300
@@ -68,7 +62,7 @@ def celery_defaults() -> dict[str, Any]:
         "socket_keepalive": True,
         "health_check_interval": 25,
     }
-    return {
+    options = {
         "broker_url": redis_url,
         "result_backend": redis_url,
         # JSON only: pickle from a reachable Redis is remote code execution.
@@ -110,6 +104,12 @@ def celery_defaults() -> dict[str, Any]:
             if hms.memory_budget_mb else None
         ),
     }
+    # What capabilities need of Celery (their settings module's celery_options()).
+    for module in capabilities.modules("settings"):
+        contribute = getattr(module, "celery_options", None)
+        if contribute is not None:
+            options.update(contribute())
+    return options
 
 
 class _DjangoCeleryConfig(Mapping[str, Any]):
@@ -168,6 +168,7 @@ def startup_problems(celery_app: Celery) -> list[str]:
     for option in ("accept_content", "result_accept_content"):
         if set(c[option] or ()) - {"json", "application/json"}:
             problems.append(f"CELERY_{option.upper()} must accept JSON only (pickle is refused)")
+    problems += conf.check_all()
     problems += schedule.unregistered(c.beat_schedule or {}, set(celery_app.tasks))
     vt = conf.get().visibility_timeout
     for option in ("broker_transport_options", "result_backend_transport_options"):

@@ -747,6 +747,23 @@ def loadtest_list(last: int, as_json: bool) -> None:
                       ["RUN", "TEST", "STATUS", "CREATED"]) if runs else "no runs yet")
 
 
+def mount(group: click.Group) -> None:
+    """Add every capability's commands (``hms_tasks.<capability>.cli.commands``), then those of
+    installed packages (entry point group ``hms_tasks.commands``: the demo's ``run`` and ``seed``
+    come this way, so the library never imports the demo)."""
+    from importlib.metadata import entry_points
+
+    from hms_tasks import capabilities
+
+    for module in capabilities.modules("cli"):
+        for command in module.commands:
+            group.add_command(command)
+    for entry in entry_points(group="hms_tasks.commands"):
+        if entry.name not in group.commands:
+            group.add_command(entry.load(), entry.name)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``hms-tasks`` console script."""
+    mount(cli)
     cli.main(args=list(argv) if argv is not None else None, prog_name="hms-tasks")

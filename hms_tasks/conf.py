@@ -14,18 +14,23 @@ import ipaddress
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from hms_tasks.allowlist import parse_url, url_allowed
 from hms_tasks.errors import ConfigurationError
+from hms_tasks.validation import location, problems
 
-__all__ = ["DEFAULT_REDIS_URL", "HmsSettings", "get", "home", "reset"]
+__all__ = [
+    "DEFAULT_REDIS_URL", "HmsSettings", "Settings", "check_all", "get", "home", "reset", "section",
+]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 #: Cache TTLs of the product brief; HMS_TASKS_CACHE_TTL overrides kinds one by one.
@@ -733,6 +738,89 @@ def get() -> HmsSettings:
     return _validate(HmsSettings(**given))
 
 
+# -- settings sections: each capability declares its own ---------------------------------------
+
+
+class Settings(BaseModel):
+    """Base of a settings section: field ``foo_bar`` is the Django setting ``HMS_TASKS_FOO_BAR``.
+
+    A capability declares its settings once, with defaults and constraints, in its
+    ``settings.py``::
+
+        class CacheSettings(conf.Settings):
+            cache_wait_ms: Annotated[int, Field(ge=0, le=10_000)] = 100
+
+        get = conf.section(CacheSettings)
+
+    Values are strict (``"5"`` is not an int) and unknown fields are refused. A dict setting
+    that merges with its default per key names that field in ``merged`` (one level) or
+    overrides :meth:`merge` for anything deeper.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    #: Fields whose given dict is laid over the default dict key by key.
+    merged: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def merge(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """The given Django settings (field name to value) with partial dicts completed."""
+        out = dict(given)
+        for name in cls.merged:
+            if isinstance(out.get(name), dict):
+                default = cls.model_fields[name].get_default(call_default_factory=True)
+                out[name] = {**default, **out[name]}
+        return out
+
+
+S = TypeVar("S", bound=Settings)
+_SECTIONS: list[Callable[[], Settings]] = []
+
+
+def setting_name(loc: tuple[Any, ...]) -> str:
+    """``('cache_ttl', 'patient')`` -> ``HMS_TASKS_CACHE_TTL['patient']``."""
+    if not loc:
+        return "HMS_TASKS"
+    return f"HMS_TASKS_{str(loc[0]).upper()}{location(loc[1:])}"
+
+
+def section(cls: type[S]) -> Callable[[], S]:
+    """The cached, validated accessor of one settings section (dropped by :func:`reset`)."""
+
+    @cache
+    def get_section() -> S:
+        from django.conf import settings
+
+        given = {
+            name: getattr(settings, f"HMS_TASKS_{name.upper()}")
+            for name in cls.model_fields
+            if hasattr(settings, f"HMS_TASKS_{name.upper()}")
+        }
+        try:
+            return cls.model_validate(cls.merge(given))
+        except ValidationError as exc:
+            raise ConfigurationError(
+                "; ".join(problems(exc, name=setting_name))
+            ) from None
+
+    _SECTIONS.append(get_section)
+    return get_section
+
+
+def check_all() -> list[str]:
+    """Every problem of every settings section, one line each (the start-up check)."""
+    out: list[str] = []
+    accessors: list[Callable[[], object]] = [get, *_SECTIONS]
+    for accessor in accessors:
+        try:
+            accessor()
+        except ConfigurationError as exc:
+            out.extend(str(exc).split("; "))
+    return out
+
+
 def reset(**_: Any) -> None:
-    """Drop cached settings; connected to ``setting_changed``."""
+    """Drop cached settings of every section; connected to ``setting_changed``."""
     get.cache_clear()
+    for accessor in _SECTIONS:
+        accessor.cache_clear()  # type: ignore[attr-defined]

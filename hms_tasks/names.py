@@ -7,6 +7,8 @@ in-flight messages and beat entries: add a migration note to the README first.
 
 from __future__ import annotations
 
+from hms_tasks.capabilities import CAPABILITIES, queue
+
 __all__ = [
     "ALL_QUEUES",
     "CACHE_FANOUT_CHANGES",
@@ -34,14 +36,7 @@ __all__ = [
 ]
 
 # One queue per capability, so a deployment can run dedicated workers per queue.
-CAPABILITY_QUEUES: dict[str, str] = {
-    "cache": "hms.cache",
-    "metrics": "hms.metrics",
-    "memory": "hms.memory",
-    "health": "hms.health",
-    "loadtest": "hms.loadtest",
-    "queries": "hms.queries",
-}
+CAPABILITY_QUEUES: dict[str, str] = {cap: queue(cap) for cap in CAPABILITIES}
 # Messages for a task outside every capability (for example a HMS's own task sent through this
 # app) land here instead of Celery's implicit "celery" queue, which no hms worker would consume.
 DEFAULT_QUEUE = "hms.default"

@@ -1,0 +1,44 @@
+"""The capabilities of hms-tasks: the one list through which the core knows them.
+
+A capability is one package, ``hms_tasks/<name>/``, holding all of it:
+
+- ``__init__.py``: its public API, in ``__all__``;
+- ``names.py``: its Celery task names (import-light: clients and beat import it);
+- ``settings.py``: its ``HMS_TASKS_*`` settings (a :class:`hms_tasks.conf.Settings` section),
+  and optionally ``celery_options() -> dict`` with Celery defaults it needs;
+- ``tasks.py``: thin Celery tasks over plain functions, on the queue ``hms.<name>``;
+- ``cli.py`` (optional): ``commands``, a list of click commands mounted on ``hms-tasks``;
+- ``docs/<name>.md``: its manual.
+
+Adding a capability is one new folder and one entry here; nothing else in the core changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+__all__ = ["CAPABILITIES", "modules", "queue"]
+
+CAPABILITIES: tuple[str, ...] = ("cache", "metrics", "memory", "health", "loadtest")
+
+
+def queue(capability: str) -> str:
+    """The queue of a capability's tasks: ``hms.<capability>``."""
+    return f"hms.{capability}"
+
+
+def module_names(part: str) -> list[str]:
+    """``hms_tasks.<capability>.<part>`` of every capability that has that module."""
+    out = []
+    for cap in CAPABILITIES:
+        name = f"hms_tasks.{cap}.{part}"
+        if importlib.util.find_spec(name) is not None:
+            out.append(name)
+    return out
+
+
+def modules(part: str) -> list[ModuleType]:
+    """The imported ``hms_tasks.<capability>.<part>`` modules (those that exist)."""
+    return [importlib.import_module(name) for name in module_names(part)]
