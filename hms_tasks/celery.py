@@ -30,7 +30,7 @@ __all__ = [
     "startup_problems",
 ]
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hms_tasks.demo.settings")
+conf.default_settings_module()
 
 #: Task modules of the capabilities; the app imports them when it starts.
 TASK_MODULES = capabilities.module_names("tasks")

@@ -7,7 +7,6 @@ Exit codes: 0 ok, 1 a task or service failed, 2 bad input (nothing was published
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -31,11 +30,36 @@ def _setup() -> None:
     import django
 
     # As `celery -A hms_tasks` does: the demo settings unless the HMS names its own.
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hms_tasks.demo.settings")
+    from hms_tasks import conf
+
+    conf.default_settings_module()
     django.setup()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _plugin_commands() -> dict[str, Any]:
+    """Entry points of the group ``hms_tasks.commands``, by command name (not loaded)."""
+    from importlib.metadata import entry_points
+
+    return {entry.name: entry for entry in entry_points(group="hms_tasks.commands")}
+
+
+class _RootGroup(click.Group):
+    """The root command: built-in and capability commands, plus commands of installed packages
+    (entry point group ``hms_tasks.commands``: the demo's ``run`` and ``seed`` come this way),
+    loaded only when one is called or listed, so the library never imports the demo."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_plugin_commands()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in (plugins := _plugin_commands()):
+            command = plugins[cmd_name].load()
+            self.add_command(command, cmd_name)
+        return command
+
+
+@click.group(cls=_RootGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """hms-tasks: Celery workers that keep a Django HMS fast."""
 
@@ -748,19 +772,12 @@ def loadtest_list(last: int, as_json: bool) -> None:
 
 
 def mount(group: click.Group) -> None:
-    """Add every capability's commands (``hms_tasks.<capability>.cli.commands``), then those of
-    installed packages (entry point group ``hms_tasks.commands``: the demo's ``run`` and ``seed``
-    come this way, so the library never imports the demo)."""
-    from importlib.metadata import entry_points
-
+    """Add every capability's commands (``hms_tasks.<capability>.cli.commands``)."""
     from hms_tasks import capabilities
 
     for module in capabilities.modules("cli"):
         for command in module.commands:
             group.add_command(command)
-    for entry in entry_points(group="hms_tasks.commands"):
-        if entry.name not in group.commands:
-            group.add_command(entry.load(), entry.name)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -88,6 +89,22 @@ DEFAULT_MEMORY_TIERS = {"warning": 80, "critical": 90, "emergency": 95}
 LOADTEST_MAX_DURATION_CAP = 1800
 LOADTEST_MAX_GRACE = 60
 LOADTEST_MAX_START_DELAY = 30
+
+
+#: What ``celery -A hms_tasks`` and ``hms-tasks`` load when DJANGO_SETTINGS_MODULE is unset (a
+#: module name only: the library never imports the demo itself).
+DEMO_SETTINGS = "hms_tasks.demo.settings"
+
+
+def default_settings_module() -> None:
+    """Fall back to the demo HMS's settings when ``DJANGO_SETTINGS_MODULE`` is unset, and say so
+    once per process: a real HMS that forgot the variable must not run on a demo SQLite file
+    without a word."""
+    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        os.environ["DJANGO_SETTINGS_MODULE"] = DEMO_SETTINGS
+        logging.getLogger("hms_tasks").warning(
+            "DJANGO_SETTINGS_MODULE is not set: running on the demo HMS settings (%s); set"
+            " DJANGO_SETTINGS_MODULE to your HMS's settings module", DEMO_SETTINGS)
 
 
 def home() -> Path:

@@ -74,26 +74,54 @@ def _delete_hms_state() -> None:
         client.delete(*stale)
 
 
+# -- Celery: pytest-celery's fixtures (its plugin carries celery.contrib.pytest), pointed at the
+# hms-tasks app instead of a blank test app.
+
+
 @pytest.fixture(scope="session")
-def celery_app() -> Any:
+def celery_session_app(redis_server: RedisServer) -> Any:
+    """The hms-tasks app itself, on the session's Redis (pytest-celery builds a blank app)."""
     from hms_tasks.celery import app
 
     return app
 
 
+@pytest.fixture(scope="session")
+def celery_app(celery_session_app: Any) -> Any:
+    return celery_session_app
+
+
+@pytest.fixture(scope="session")
+def celery_includes() -> tuple[str, ...]:
+    # The capabilities' task modules come with the app; the tests' own tasks (hms.test.*).
+    return ("tests.tasks_for_tests",)
+
+
+@pytest.fixture(scope="session")
+def celery_worker_parameters() -> dict[str, Any]:
+    return {
+        "perform_ping_check": False,
+        "queues": list(names.ALL_QUEUES),
+        "shutdown_timeout": 30,
+        "loglevel": "WARNING",
+    }
+
+
 @pytest.fixture(scope="module")
-def worker(redis_server: RedisServer, celery_app: Any) -> Iterator[Any]:
-    """A real Celery worker (solo pool, in a thread of this process) consuming every hms queue."""
+def worker(celery_session_app: Any, celery_includes: tuple[str, ...], celery_worker_pool: str,
+           celery_worker_parameters: dict[str, Any]) -> Iterator[Any]:
+    """A real Celery worker (solo pool, in a thread of this process) consuming every hms queue.
+
+    pytest-celery's ``celery_session_worker`` with its configuration fixtures, but per module:
+    a session worker would consume the messages that tests without a worker expect to find
+    queued (``dispatch`` publishes, nothing runs).
+    """
     from celery.contrib.testing.worker import start_worker
 
-    with start_worker(
-        celery_app,
-        pool="solo",
-        perform_ping_check=False,
-        queues=list(names.ALL_QUEUES),
-        shutdown_timeout=30,
-        loglevel="WARNING",
-    ) as w:
+    for module in celery_includes:
+        celery_session_app.loader.import_task_module(module)
+    with start_worker(celery_session_app, pool=celery_worker_pool,
+                      **celery_worker_parameters) as w:
         yield w
 
 
