@@ -24,8 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from hms_tasks import conf, store
-from hms_tasks.metrics import alerts
+from hms_tasks import store
+from hms_tasks.metrics import alerts, settings
 from hms_tasks.metrics import store as ts
 
 __all__ = ["CONTENT_TYPE_LATEST", "ExporterServer", "metric_name", "metrics_view", "render"]
@@ -44,7 +44,7 @@ class StoreCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         now = time.time()
-        stale = conf.get().metrics_stale_seconds
+        stale = settings.get().metrics_stale_seconds
         rows: dict[str, list[tuple[dict[str, str], float]]] = {}
         for sid, point in ts.latest(now=now, max_age=stale).items():
             name, pairs = ts.parse_series(sid)
