@@ -78,8 +78,9 @@ def snapshot(node: str, seconds: int = 60, top: int = 10, frames: int = 1,
     its own ``finish`` phase ``seconds`` later, which makes every child compare, store its
     result and stop tracing. Tracing slows allocations while it runs (about 1.3x with one
     frame), for at most 10 minutes. Idempotent per ``snapshot_id``. Writes
-    ``<p>:memory:trace:<node>`` and, from each child, ``<p>:memory:snapshot:<id>``. Returns
-    the id and how many processes were asked (results: ``hms-tasks memory --snapshot ID``).
+    ``<p>:memory:snapshot:<id>:meta`` (what was asked), ``<p>:memory:trace:<node>`` and, from
+    each child, ``<p>:memory:snapshot:<id>``. Returns the id (also when it forwarded itself)
+    and how many processes were asked (results: ``hms-tasks memory --snapshot ID``).
     """
     problems = []
     if not _NODE_RE.match(node):
