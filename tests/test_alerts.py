@@ -19,16 +19,18 @@ import pytest
 from click.testing import CliRunner
 from django.test import override_settings
 
-from hms_tasks import conf, names, reports
+from hms_tasks import reports
 from hms_tasks.allowlist import url_allowed
 from hms_tasks.cli import cli
 from hms_tasks.errors import ConfigurationError
-from hms_tasks.metrics import alerts
+from hms_tasks.memory import settings as memory_settings
+from hms_tasks.metrics import alerts, names
+from hms_tasks.metrics import settings as metrics_settings
 from hms_tasks.metrics import store as ts
 from hms_tasks.metrics.tasks import evaluate_alerts
 from tests.helpers import wait_for
 
-NO_DEFAULTS: dict[str, Any] = dict.fromkeys(conf.DEFAULT_ALERT_RULES)
+NO_DEFAULTS: dict[str, Any] = dict.fromkeys(metrics_settings.DEFAULT_ALERT_RULES)
 CPU_RULE = {"series": "host.cpu.percent", "op": ">", "threshold": 80, "clear": 70,
             "for": 120, "clear_for": 180, "severity": "warning"}
 SID = "host.cpu.percent{node=w1@h}"
@@ -206,9 +208,10 @@ def test_configured_webhook_outside_the_allowlist_stops_start_up() -> None:
     with override_settings(HMS_TASKS_WEBHOOK_ALLOWLIST=["https://hooks.example.com/alerts"],
                            HMS_TASKS_ALERT_WEBHOOKS={"evil": "https://evil.example.net/x?t=s3"}):
         with pytest.raises(ConfigurationError) as info:
-            conf.get()
-        assert "HMS_TASKS_ALERT_WEBHOOKS['evil'] is not allowed by" in str(info.value)
+            metrics_settings.get()
+        assert "HMS_TASKS_ALERT_WEBHOOKS['evil']: not allowed by" in str(info.value)
         assert "s3" not in str(info.value)  # the URL (its token) is never quoted
+        assert "evil.example" not in str(info.value)
 
 
 @pytest.mark.parametrize(("url", "allowed"), [
@@ -240,19 +243,56 @@ def test_url_allowlist(url: str, allowed: bool) -> None:
     ({"HMS_TASKS_ALERT_RULES": {"cpu_high": {"for": "5m"}}},
      "HMS_TASKS_ALERT_RULES['cpu_high']['for']"),
     ({"HMS_TASKS_ALERT_RULES": {"mine": {"series": "x.y", "threshold": 1, "bogus": 2}}},
-     "HMS_TASKS_ALERT_RULES['mine']: unknown fields ['bogus']"),
+     "HMS_TASKS_ALERT_RULES['mine']['bogus']: unknown field"),
+    ({"HMS_TASKS_ALERT_RULES": {"node_down": {"clear": 0}}},
+     "HMS_TASKS_ALERT_RULES['node_down']['clear']: must be at or above the threshold"),
+    ({"HMS_TASKS_ALERT_RULES": {"mine": {"series": "Not A Series", "threshold": 1}}},
+     "HMS_TASKS_ALERT_RULES['mine']['series']: must name a series like host.cpu.percent"),
+    ({"HMS_TASKS_ALERT_RULES": {"mine": {"series": "x.error_rate", "threshold": 101}}},
+     "HMS_TASKS_ALERT_RULES['mine']['threshold']: must be a number from 0 to 100"),
+    ({"HMS_TASKS_ALERT_RULES": {"cpu_high": {"severity": "page"}}},
+     "HMS_TASKS_ALERT_RULES['cpu_high']['severity']"),
     ({"HMS_TASKS_MEMORY_TIERS": {"critical": 99, "emergency": 95}},
-     "HMS_TASKS_MEMORY_TIERS must rise"),
+     "HMS_TASKS_MEMORY_TIERS: must rise"),
     ({"HMS_TASKS_MEMORY_TIERS": {"warning": 0}}, "HMS_TASKS_MEMORY_TIERS['warning']"),
     ({"HMS_TASKS_MEMORY_BUDGET_MB": 10}, "HMS_TASKS_MEMORY_BUDGET_MB"),
-    ({"HMS_TASKS_METRICS_RETENTION": {"raw": 60}}, "HMS_TASKS_METRICS_RETENTION['raw']"),
+    ({"HMS_TASKS_METRICS_RETENTION": {"raw": 60}},
+     "HMS_TASKS_METRICS_RETENTION['raw']: must be whole seconds from 3600 to 604800"),
+    ({"HMS_TASKS_METRICS_RETENTION": {"raw": 7 * 86400, "1m": 86400}},
+     "HMS_TASKS_METRICS_RETENTION: 'raw' must not exceed"),
+    ({"HMS_TASKS_METRICS_STALE_SECONDS": True}, "HMS_TASKS_METRICS_STALE_SECONDS"),
+    ({"HMS_TASKS_METRICS_PING_TIMEOUT": 0.01},
+     "HMS_TASKS_METRICS_PING_TIMEOUT: must be a number of seconds from 0.1 to 30"),
+    ({"HMS_TASKS_WEBHOOK_TIMEOUT": float("inf")}, "HMS_TASKS_WEBHOOK_TIMEOUT"),
+    ({"HMS_TASKS_MEMORY_COOLDOWN": 7200}, "HMS_TASKS_MEMORY_COOLDOWN"),
     ({"HMS_TASKS_WEBHOOK_ALLOWLIST": ["file:///etc/passwd"]},
      "HMS_TASKS_WEBHOOK_ALLOWLIST[0]: scheme must be http or https"),
 ])
 def test_settings_out_of_range_name_the_setting(settings: dict[str, Any], message: str) -> None:
+    def read_both() -> None:
+        metrics_settings.get()
+        memory_settings.get()
+
     with override_settings(**settings), pytest.raises(ConfigurationError) as info:
-        conf.get()
+        read_both()
     assert message in str(info.value)
+
+
+def test_rules_merge_per_rule_and_field() -> None:
+    with override_settings(HMS_TASKS_ALERT_RULES={
+            "cpu_high": {"threshold": 90}, "node_down": None,
+            "beds_low": {"series": "hms.beds.free", "op": "<", "threshold": 3, "clear": 5,
+                         "labels": {"ward": "icu"}}}):
+        rules = {r.name: r for r in alerts.rules()}
+    assert "node_down" not in rules
+    # A new threshold without a clear: the clear follows it (no stale hysteresis band).
+    assert (rules["cpu_high"].threshold, rules["cpu_high"].clear) == (90, 90)
+    assert (rules["cpu_high"].for_s, rules["cpu_high"].severity) == (300, "warning")
+    beds = rules["beds_low"]
+    assert (beds.op, beds.threshold, beds.clear, beds.for_s, beds.clear_for_s) == (
+        "<", 3, 5, 0, 0)
+    assert beds.labels == (("ward", "icu"),)
+    assert rules["memory_high"].threshold == 85
 
 
 def test_bad_threshold_stops_the_worker_at_start_up(tmp_path: Path) -> None:

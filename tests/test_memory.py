@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from django.test import override_settings
 
-from hms_tasks import names
-from hms_tasks.memory import hooks, snapshot, tiers
+from hms_tasks import names as queues
+from hms_tasks.memory import hooks, names, settings, snapshot, tiers
 from hms_tasks.memory import sweep as sweeping
 from tests.helpers import RedisServer, stop, wait_for
 
@@ -39,7 +39,7 @@ def prefork_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[subpro
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "hms_tasks", "worker", "--pool", "prefork",
          "--concurrency", "1", "--include", "tests.tasks_for_tests",
-         "-Q", f"{names.DEFAULT_QUEUE},{names.CAPABILITY_QUEUES['memory']}", "-n", NODE,
+         "-Q", f"{queues.DEFAULT_QUEUE},{queues.CAPABILITY_QUEUES['memory']}", "-n", NODE,
          "--without-mingle", "--without-gossip", "--loglevel", "INFO"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -153,6 +153,16 @@ def test_tiers_classify_against_the_budget() -> None:
         assert tiers.classify(700 * MIB + 1024, b) == "emergency"
     with override_settings(HMS_TASKS_MEMORY_BUDGET_MB=0):
         assert tiers.budget() is None
+        assert settings.celery_options() == {"worker_max_memory_per_child": None}
+    with override_settings(HMS_TASKS_MEMORY_BUDGET_MB=1000,
+                           HMS_TASKS_MEMORY_TIERS={"emergency": 92}):
+        # Celery's limit is the emergency tier, in KiB; the other tiers keep their defaults.
+        assert settings.celery_options() == {
+            "worker_max_memory_per_child": 1000 * 1024 * 92 // 100}
+        assert settings.get().memory_tiers.warning == 80
+        from hms_tasks.celery import celery_defaults
+
+        assert celery_defaults()["worker_max_memory_per_child"] == 1000 * 1024 * 92 // 100
     with override_settings(CELERY_WORKER_MAX_MEMORY_PER_CHILD=95_000):
         b = tiers.budget()
         assert b is not None

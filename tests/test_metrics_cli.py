@@ -1,5 +1,6 @@
-"""`hms-tasks metrics`, `memory` and `exporter`: listing and querying the store, bad input
-(exit code 2, nothing written), and the exporter's HTTP endpoint parsed by prometheus_client."""
+"""`hms-tasks metrics`, `memory` and `exporter` (the capabilities' commands, mounted as
+`hms-tasks` mounts them): listing and querying the store, bad input (exit code 2, nothing
+written), and the exporter's HTTP endpoint parsed by prometheus_client."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from hms_tasks import store
-from hms_tasks.cli import cli
+from hms_tasks import memory, metrics, store
+from hms_tasks.cli import cli, mount
 from hms_tasks.metrics import store as ts
 from hms_tasks.metrics.prometheus import ExporterServer
+
+mount(cli)  # as `hms-tasks` does: the capabilities' commands replace the core's old ones
 
 CPU1 = "host.cpu.percent{node=w1@db-1}"
 CPU2 = "host.cpu.percent{node=w2@db-1}"
@@ -32,6 +35,24 @@ def points() -> float:
     ts.write([(CPU1, now - 120, 10.0), (CPU1, now - 60, 20.0), (CPU2, now - 60, 70.0),
               ("redis.clients", now - 30, 4.0)], now=now)
     return now
+
+
+def test_the_capabilities_commands_are_mounted() -> None:
+    import hms_tasks.memory.cli
+    import hms_tasks.metrics.cli
+
+    assert cli.commands["metrics"] is hms_tasks.metrics.cli.metrics
+    assert cli.commands["alerts"] is hms_tasks.metrics.cli.alerts
+    assert cli.commands["exporter"] is hms_tasks.metrics.cli.exporter
+    assert cli.commands["memory"] is hms_tasks.memory.cli.memory
+
+
+def test_public_api() -> None:
+    for module in (metrics, memory):
+        for name in module.__all__:
+            assert getattr(module, name) is not None, name
+    assert metrics.series_id("host.cpu.percent", {"node": "n@h"}) == "host.cpu.percent{node=n@h}"
+    assert memory.get_settings().memory_tiers.emergency == 95
 
 
 def test_lists_series_and_filters_by_node(points: float) -> None:
@@ -66,11 +87,22 @@ def test_shows_points_of_a_series(points: float) -> None:
     (["metrics", "host.cpu.percent", "--since", "5x"], "--since: expected a duration"),
     (["metrics", "--since", "400d"], "--since: at most the longest retention"),
     (["metrics", "no.such.series"], "unknown series 'no.such.series'; known: host.cpu.percent,"),
-    (["metrics", "host.cpu.percent", "--node", "w9@x"], "unknown series 'host.cpu.percent' for"
-                                                         " node w9@x"),
+    # The node is what is unknown: say so, and list the nodes that series has.
+    (["metrics", "host.cpu.percent", "--node", "w9@x"],
+     "unknown node 'w9@x' for series host.cpu.percent; known nodes: w1@db-1, w2@db-1"),
+    (["metrics", "redis.clients", "--node", "w1@db-1"],
+     "series redis.clients has no node label; leave out --node"),
+    (["metrics", "host.cpu.percent{node=w9@x}"],
+     "no series matches 'host.cpu.percent{node=w9@x}'; known: host.cpu.percent{node=w1@db-1},"),
     (["metrics", "Bad Name"], "SERIES: series names are dotted lower-case words"),
     (["metrics", "--resolution", "2m"], "Invalid value for '--resolution'"),
     (["memory", "--snapshot", "../etc"], "--snapshot: expected the id"),
+    (["memory", "--snapshot", "nosuch"], "--snapshot: expected the id"),
+    # Well formed, but no comparison ever had it: not a pending one (exit 0).
+    (["memory", "--snapshot", "0123456789abcdef"],
+     "--snapshot: no tracemalloc comparison has that id"),
+    (["memory", "--snapshot", "0123456789abcdef", "--json"],
+     "--snapshot: no tracemalloc comparison has that id"),
     (["exporter", "--host", "example.com"], "--host: expected an IP address"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(points: float, args: list[str],
@@ -97,6 +129,33 @@ def test_memory_command_shows_events() -> None:
     assert "gc_full" in out.output
     assert "240.0" in out.output
     assert "200.0" in out.output
+
+
+def test_memory_snapshot_pending_done_and_lost() -> None:
+    from hms_tasks.memory import snapshot
+
+    sid = "00112233aabbccdd"
+    snapshot.announce(sid, node="n@h", seconds=60)
+    out = CliRunner().invoke(cli, ["memory", "--snapshot", sid])
+    assert out.exit_code == 0, out.output
+    assert f"comparison {sid} on n@h is running; results are due at" in out.output
+    assert json.loads(CliRunner().invoke(cli, ["memory", "--snapshot", sid, "--json"]).output
+                      ) == []
+    # Asked long ago, and no child ever reported: not pending any more.
+    snapshot.announce(sid, node="n@h", seconds=60, now=time.time() - 3600)
+    out = CliRunner().invoke(cli, ["memory", "--snapshot", sid])
+    assert out.exit_code == 1
+    assert "ended without results" in out.output
+    result: snapshot.SnapshotResult = {
+        "v": 1, "id": sid, "node": "n@h", "pid": 42, "seconds": 60.0, "traced_before": 10,
+        "traced_after": 5000, "tracer_bytes": 100,
+        "top": [{"site": "app/leak.py:7", "size_diff": 4990, "count_diff": 3, "size": 4990,
+                 "count": 3}]}
+    store.client().hset(store.key("memory", "snapshot", sid), "42", json.dumps(result))
+    out = CliRunner().invoke(cli, ["memory", "--snapshot", sid])
+    assert out.exit_code == 0, out.output
+    assert "app/leak.py:7" in out.output
+    assert "+4,990" in out.output
 
 
 @pytest.fixture

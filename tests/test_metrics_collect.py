@@ -16,6 +16,7 @@ import redis
 
 from hms_tasks import names, nodes, reports
 from hms_tasks.metrics import collect
+from hms_tasks.metrics import names as metrics_names
 from hms_tasks.metrics import store as ts
 from tests.helpers import RedisServer, stop, wait_for
 
@@ -44,7 +45,7 @@ def three_workers(redis_server: RedisServer,
 
 
 def _sweep(celery_app: Any) -> dict[str, Any]:
-    result = celery_app.send_task(names.METRICS_COLLECT)
+    result = celery_app.send_task(metrics_names.METRICS_COLLECT)
     summary: dict[str, Any] = result.get(timeout=60)
     wait_for(lambda: (s := collect.sweep_status(summary["sweep"])) and s["complete"],
              timeout=60, what="every live node to report")
@@ -95,7 +96,7 @@ def test_collect_samples_every_node_and_reports_a_stopped_one_missing(
     latest = ts.latest()
     assert "redis.used_memory_bytes" in latest
     assert "celery.queue.depth{queue=hms.metrics}" in latest
-    report = reports.latest(names.METRICS_COLLECT)
+    report = reports.latest(metrics_names.METRICS_COLLECT)
     assert report is not None
     assert report["summary"]["missing"] == ["gamma@localhost"]
 

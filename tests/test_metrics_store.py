@@ -209,3 +209,21 @@ def test_timings_never_fail_a_request_when_redis_is_down() -> None:
         rec.flush()
         assert rec.dropped == 1
     store.reset()
+
+
+def test_rollup_is_single_flight_under_an_owner_checked_lock() -> None:
+    from hms_tasks.metrics.tasks import ROLLUP_LOCK, rollup
+
+    lock_key = store.key("lock", ROLLUP_LOCK)
+    other = store.lock(ROLLUP_LOCK, ttl=30)  # another rollup, still running
+    assert other.acquire(blocking=False)
+    assert rollup() == {"skipped": True}
+    assert other.owned()  # the skipped run left the running one's lock alone
+    other.release()
+    now = time.time()
+    ts.write([(CPU, now - 5, 1.0), (CPU, now - 4, 3.0)], now=now)
+    summary = rollup()
+    assert summary["points_folded"] == 2
+    assert not store.client().exists(lock_key)  # released after the run
+    # The old layout's lock (released with an unconditional DEL) is not used any more.
+    assert not store.client().exists(store.key("metrics", "rollup", "lock"))

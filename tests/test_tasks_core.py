@@ -10,6 +10,7 @@ from django.test import override_settings
 
 from hms_tasks import names, reports, store
 from hms_tasks.errors import InvalidArguments, TaskFailed
+from hms_tasks.metrics import names as metrics_names
 from hms_tasks.metrics.tasks import collect_host
 from tests import tasks_for_tests
 
@@ -22,14 +23,14 @@ def test_collect_host_runs_on_worker_and_writes_report(worker: Any) -> None:
     assert 0 <= sample["memory"]["percent"] <= 100
     assert sample["process"]["rss"] > 0
     assert sample["process"]["threads"] >= 1
-    report = reports.latest(names.METRICS_COLLECT_HOST)
+    report = reports.latest(metrics_names.METRICS_COLLECT_HOST)
     assert report is not None
     assert report["id"] == result.id
     assert report["outcome"] == "success"
     assert report["node"] == worker.hostname
     assert report["finished_at"] >= report["started_at"]
     assert report["summary"] == sample
-    assert names.METRICS_COLLECT_HOST in reports.task_names()
+    assert metrics_names.METRICS_COLLECT_HOST in reports.task_names()
 
 
 def test_history_is_capped(worker: Any) -> None:

@@ -28,8 +28,8 @@ from typing import Any, TypedDict, cast
 
 from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown
 
-from hms_tasks import conf, nodes, store
-from hms_tasks.memory import snapshot, tiers
+from hms_tasks import nodes, store
+from hms_tasks.memory import settings, snapshot, tiers
 
 __all__ = ["EVENT_VERSION", "MemoryEvent", "check", "events", "request_check", "state"]
 
@@ -134,7 +134,7 @@ def check(*, trigger: str, task: str | None = None) -> MemoryEvent | None:
     now = time.monotonic()
     escalated = _state.last_tier is None or (
         tiers.TIERS.index(tier) > tiers.TIERS.index(_state.last_tier))
-    cooldown = conf.get().memory_cooldown
+    cooldown = settings.get().memory_cooldown
     if not escalated and now - _state.last_action.get(tier, -1e18) < cooldown:
         return None
     after_task = trigger == "task"

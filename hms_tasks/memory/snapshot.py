@@ -7,13 +7,16 @@ second snapshot, writes the ``top`` sites that grew most, and stops tracing. A c
 hears the end stops by itself :data:`GRACE` seconds after the window.
 
 Results: ``<p>:memory:snapshot:<id>`` HASH pid -> JSON :class:`SnapshotResult` (7 days). Sites
-are ``file:line`` of the code that allocated: no data.
+are ``file:line`` of the code that allocated: no data. ``<p>:memory:snapshot:<id>:meta`` STRING
+JSON :class:`SnapshotMeta` (7 days), written when the comparison is asked for, tells a pending
+comparison from an id that never existed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import tracemalloc
 from dataclasses import dataclass
@@ -21,13 +24,15 @@ from typing import TypedDict, cast
 
 from hms_tasks import store
 
-__all__ = ["GRACE", "Site", "SnapshotResult", "active", "expire_if_due", "finish", "results",
-           "start"]
+__all__ = ["GRACE", "ID_RE", "Site", "SnapshotMeta", "SnapshotResult", "active", "announce",
+           "expire_if_due", "finish", "meta", "results", "start"]
 
 RESULT_VERSION = 1
 RESULT_TTL = 7 * 86400
 #: A child that started tracing stops by itself this long after its window.
 GRACE = 120.0
+#: A comparison id: what ``hms.memory.snapshot`` returns.
+ID_RE = re.compile(r"^[a-f0-9]{8,32}$")
 _FILTERS = (
     tracemalloc.Filter(False, tracemalloc.__file__),
     tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
@@ -56,6 +61,16 @@ class SnapshotResult(TypedDict):
     #: Memory tracemalloc itself used at the end (its overhead).
     tracer_bytes: int
     top: list[Site]
+
+
+class SnapshotMeta(TypedDict):
+    v: int
+    id: str
+    node: str
+    seconds: int
+    asked_at: float
+    #: When the children compare: results are due then (each stops by itself GRACE later).
+    finish_at: float
 
 
 @dataclass
@@ -148,3 +163,24 @@ def results(snapshot_id: str) -> list[SnapshotResult]:
     raw = cast("dict[str, str]",
                store.client().hgetall(store.key("memory", "snapshot", snapshot_id)))
     return [cast(SnapshotResult, json.loads(v)) for _, v in sorted(raw.items())]
+
+
+def _meta_key(snapshot_id: str) -> str:
+    return store.key("memory", "snapshot", snapshot_id, "meta")
+
+
+def announce(snapshot_id: str, *, node: str, seconds: int, now: float | None = None) -> None:
+    """Record that comparison ``snapshot_id`` was asked of ``node`` (idempotent: a later
+    announce of the same id replaces it)."""
+    now = time.time() if now is None else now
+    doc: SnapshotMeta = {"v": RESULT_VERSION, "id": snapshot_id, "node": node,
+                         "seconds": seconds, "asked_at": now, "finish_at": now + seconds}
+    store.client().set(_meta_key(snapshot_id), json.dumps(doc, separators=(",", ":")),
+                       ex=RESULT_TTL)
+
+
+def meta(snapshot_id: str) -> SnapshotMeta | None:
+    """What was asked of comparison ``snapshot_id``; None for an id never asked for (or
+    whose results expired)."""
+    raw = store.client().get(_meta_key(snapshot_id))
+    return cast(SnapshotMeta, json.loads(cast(str, raw))) if raw else None

@@ -20,8 +20,9 @@ from typing import Any, TypedDict
 
 import psutil
 
-from hms_tasks import conf, names, nodes, store
-from hms_tasks.memory import hooks, tiers
+from hms_tasks import nodes, store
+from hms_tasks.memory import hooks, names, tiers
+from hms_tasks.metrics import settings as metrics_settings
 
 __all__ = ["ChildRow", "NodeSweep", "start_sweep", "sweep_node", "trace"]
 
@@ -49,7 +50,7 @@ class NodeSweep(TypedDict):
 def start_sweep(*, now: float | None = None) -> dict[str, Any]:
     """Publish ``sweep_node`` to every live node; report known nodes that did not answer."""
     now = time.time() if now is None else now
-    s = conf.get()
+    s = metrics_settings.get()
     live = nodes.live(timeout=s.metrics_ping_timeout)
     known = nodes.known(now=now, forget_after=s.metrics_forget_node_after)
     missing = sorted(set(known) - set(live))

@@ -17,12 +17,13 @@ from typing import Any, Literal
 
 import redis
 
-from hms_tasks import conf, names, nodes
+from hms_tasks import nodes
 from hms_tasks.base import Capability
 from hms_tasks.errors import InvalidArguments
-from hms_tasks.memory import hooks
+from hms_tasks.memory import hooks, names
 from hms_tasks.memory import snapshot as tracing
 from hms_tasks.memory import sweep as sweeping
+from hms_tasks.metrics import settings as metrics_settings
 
 __all__ = ["memory", "snapshot", "sweep_all", "sweep_node"]
 
@@ -33,7 +34,7 @@ memory = Capability(name="memory", soft_time_limit=20, time_limit=30,
 HOOKS = hooks
 
 _NODE_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,200}$")
-_ID_RE = re.compile(r"^[a-f0-9]{8,32}$")
+_ID_RE = tracing.ID_RE
 
 
 @memory.task(names.MEMORY_SWEEP)
@@ -77,8 +78,9 @@ def snapshot(node: str, seconds: int = 60, top: int = 10, frames: int = 1,
     its own ``finish`` phase ``seconds`` later, which makes every child compare, store its
     result and stop tracing. Tracing slows allocations while it runs (about 1.3x with one
     frame), for at most 10 minutes. Idempotent per ``snapshot_id``. Writes
-    ``<p>:memory:trace:<node>`` and, from each child, ``<p>:memory:snapshot:<id>``. Returns
-    the id and how many processes were asked (results: ``hms-tasks memory --snapshot ID``).
+    ``<p>:memory:snapshot:<id>:meta`` (what was asked), ``<p>:memory:trace:<node>`` and, from
+    each child, ``<p>:memory:snapshot:<id>``. Returns the id (also when it forwarded itself)
+    and how many processes were asked (results: ``hms-tasks memory --snapshot ID``).
     """
     problems = []
     if not _NODE_RE.match(node):
@@ -96,16 +98,21 @@ def snapshot(node: str, seconds: int = 60, top: int = 10, frames: int = 1,
     if problems:
         raise InvalidArguments(names.MEMORY_SNAPSHOT, problems)
     args = {"node": node, "seconds": seconds, "top": top, "frames": frames}
+    # The id is chosen here, before any forwarding, so the caller always learns it.
+    sid = snapshot_id or uuid.uuid4().hex[:16]
     if nodes.current() != node:
-        live = nodes.live(timeout=conf.get().metrics_ping_timeout)
+        live = nodes.live(timeout=metrics_settings.get().metrics_ping_timeout)
         if node not in live:
             raise InvalidArguments(names.MEMORY_SNAPSHOT,
                                    [f"node: not a live worker (live: {', '.join(live)})"])
+        if phase == "start":
+            tracing.announce(sid, node=node, seconds=seconds)
         nodes.send_to(names.MEMORY_SNAPSHOT, node,
-                      kwargs={**args, "phase": phase, "snapshot_id": snapshot_id},
+                      kwargs={**args, "phase": phase, "snapshot_id": sid},
                       expires=60)
-        return {"forwarded_to": node, "phase": phase, "id": snapshot_id}
-    sid = snapshot_id or uuid.uuid4().hex[:16]
+        return {"forwarded_to": node, "phase": phase, "id": sid}
+    if phase == "start":
+        tracing.announce(sid, node=node, seconds=seconds)
     asked = sweeping.trace(sid, phase=phase, seconds=seconds, top=top, frames=frames)
     if phase == "start":
         nodes.send_to(names.MEMORY_SNAPSHOT, node,

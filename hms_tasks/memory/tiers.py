@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Literal
 
-from hms_tasks import conf
+from hms_tasks.memory import settings as memory_settings
 
 __all__ = [
     "Budget",
@@ -82,7 +82,7 @@ def current_rss() -> int:
 
 def budget() -> Budget | None:
     """The budget and thresholds of one pool child, or None when the tiers are off."""
-    s = conf.get()
+    s = memory_settings.get()
     if not s.memory_budget_mb:
         return None
     from django.conf import settings
@@ -92,13 +92,13 @@ def budget() -> Budget | None:
     if limit_kb:
         # billiard replaces the child once RSS exceeds this many KiB: that is the emergency
         # tier, and the budget follows from it.
-        total = int(limit_kb * 1024 * 100 / tiers["emergency"])
+        total = int(limit_kb * 1024 * 100 / tiers.emergency)
         emergency = int(limit_kb) * 1024
     else:
         total = s.memory_budget_mb * 1024 * 1024
-        emergency = total * tiers["emergency"] // 100
-    return Budget(total=total, warning=total * tiers["warning"] // 100,
-                  critical=total * tiers["critical"] // 100, emergency=emergency)
+        emergency = total * tiers.emergency // 100
+    return Budget(total=total, warning=total * tiers.warning // 100,
+                  critical=total * tiers.critical // 100, emergency=emergency)
 
 
 def classify(rss: int, b: Budget) -> Tier | None:

@@ -1,6 +1,78 @@
-"""Metrics: per-node samples (:mod:`~hms_tasks.metrics.host`, :mod:`~hms_tasks.metrics.collect`)
-of the hosts, the worker processes and the shared services; a bounded time-series store in Redis
-(:mod:`~hms_tasks.metrics.store`); the API's own request timings
-(:mod:`~hms_tasks.metrics.timings`, :mod:`~hms_tasks.metrics.middleware`); alert rules with
-hysteresis and webhooks (:mod:`~hms_tasks.metrics.alerts`); and Prometheus exposition
-(:mod:`~hms_tasks.metrics.prometheus`)."""
+"""Metrics: per-node samples of the hosts, the worker processes and the shared services; a
+bounded time-series store in Redis; the API's own request timings; alert rules with hysteresis
+and webhooks; and Prometheus exposition. The manual is docs/metrics.md.
+
+The public API is :data:`__all__`, imported on first use (so ``hms_tasks.metrics.names``,
+which beat schedules and clients import, stays import-light)::
+
+    from hms_tasks.metrics import write, series_id
+    write([(series_id("hms.beds.free", {"ward": "icu"}), time.time(), 4.0)])
+
+Modules: :mod:`~hms_tasks.metrics.store` (the store), :mod:`~hms_tasks.metrics.collect` and
+:mod:`~hms_tasks.metrics.host` (samples and sweeps), :mod:`~hms_tasks.metrics.timings` and
+:mod:`~hms_tasks.metrics.middleware` (request timings), :mod:`~hms_tasks.metrics.alerts`,
+:mod:`~hms_tasks.metrics.prometheus`, :mod:`~hms_tasks.metrics.settings`,
+:mod:`~hms_tasks.metrics.names`, :mod:`~hms_tasks.metrics.tasks`, :mod:`~hms_tasks.metrics.cli`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hms_tasks.metrics.alerts import Rule, events, rules, states
+    from hms_tasks.metrics.collect import sweep_status
+    from hms_tasks.metrics.middleware import TimingMiddleware
+    from hms_tasks.metrics.prometheus import ExporterServer, metrics_view, render
+    from hms_tasks.metrics.settings import MetricsSettings
+    from hms_tasks.metrics.settings import get as get_settings
+    from hms_tasks.metrics.store import latest, query, series_id, write
+
+__all__ = [
+    "ExporterServer",
+    "MetricsSettings",
+    "Rule",
+    "TimingMiddleware",
+    "events",
+    "get_settings",
+    "latest",
+    "metrics_view",
+    "query",
+    "render",
+    "rules",
+    "series_id",
+    "states",
+    "sweep_status",
+    "write",
+]
+
+#: Public name -> (module, attribute).
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "ExporterServer": ("prometheus", "ExporterServer"),
+    "MetricsSettings": ("settings", "MetricsSettings"),
+    "Rule": ("alerts", "Rule"),
+    "TimingMiddleware": ("middleware", "TimingMiddleware"),
+    "events": ("alerts", "events"),
+    "latest": ("store", "latest"),
+    "metrics_view": ("prometheus", "metrics_view"),
+    "query": ("store", "query"),
+    "render": ("prometheus", "render"),
+    "rules": ("alerts", "rules"),
+    "series_id": ("store", "series_id"),
+    "get_settings": ("settings", "get"),
+    "states": ("alerts", "states"),
+    "sweep_status": ("collect", "sweep_status"),
+    "write": ("store", "write"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -36,9 +36,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, cast
 
-from hms_tasks import conf, store
+from hms_tasks import store
 from hms_tasks.allowlist import url_allowed
 from hms_tasks.errors import ConfigurationError, HmsTasksError, TransientError
+from hms_tasks.metrics import settings
 from hms_tasks.metrics import store as ts
 
 __all__ = [
@@ -126,10 +127,11 @@ class WebhookRefused(HmsTasksError, ValueError):
 def rules() -> list[Rule]:
     """The validated rules of ``HMS_TASKS_ALERT_RULES`` (defaults merged in)."""
     return [
-        Rule(name=name, series=r["series"], op=r["op"], threshold=r["threshold"],
-             clear=r["clear"], for_s=r["for"], clear_for_s=r["clear_for"],
-             labels=tuple(sorted(r["labels"].items())), severity=r["severity"])
-        for name, r in sorted(conf.get().alert_rules.items())
+        Rule(name=name, series=r.series, op=r.op, threshold=r.threshold,
+             clear=r.threshold if r.clear is None else r.clear, for_s=r.for_s,
+             clear_for_s=r.for_s if r.clear_for is None else r.clear_for,
+             labels=tuple(sorted((r.labels or {}).items())), severity=r.severity)
+        for name, r in sorted(settings.get().alert_rules.items())
     ]
 
 
@@ -249,7 +251,7 @@ def evaluate_and_store(*, now: float | None = None) -> tuple[dict[str, int], lis
     """Evaluate every rule against the store's newest points, persist the changed states and
     the transitions (one MULTI), log them. Returns (counts, transitions to notify)."""
     now = time.time() if now is None else now
-    s = conf.get()
+    s = settings.get()
     rule_list = rules()
     values = ts.latest()
     current = states()
@@ -302,7 +304,7 @@ _opener = urllib.request.build_opener(_NoRedirects, urllib.request.ProxyHandler(
 
 def webhook_url(name: str) -> str:
     """The URL of configured webhook ``name``; ConfigurationError if there is none."""
-    hooks = conf.get().alert_webhooks
+    hooks = settings.get().alert_webhooks
     if name not in hooks:
         raise ConfigurationError(
             f"HMS_TASKS_ALERT_WEBHOOKS has no webhook {name!r}; configured: {sorted(hooks)}"
@@ -317,7 +319,7 @@ def deliver(url: str, payload: Mapping[str, Any], *, timeout: float | None = Non
     for a URL the allowlist does not allow, and for redirects and 4xx answers (permanent);
     :class:`TransientError` for connection errors, timeouts, 408, 429 and 5xx (worth a retry).
     """
-    s = conf.get()
+    s = settings.get()
     if not url_allowed(url, s.webhook_allowlist):
         raise WebhookRefused("the webhook URL is not allowed by HMS_TASKS_WEBHOOK_ALLOWLIST")
     body = json.dumps(payload, separators=(",", ":"), default=str).encode()

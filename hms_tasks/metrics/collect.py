@@ -32,9 +32,10 @@ from typing import Any, TypedDict, cast
 
 import psutil
 
-from hms_tasks import conf, names, nodes, store
-from hms_tasks.metrics import host
+from hms_tasks import nodes, store
+from hms_tasks.metrics import host, names, settings
 from hms_tasks.metrics import store as ts
+from hms_tasks.names import ALL_QUEUES
 
 __all__ = [
     "NodeSummary",
@@ -243,13 +244,13 @@ def celery_sample(*, now: float, nodes_expected: list[str],
 
     client = store.client()
     pipe = client.pipeline(transaction=False)
-    for q in names.ALL_QUEUES:
+    for q in ALL_QUEUES:
         for suffix in _PRIORITY_SUFFIXES:
             pipe.llen(q + suffix)
     pipe.hlen("unacked")
     lengths = pipe.execute()
     depth = {q: sum(int(x) for x in lengths[i * 4:(i + 1) * 4])
-             for i, q in enumerate(names.ALL_QUEUES)}
+             for i, q in enumerate(ALL_QUEUES)}
     unacked = int(lengths[-1])
     points = [(ts.series_id("celery.queue.depth", {"queue": q}), now, float(d))
               for q, d in depth.items()]
@@ -353,7 +354,7 @@ def services_sample(*, now: float, nodes_expected: list[str]) -> tuple[dict[str,
 def start_sweep(*, now: float | None = None) -> dict[str, Any]:
     """Ping the workers, record missing nodes, send ``collect_node`` to every live one."""
     now = time.time() if now is None else now
-    s = conf.get()
+    s = settings.get()
     client = store.client()
     previous = client.get(store.key("metrics", "sweep", "latest"))
     previous_late: list[str] = []

@@ -41,8 +41,9 @@ from typing import Any, Literal, NamedTuple, TypedDict, cast
 
 from redis.commands.core import Script
 
-from hms_tasks import conf, store
+from hms_tasks import store
 from hms_tasks.errors import InvalidArguments
+from hms_tasks.metrics import settings
 
 __all__ = [
     "AGG",
@@ -308,7 +309,7 @@ def write(points: Iterable[tuple[str, float, float]], *, now: float | None = Non
     longest retention and no more than 5 minutes ahead of ``now``.
     """
     now = time.time() if now is None else now
-    ret = conf.get().metrics_retention
+    ret = settings.get().metrics_retention.as_dict()
     oldest = now - max(ret.values())
     newest = now + MAX_FUTURE
     groups: dict[tuple[str, int], bytearray] = {}
@@ -382,7 +383,7 @@ def _block_of(resolution: str, ts: float) -> tuple[int, int]:
 def fold(*, now: float | None = None) -> tuple[int, int]:
     """Fold every dirty raw block into its aggregates; returns (blocks, points) folded."""
     now = time.time() if now is None else now
-    ret = conf.get().metrics_retention
+    ret = settings.get().metrics_retention.as_dict()
     client = store.client()
     members = sorted(cast("set[str]", client.smembers(_k("dirty"))))
     script = _script("fold", _FOLD)
@@ -433,7 +434,7 @@ def prune(*, now: float | None = None) -> tuple[int, int]:
         deleted += len(due)
         if len(due) < 5000:
             break
-    horizon = now - max(conf.get().metrics_retention.values())
+    horizon = now - settings.get().metrics_retention.longest
     stale = [sid for sid, (ts, _) in _read_last().items() if ts < horizon]
     if stale:
         client.hdel(_k("last"), *stale)
@@ -473,13 +474,13 @@ def series_names() -> list[str]:
 
 
 def _kept_since(resolution: str, now: float) -> float:
-    return now - conf.get().metrics_retention[resolution]
+    return now - settings.get().metrics_retention.as_dict()[resolution]
 
 
 def _pick(resolution: Resolution, since: float, now: float) -> str:
     if resolution != "auto":
         return resolution
-    ret = conf.get().metrics_retention
+    ret = settings.get().metrics_retention.as_dict()
     if since >= now - ret["raw"]:
         return "raw"
     if since >= now - ret["1m"]:

@@ -17,10 +17,10 @@ from typing import Any
 
 import redis
 
-from hms_tasks import names, store
+from hms_tasks import store
 from hms_tasks.base import Capability
 from hms_tasks.errors import InvalidArguments, TransientError
-from hms_tasks.metrics import alerts, collect, host, timings
+from hms_tasks.metrics import alerts, collect, host, names, settings, timings
 from hms_tasks.metrics import store as ts
 
 __all__ = [
@@ -37,6 +37,11 @@ metrics = Capability(name="metrics", soft_time_limit=20, time_limit=30,
                      autoretry_for=(redis.ConnectionError, redis.TimeoutError))
 
 _EVENT_FIELDS = set(alerts.Transition.__annotations__)
+#: The rollup's single-flight lock (``<p>:lock:metrics:rollup``) and its TTL, above the task's
+#: hard time limit (30 s) so it never lapses under a running rollup; if a worker dies holding
+#: it, the next run after the TTL proceeds.
+ROLLUP_LOCK = "metrics:rollup"
+ROLLUP_LOCK_TTL = 50
 
 
 @metrics.task(names.METRICS_COLLECT_HOST)
@@ -95,21 +100,18 @@ def rollup() -> dict[str, Any]:
     When: every minute from beat (``metrics-rollup``). Milliseconds per thousand series. One
     at a time (a lock): a second concurrent run returns at once. Idempotent: each raw byte is
     folded once (the fold offset moves atomically with the fold). Retries Redis connection
-    errors. Writes ``<p>:ts:*``. Returns counts.
+    errors. Writes ``<p>:ts:*`` (and holds ``<p>:lock:metrics:rollup``). Returns counts.
     """
-    lock = store.key("metrics", "rollup", "lock")
-    client = store.client()
-    if not client.set(lock, "1", nx=True, ex=50):
-        return {"skipped": True}
-    try:
+    # Owner-checked: a run that outlived the lock's TTL cannot free the next run's lock.
+    with store.single_flight(ROLLUP_LOCK, ttl=ROLLUP_LOCK_TTL) as mine:
+        if not mine:
+            return {"skipped": True}
         api_points = timings.convert()
         if api_points:
             ts.write(api_points)
         summary: dict[str, Any] = dict(ts.rollup())
         summary["api_points"] = len(api_points)
         return summary
-    finally:
-        client.delete(lock)
 
 
 @metrics.task(names.METRICS_EVALUATE_ALERTS)
@@ -123,10 +125,8 @@ def evaluate_alerts() -> dict[str, Any]:
     Retries Redis connection errors. Writes ``<p>:alerts:state`` and ``<p>:alerts:events``.
     Returns counts (rules, series, pending, firing, transitions, webhooks queued).
     """
-    from hms_tasks import conf
-
     counts, notify = alerts.evaluate_and_store()
-    hooks = sorted(conf.get().alert_webhooks)
+    hooks = sorted(settings.get().alert_webhooks)
     for event in notify:
         for hook in hooks:
             deliver_webhook.apply_async(kwargs={"webhook": hook, "event": dict(event)},
