@@ -26,6 +26,7 @@ run: venv
 	$(BIN)/hms-tasks run
 
 # Tests start their own redis-server on a free port; they need the binary, not a service.
+# promtool (Debian's prometheus package) checks both Prometheus exporters' output.
 redis-server-binary:
 	@command -v redis-server >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -34,6 +35,15 @@ redis-server-binary:
 	  else \
 	    echo "redis-server is needed: sudo apt-get install redis-server (or brew install redis)"; \
 	    exit 1; \
+	  fi; }
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing promtool (Debian package prometheus, server not started)"; \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus || \
+	      { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }; } \
+	      </dev/null >/dev/null && { systemctl disable --now prometheus 2>/dev/null || true; }; \
+	  else \
+	    echo "promtool not found: its test is skipped (sudo apt-get install prometheus)"; \
 	  fi; }
 
 lint: venv

@@ -97,12 +97,6 @@ def celery_defaults() -> dict[str, Any]:
         # Every node also consumes its own queue (<node>.dq2): metric samples and memory
         # sweeps are published to each live node by name.
         "worker_direct": True,
-        # The memory budget's emergency tier (KiB): billiard replaces a pool child after the
-        # task that took it past, never mid-task. None when the tiers are off.
-        "worker_max_memory_per_child": (
-            hms.memory_budget_mb * 1024 * hms.memory_tiers["emergency"] // 100
-            if hms.memory_budget_mb else None
-        ),
     }
     # What capabilities need of Celery (their settings module's celery_options()).
     for module in capabilities.modules("settings"):
