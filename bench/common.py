@@ -108,7 +108,11 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
 
 
 def django_on(url: str) -> Any:
-    """Set Django up in this process against the Redis at ``url``; the Celery app, using it."""
+    """Set Django up in this process against the Redis at ``url``; the Celery app, using it.
+
+    Once per process: Django's settings, the Celery app's pools and backend and kombu's pools
+    keep their first Redis, which is why ``python -m bench`` runs each part in its own process.
+    """
     os.environ["REDIS_URL"] = url
     import django
 

@@ -23,10 +23,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task
-from celery.exceptions import Retry
+from celery.exceptions import Ignore, Retry
 from celery.signals import worker_init
 
 from hms_tasks import conf, reports, store
@@ -61,6 +61,15 @@ class HmsTask(Task[Any, Any]):
         return signature_of(self.name, self.hms_function)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._run_reported(args, kwargs)
+        except InvalidArguments as exc:
+            if self.request.called_directly or self.request.is_eager:
+                raise
+            # After the run report: whoever sees the result can read the report too.
+            self._reject(exc)
+
+    def _run_reported(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         started = time.time()
         t0 = time.perf_counter()
         outcome: reports.Outcome = "failure"
@@ -98,6 +107,29 @@ class HmsTask(Task[Any, Any]):
             raise
         finally:
             self._report(started, t0, outcome, summary, error)
+
+    def _reject(self, exc: InvalidArguments) -> NoReturn:
+        """End a run whose arguments do not fit: the caller's mistake, not a task failure.
+
+        One WARNING line naming the task and the fields (the problems never quote values), no
+        traceback. The result backend gets the InvalidArguments without a traceback, so a
+        client waiting on the result (``AsyncResult.get``, ``dispatch --wait``) still gets the
+        problems. Monitors get a ``task-invalid`` event, so Flower shows the run as INVALID
+        with the problems, not as a failure with a traceback (Celery's own ``task-rejected``
+        would not do: its event state ranks REJECTED before STARTED and keeps the task
+        STARTED). ``Ignore`` then acknowledges the message without Celery recording a failure
+        of its own or sending ``task-failed``.
+        """
+        logger.warning("%s[%s] rejected: %s", self.name, self.request.id, "; ".join(exc.problems))
+        if self.request.id and (not self.ignore_result or self.store_errors_even_if_ignored):
+            self.backend.mark_as_failure(self.request.id, exc, traceback=None,
+                                         request=self.request)
+        try:
+            self.send_event("task-invalid", exception=f"InvalidArguments: {exc}")
+        except Exception:
+            # Monitoring only: the rejection itself is recorded either way.
+            logger.debug("could not send the task-invalid event of %s", self.name, exc_info=True)
+        raise Ignore()
 
     def _poisoned(self) -> bool:
         info = self.request.delivery_info or {}

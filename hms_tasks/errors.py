@@ -8,7 +8,8 @@
     │                           something else: the exception class only (messages can quote
     │                           data); the worker log has the traceback
     ├── InvalidArguments        a task was called with arguments that do not fit its signature
-    │                           (permanent: never retried); names the field and the expected type
+    │                           (permanent: never retried; the run is rejected: a WARNING line,
+    │                           INVALID in Flower); names the field and what is allowed
     ├── UnknownService          a service name, or a URL's host, that is not in HMS_TASKS_SERVICES
     │                           (the allowlist of health checks and breakers); a ValueError too
     ├── LoadTestRefused         a load test that cannot start now (more shards than free
@@ -49,7 +50,7 @@ class InvalidArguments(HmsTasksError, ValueError):
     """Task arguments do not match the task's declared, typed parameters.
 
     ``problems`` lists one line per offending field, for example
-    ``"limit: expected int, got str"``. Values are never included.
+    ``"limit: expected int from 1 to 100000, got str"``. Values are never included.
     """
 
     def __init__(self, task: str, problems: list[str]) -> None:

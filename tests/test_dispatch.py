@@ -101,3 +101,40 @@ def test_report_of_unknown_task_is_refused() -> None:
     result = run("report", "hms.nope.task")
     assert result.exit_code == 2
     assert "unknown task 'hms.nope.task'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["hms.cache.warm_hot", "--arg", "limit=-5"], "limit: expected int from 1 to 100000"),
+        (["hms.cache.stats", "--arg", "window_minutes=0"],
+         "window_minutes: expected int from 1 to 1440"),
+        (["hms.cache.warm_patients", "--arg", "ids=0,3"],
+         "ids: every id must be a positive integer"),
+        (["hms.cache.invalidate_tags", "--arg", "tags=[]"],
+         "tags: expected list of str with 1 to 10000 items"),
+        (["hms.cache.invalidate_tags", "--arg", "tags=Patient 7"], "tags: every tag must look"),
+        (["hms.health.check_service", "--arg", "name=radiology"],
+         "name: unknown service (allowed: "),
+        (["hms.memory.snapshot", "--arg", "node=w1@db-1", "--arg", "seconds=9999"],
+         "seconds: expected int from 1 to 600"),
+        (["hms.memory.snapshot", "--arg", "node=w1 db"],
+         "node: expected a worker node name like name@host"),
+        (["hms.memory.sweep_node", "--arg", "sweep=XYZ"], "sweep: expected a sweep id or null"),
+        (["hms.metrics.collect_node", "--arg", "sweep=a-b"], "sweep: expected a sweep id"),
+        (["hms.loadtest.shard", "--arg", "run_id=r1", "--arg", "index=1000"],
+         "index: expected int from 0 to 999"),
+        (["hms.loadtest.merge", "--arg", "run_id=a/b"], "run_id: expected a run id"),
+        (["hms.loadtest.run", "--arg", "test=no-such-test"], "test: "),
+        (["hms.loadtest.run", "--json", '{"test": {"name": "x", "target": "http://10.0.0.1",'
+                                        ' "users": 1, "duration": 1}}'], "target"),
+    ],
+)
+def test_dispatch_runs_the_workers_whole_check(args: list[str], message: str) -> None:
+    # Ranges and known names live in the tasks' signatures, so the CLI refuses what the worker
+    # would: exit 2, the field and what is allowed, nothing published.
+    result = run("dispatch", *args)
+    assert result.exit_code == 2, result.output
+    assert f"invalid arguments for {args[0]}:" in result.output
+    assert message in result.output
+    assert queued() == 0

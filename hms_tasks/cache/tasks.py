@@ -11,19 +11,21 @@ into ``warm_patients`` chunks that any cache worker can take.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import redis
 from celery import group
 from celery.signals import worker_process_shutdown
+from pydantic import Field
 
 from hms_tasks import conf, names
 from hms_tasks.base import Capability
 from hms_tasks.cache import changes, core, warming
 from hms_tasks.cache.registry import kinds
 from hms_tasks.cache.stats import cache_stats
-from hms_tasks.cache.tags import check_tags
+from hms_tasks.cache.tags import MAX_TAGS, check_tags
 from hms_tasks.errors import InvalidArguments
+from hms_tasks.params import checked_by
 
 __all__ = ["cache", "fanout_changes", "invalidate_tags", "stats", "warm_hot", "warm_patients"]
 
@@ -47,7 +49,7 @@ def _write_recorded_changes(**_: Any) -> None:
 
 
 @cache.task(names.CACHE_WARM_PATIENTS)
-def warm_patients(ids: list[int]) -> dict[str, Any]:
+def warm_patients(ids: Annotated[list[int], checked_by(core.check_ids)]) -> dict[str, Any]:
     """Build and store the summaries of the given patients.
 
     When: on demand, and as the chunks of ``warm_hot``. Up to 10,000 ids; more than 1,000 are
@@ -66,7 +68,7 @@ def warm_patients(ids: list[int]) -> dict[str, Any]:
 
 
 @cache.task(names.CACHE_WARM_HOT)
-def warm_hot(limit: int = 5000) -> dict[str, Any]:
+def warm_hot(limit: Annotated[int, Field(ge=1, le=100_000)] = 5000) -> dict[str, Any]:
     """Warm the hot set of every kind: what the HMS registered as hot (today's and tomorrow's
     appointments, admitted inpatients) and the most-read keys by decayed heat.
 
@@ -96,7 +98,10 @@ def warm_hot(limit: int = 5000) -> dict[str, Any]:
 
 
 @cache.task(names.CACHE_INVALIDATE_TAGS)
-def invalidate_tags(tags: list[str]) -> dict[str, Any]:
+def invalidate_tags(
+        tags: Annotated[list[str], Field(min_length=1, max_length=MAX_TAGS),
+                        checked_by(check_tags)],
+) -> dict[str, Any]:
     """Invalidate every cached value carrying one of ``tags`` (``kind:id``, or ``all``), then
     re-warm those of them that were hot.
 
@@ -153,7 +158,7 @@ def fanout_changes() -> dict[str, Any]:
 
 
 @cache.task(names.CACHE_STATS, soft_time_limit=50, time_limit=60)
-def stats(window_minutes: int = 15) -> dict[str, Any]:
+def stats(window_minutes: Annotated[int, Field(ge=1, le=1440)] = 15) -> dict[str, Any]:
     """Hit rate per kind over the last ``window_minutes``, keys per kind, Redis memory and
     evictions, the change-log backlog.
 

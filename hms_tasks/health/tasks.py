@@ -10,7 +10,7 @@ either: their guards read the breakers' state from Redis (:mod:`~hms_tasks.healt
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import redis
 
@@ -19,6 +19,7 @@ from hms_tasks.base import Capability
 from hms_tasks.errors import InvalidArguments
 from hms_tasks.health import registry
 from hms_tasks.health import sweep as sweeping
+from hms_tasks.params import known
 
 __all__ = ["check_service", "health", "sweep"]
 
@@ -47,7 +48,7 @@ def sweep() -> dict[str, Any]:
 
 
 @health.task(names.HEALTH_CHECK_SERVICE)
-def check_service(name: str) -> dict[str, Any]:
+def check_service(name: Annotated[str, known(registry.services, "service")]) -> dict[str, Any]:
     """Check every instance of one registered service now, like a sweep does.
 
     When: on demand (an operator, or HMS code that wants a fresh verdict). Takes at most the

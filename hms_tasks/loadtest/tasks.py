@@ -14,16 +14,18 @@ Nothing waits on a subtask, so no worker deadlocks on its own run.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import redis
 from celery import current_task
+from pydantic import Field
 
 from hms_tasks import conf, names
 from hms_tasks.base import Capability
 from hms_tasks.celery import STARTUP_CHECKS
 from hms_tasks.loadtest import keys, orchestrate, spec
 from hms_tasks.loadtest import shard as shards
+from hms_tasks.params import checked_by, satisfies
 
 __all__ = ["loadtest", "merge", "run", "shard"]
 
@@ -40,7 +42,8 @@ STARTUP_CHECKS.append(spec.configured_problems)
 
 
 @loadtest.task(names.LOADTEST_RUN, soft_time_limit=50, time_limit=60)
-def run(test: str | dict[str, Any] | None = None, nightly: bool = False) -> dict[str, Any]:
+def run(test: Annotated[str | dict[str, Any], checked_by(orchestrate.resolve)] | None = None,
+        nightly: bool = False) -> dict[str, Any]:
     """Start a distributed load test: ``test`` is a test name of HMS_TASKS_LOADTEST_TESTS or a
     definition (see :mod:`hms_tasks.loadtest.spec`); ``nightly`` runs the test
     HMS_TASKS_LOADTEST_NIGHTLY names, and does nothing when it names none.
@@ -64,7 +67,8 @@ def run(test: str | dict[str, Any] | None = None, nightly: bool = False) -> dict
 
 
 @loadtest.task(names.LOADTEST_SHARD, autoretry_for=())
-def shard(run_id: str, index: int) -> dict[str, Any]:
+def shard(run_id: Annotated[str, satisfies(orchestrate.valid_run_id, "a run id")],
+          index: Annotated[int, Field(ge=0, le=999)]) -> dict[str, Any]:
     """Generate one shard's share of a run's load: a Locust subprocess (FastHttpUser by
     default) hitting only the run's target, from the run's common start instant for its
     duration; progress (elapsed, users, current RPS, requests, failures) goes to Redis and to
@@ -95,7 +99,8 @@ def shard(run_id: str, index: int) -> dict[str, Any]:
 
 
 @loadtest.task(names.LOADTEST_MERGE, soft_time_limit=100, time_limit=120)
-def merge(run_id: str) -> dict[str, Any]:
+def merge(run_id: Annotated[str, satisfies(orchestrate.valid_run_id, "a run id")]
+          ) -> dict[str, Any]:
     """Merge a run's shards into its report: totals, per-endpoint table and per-second
     timeline from the merged response-time histograms (exactly what one Locust process would
     report for the same requests), the verdict of every threshold, the comparison with the

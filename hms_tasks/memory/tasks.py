@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import redis
+from pydantic import Field
 
 from hms_tasks import nodes
 from hms_tasks.base import Capability
@@ -51,7 +52,8 @@ def sweep_all() -> dict[str, Any]:
 
 
 @memory.task(names.MEMORY_SWEEP_NODE)
-def sweep_node(sweep: str | None = None) -> dict[str, Any]:
+def sweep_node(sweep: Annotated[str, Field(pattern=_ID_RE.pattern, description="a sweep id")]
+               | None = None) -> dict[str, Any]:
     """Measure every pool child of the node that runs it against the memory budget; signal
     (``SIGUSR2``) the children over a tier so they act at once if idle, or after their current
     task if busy. The tier actions themselves are recorded by the children.
@@ -66,9 +68,15 @@ def sweep_node(sweep: str | None = None) -> dict[str, Any]:
 
 
 @memory.task(names.MEMORY_SNAPSHOT)
-def snapshot(node: str, seconds: int = 60, top: int = 10, frames: int = 1,
+def snapshot(node: Annotated[str, Field(pattern=_NODE_RE.pattern,
+                                        description="a worker node name like name@host")],
+             seconds: Annotated[int, Field(ge=1, le=600)] = 60,
+             top: Annotated[int, Field(ge=1, le=50)] = 10,
+             frames: Annotated[int, Field(ge=1, le=5)] = 1,
              phase: Literal["start", "finish"] = "start",
-             snapshot_id: str | None = None) -> dict[str, Any]:
+             snapshot_id: Annotated[str, Field(pattern=_ID_RE.pattern,
+                                               description="8 to 32 lower-case hex digits")]
+             | None = None) -> dict[str, Any]:
     """Compare tracemalloc snapshots of every pool child of ``node`` taken ``seconds`` apart:
     the ``top`` allocation sites that grew most, ``frames`` deep, to diagnose a leak.
 

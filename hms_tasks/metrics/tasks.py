@@ -13,9 +13,10 @@ notification to ``deliver_webhook``, which retries with backoff.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import redis
+from pydantic import Field
 
 from hms_tasks import store
 from hms_tasks.base import Capability
@@ -75,7 +76,9 @@ def collect_sweep() -> dict[str, Any]:
 
 
 @metrics.task(names.METRICS_COLLECT_NODE)
-def collect_node(sweep: str | None = None) -> dict[str, Any]:
+def collect_node(sweep: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9]+$",
+                                             description="a sweep id")] | None = None
+                 ) -> dict[str, Any]:
     """Sample the node that runs it: host (CPU, memory, swap, disk, network, load) and worker
     processes (RSS, threads, open files and tasks run per pool child); the first node of a
     sweep also samples Redis, the Celery queues and the database.
