@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/hms_tasks
 BENCH ?=
 
-.PHONY: run test lint pytest test-postgres bench venv redis-server-binary clean
+.PHONY: run test lint pytest faults test-postgres bench venv redis-server-binary clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,10 @@ lint: venv
 
 pytest: venv redis-server-binary
 	$(BIN)/pytest
+
+# The fault suite alone (tests/faults/: real workers, Redis kills, malformed messages).
+faults: venv redis-server-binary
+	$(BIN)/pytest -m faults
 
 test-postgres: venv redis-server-binary
 	@if $(BIN)/python -c "import psycopg; psycopg.connect('postgresql://postgres@127.0.0.1:5432/postgres', connect_timeout=3).close()" 2>/dev/null; then \

@@ -17,7 +17,7 @@ from celery import Celery, bootsteps
 from celery.beat import PersistentScheduler
 from kombu import Queue
 
-from hms_tasks import capabilities, conf, names, schedule
+from hms_tasks import broker, capabilities, conf, names, schedule
 from hms_tasks.errors import ConfigurationError
 
 __all__ = [
@@ -78,6 +78,8 @@ def celery_defaults() -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         # Otherwise late-ack tasks can run twice after a connection loss (celery#4671).
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Malformed messages are dead-lettered, not crash the worker (hms_tasks.worker_guard).
+        "worker_consumer": "hms_tasks.worker_guard:Consumer",
         "task_time_limit": DEFAULT_TIME_LIMIT,
         "task_soft_time_limit": DEFAULT_TIME_LIMIT - 30,
         "task_acks_on_failure_or_timeout": True,
@@ -127,6 +129,8 @@ class _DjangoCeleryConfig(Mapping[str, Any]):
                 k.removeprefix("CELERY_").lower(): getattr(settings, k)
                 for k in dir(settings) if k.startswith("CELERY_")
             })
+            # The guarded Redis transport (hms_tasks.broker), unless the settings name one.
+            data.setdefault("broker_transport", broker.transport_for(data["broker_url"]))
             self._data = data
         return self._data
 
