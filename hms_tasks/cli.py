@@ -554,8 +554,10 @@ def loadtest_list(last: int, as_json: bool) -> None:
 
 def mount(group: click.Group) -> None:
     """Add every capability's commands (``hms_tasks.<capability>.cli.commands``)."""
-    from hms_tasks import capabilities
+    from hms_tasks import capabilities, deadletter_cli
 
+    for command in deadletter_cli.commands:
+        group.add_command(command)
     for module in capabilities.modules("cli"):
         for command in module.commands:
             group.add_command(command)

@@ -56,3 +56,24 @@ def test_command_lists_entries() -> None:
     assert doc["total"] == 1
     assert doc["entries"][0]["reason"] == "unknown task"
     assert runner.invoke(deadletter_command, ["--last", "0"]).exit_code == 2
+
+
+def test_a_dead_lettered_message_fires_the_deadletter_alert() -> None:
+    import time
+
+    from hms_tasks.metrics import alerts, collect
+    from hms_tasks.metrics import store as ts
+
+    now = time.time()
+    _, points = collect.celery_sample(now=now, nodes_expected=[], timeout=0.1)
+    ts.write(points, now=now)
+    alerts.evaluate_and_store(now=now)
+    assert "deadletter" not in {st["rule"] for st in alerts.states().values()}
+
+    deadletter.record("unknown task", queue="hms.cache")
+    _, points = collect.celery_sample(now=now + 60, nodes_expected=[], timeout=0.1)
+    assert ("celery.deadletter_recent", now + 60, 1.0) in points
+    ts.write(points, now=now + 60)
+    alerts.evaluate_and_store(now=now + 60)
+    firing = {st["rule"]: st["state"] for st in alerts.states().values()}
+    assert firing.get("deadletter") == "firing"

@@ -32,7 +32,7 @@ from typing import Any, TypedDict, cast
 
 import psutil
 
-from hms_tasks import nodes, store
+from hms_tasks import deadletter, nodes, store
 from hms_tasks.metrics import host, names, settings
 from hms_tasks.metrics import store as ts
 from hms_tasks.names import ALL_QUEUES
@@ -255,6 +255,10 @@ def celery_sample(*, now: float, nodes_expected: list[str],
     points = [(ts.series_id("celery.queue.depth", {"queue": q}), now, float(d))
               for q, d in depth.items()]
     points.append(("celery.unacked", now, float(unacked)))
+    # Messages no worker could run (malformed, unknown task), acknowledged into the dead
+    # letter list: the total (a counter) and the last hour's (the alert rule's series).
+    points.append(("celery.deadletter_total", now, float(deadletter.total())))
+    points.append(("celery.deadletter_recent", now, float(deadletter.recent())))
     limit = len(nodes_expected) or None
     inspect = app.control.inspect(timeout=timeout, limit=limit)
     active = inspect.active() or {}

@@ -62,6 +62,11 @@ DEFAULT_ALERT_RULES: dict[str, dict[str, Any]] = {
     # that does not regress.
     "loadtest_regression": {"series": "loadtest.regression", "op": ">", "threshold": 0,
                             "clear": 0, "for": 0, "clear_for": 0, "severity": "warning"},
+    # A message was dead-lettered in the last hour (malformed, unknown task, wrong content
+    # type): someone publishes what no worker can run. Resolves 15 minutes after the hour is
+    # clean again.
+    "deadletter": {"series": "celery.deadletter_recent", "op": ">", "threshold": 0,
+                   "clear": 0, "for": 0, "clear_for": 900, "severity": "warning"},
 }
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
