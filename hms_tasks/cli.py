@@ -43,14 +43,24 @@ def _plugin_commands() -> dict[str, Any]:
 
 
 class _RootGroup(click.Group):
-    """The root command: built-in and capability commands, plus commands of installed packages
-    (entry point group ``hms_tasks.commands``: the demo's ``run`` and ``seed`` come this way),
-    loaded only when one is called or listed, so the library never imports the demo."""
+    """The root command: the core's commands, every capability's (``hms_tasks.<capability>.
+    cli.commands``, mounted on first use), and commands of installed packages (entry point
+    group ``hms_tasks.commands``: the demo's ``run`` and ``seed`` come this way), loaded only
+    when one is called or listed, so the library never imports the demo."""
+
+    _mounted = False
+
+    def _mount(self) -> None:
+        if not self._mounted:
+            self._mounted = True
+            mount(self)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        self._mount()
         return sorted({*super().list_commands(ctx), *_plugin_commands()})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._mount()
         command = super().get_command(ctx, cmd_name)
         if command is None and cmd_name in (plugins := _plugin_commands()):
             command = plugins[cmd_name].load()
