@@ -44,8 +44,7 @@ class Stack:
             [
                 sys.executable,
                 "-m",
-                "hms_tasks",
-                "run",
+                "hms_tasks.demo.stack.cli",
                 "--patients",
                 str(patients),
                 "--api-port",
@@ -217,7 +216,7 @@ def test_a_child_that_dies_stops_the_rest_and_exits_1(stack: Stack) -> None:
 def test_flower_beyond_loopback_needs_basic_auth(redis_server: RedisServer, tmp_path: Path) -> None:
     env = _stack_env(redis_server, tmp_path / "home")
     done = subprocess.run(
-        [sys.executable, "-m", "hms_tasks", "run", "--host", "0.0.0.0",
+        [sys.executable, "-m", "hms_tasks.demo.stack.cli", "--host", "0.0.0.0",
          "--api-port", str(free_port()), "--flower-port", str(free_port())],
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
@@ -235,7 +234,7 @@ def test_a_port_in_use_is_refused_before_anything_starts(
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run(
-            [sys.executable, "-m", "hms_tasks", "run",
+            [sys.executable, "-m", "hms_tasks.demo.stack.cli",
              "--api-port", str(port), "--flower-port", str(free_port())],
             env=_stack_env(redis_server, tmp_path / "home"),
             capture_output=True, text=True, timeout=60, check=False,

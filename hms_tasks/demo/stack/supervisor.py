@@ -1,8 +1,8 @@
 """``hms-tasks run`` (what ``make run`` runs): the whole demo stack in one terminal.
 
-:func:`run` provisions Redis (:mod:`hms_tasks.provision`), migrates and seeds the demo database
-in a child process (so Django state never loads into the supervisor), then starts four children,
-each in its own session and process group:
+:func:`run` provisions Redis (:mod:`hms_tasks.demo.stack.provision`), migrates and seeds the
+demo database in a child process (so Django state never loads into the supervisor), then starts
+four children, each in its own session and process group:
 
 ``worker``  one Celery worker consuming every hms queue (prefork, concurrency 2)
 ``beat``    celery beat, its schedule state in ``<home>/celerybeat-schedule``
@@ -44,7 +44,12 @@ from typing import IO, Final
 import psutil
 
 from hms_tasks import conf, names
-from hms_tasks.provision import ProvisionedRedis, RedisUnavailable, provision_redis, redact_url
+from hms_tasks.demo.stack.provision import (
+    ProvisionedRedis,
+    RedisUnavailable,
+    provision_redis,
+    redact_url,
+)
 
 __all__ = ["STOP_SECONDS", "Output", "child_commands", "prepare_database", "run"]
 
@@ -397,7 +402,7 @@ def _child_env(redis_url: str, state_dir: Path) -> dict[str, str]:
 
 def _prepare_argv(*, patients: int, seed: bool) -> list[str]:
     code = (
-        "import sys; from hms_tasks.supervisor import prepare_database;"
+        "import sys; from hms_tasks.demo.stack.supervisor import prepare_database;"
         f" sys.exit(prepare_database(patients={int(patients)}, seed={bool(seed)}))"
     )
     return [sys.executable, "-c", code]
