@@ -7,7 +7,12 @@ library depend on the demo.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import hms_tasks
 
@@ -80,3 +85,51 @@ def test_the_dev_stack_left_the_core() -> None:
     assert not (PACKAGE / "supervisor.py").exists()
     assert not (PACKAGE / "provision.py").exists()
     assert (DEMO / "stack" / "supervisor.py").exists()
+
+
+# --- The demo settings, chosen by default, say so ----------------------------------------------
+
+_WARNING = "DJANGO_SETTINGS_MODULE is not set: running on the demo HMS settings"
+_SETUP = "import django; django.setup(); from django.conf import settings; settings.INSTALLED_APPS"
+
+
+def _python(code: str, env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DJANGO_SETTINGS_MODULE", "HMS_TASKS_SETTINGS_DEFAULTED")}
+    env["HMS_TASKS_HOME"] = str(tmp_path)
+    env.update(extra)
+    return env
+
+
+def test_demo_settings_picked_by_default_warn_once(tmp_path: Path) -> None:
+    demo = "hms_tasks.demo.settings"
+    marked = _env(tmp_path, DJANGO_SETTINGS_MODULE=demo, HMS_TASKS_SETTINGS_DEFAULTED=demo)
+    assert _python(_SETUP, marked).count(_WARNING) == 1
+    # Named on purpose: no warning.
+    assert _WARNING not in _python(_SETUP, _env(tmp_path, DJANGO_SETTINGS_MODULE=demo))
+    # A project's settings that build on the demo's, with a mark inherited from a parent that
+    # fell back: not the defaulted module, no warning.
+    project = tmp_path / "project_settings.py"
+    project.write_text("from hms_tasks.demo.settings import *  # noqa\n")
+    inherited = _env(tmp_path, DJANGO_SETTINGS_MODULE="project_settings",
+                     HMS_TASKS_SETTINGS_DEFAULTED=demo,
+                     PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    assert _WARNING not in _python(_SETUP, inherited)
+
+
+def test_the_core_fallback_warns_once_per_process(tmp_path: Path) -> None:
+    from hms_tasks import conf
+
+    if not hasattr(conf, "SETTINGS_DEFAULTED_ENV"):
+        pytest.skip("the core does not mark its fallback to the demo settings yet")
+    code = f"import hms_tasks.celery; from hms_tasks.celery import app; {_SETUP}"
+    assert _python(code, _env(tmp_path)).count(_WARNING) == 1

@@ -521,11 +521,25 @@ class _Supervisor:
             self.out.say(f"{child.name} (pid {child.proc.pid}) stopped (code {code})")
 
 
+#: The settings of the stack's processes unless DJANGO_SETTINGS_MODULE names others.
+DEMO_SETTINGS: Final = "hms_tasks.demo.settings"
+
+
+def _settings_defaulted(env: dict[str, str]) -> bool:
+    """Whether DJANGO_SETTINGS_MODULE is unset, or was set by the core's fallback."""
+    chosen = env.get("DJANGO_SETTINGS_MODULE")
+    return not chosen or env.get("HMS_TASKS_SETTINGS_DEFAULTED") == chosen
+
+
 def _child_env(redis_url: str, state_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["REDIS_URL"] = redis_url
     env["HMS_TASKS_HOME"] = str(state_dir)
-    env.setdefault("DJANGO_SETTINGS_MODULE", "hms_tasks.demo.settings")
+    # The demo stack runs the demo settings on purpose: chosen here, explicitly, so its children
+    # do not each warn that they fell back to them (the supervisor says it once).
+    if _settings_defaulted(env):
+        env.pop("HMS_TASKS_SETTINGS_DEFAULTED", None)
+        env["DJANGO_SETTINGS_MODULE"] = DEMO_SETTINGS
     # Children write into pipes: unbuffered, or their lines would arrive in bursts, late.
     env["PYTHONUNBUFFERED"] = "1"
     return env
