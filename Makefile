@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+# Options of `hms-tasks run` go in ARGS: make run ARGS="--api-port 8010 --patients 5000".
+# Ctrl-C exits 0: the supervisor takes the terminal's foreground group, so make never sees the
+# SIGINT (make re-raises one it gets: exit 130).
+ARGS ?=
 run: venv
-	$(BIN)/hms-tasks run
+	$(BIN)/hms-tasks run $(ARGS)
 
 # Tests start their own redis-server on a free port; they need the binary, not a service.
 # promtool (Debian's prometheus package) checks both Prometheus exporters' output.

@@ -163,15 +163,26 @@ def test_page_query_count_does_not_grow_with_limit(client: Client, hospital: See
 def test_fields_selects_columns_and_always_includes_id(
     client: Client, hospital: SeedSummary
 ) -> None:
-    body = _get(client, "/api/patients/", fields="email, allergies", limit="20").json()
+    body = _get(client, "/api/patients/", fields="family_name, created_at", limit="20").json()
     expected = {
-        p.id: (p.email, p.allergies)
-        for p in Patient.objects.order_by("id")[:20].only("email", "allergies")
+        p.id: (p.family_name, p.created_at.isoformat())
+        for p in Patient.objects.order_by("id")[:20].only("family_name", "created_at")
     }
     assert len(body["results"]) == 20
     for row in body["results"]:
-        assert list(row) == ["id", "email", "allergies"]
-        assert (row["email"], row["allergies"]) == expected[row["id"]]
+        assert list(row) == ["id", "family_name", "created_at"]
+        assert (row["family_name"], row["created_at"]) == expected[row["id"]]
+
+
+@pytest.mark.parametrize("field", ["phone", "email", "address", "allergies", "notes"])
+def test_the_list_offers_no_sensitive_field(
+    client: Client, hospital: SeedSummary, field: str
+) -> None:
+    body = _assert_bad_parameter(
+        _get(client, "/api/patients/", fields=f"mrn,{field}"), "fields", "ZQX41"
+    )
+    assert field not in body["allowed"]
+    assert field not in PATIENT_FIELDS
 
 
 @pytest.mark.parametrize("fields", ["mrn,ssn_ZQX41", "password_ZQX41", "id,MRN_ZQX41"])
@@ -418,3 +429,66 @@ def test_missing_department_is_json_404(client: Client, hospital: SeedSummary) -
     response = client.get("/api/departments/999999/census/")
     assert response.status_code == 404
     assert response.json() == {"error": "department not found"}
+
+
+# --- Unknown query parameters ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("/api/patients/", ["cursor", "limit", "fields"]),
+        ("/api/patients/{patient}/", []),
+        ("/api/practitioners/{practitioner}/appointments/today/", ["date"]),
+        ("/api/departments/census/", []),
+        ("/api/departments/{department}/census/", []),
+        ("/healthz", []),
+    ],
+)
+def test_unknown_query_parameter_is_refused_naming_it(
+    client: Client, hospital: SeedSummary, url: str, allowed: list[str]
+) -> None:
+    path = url.format(
+        patient=Patient.objects.values_list("id", flat=True).first(),
+        practitioner=Practitioner.objects.values_list("id", flat=True).first(),
+        department=Department.objects.values_list("id", flat=True).first(),
+    )
+    response = _get(client, path, limt="ZQX41-Jane-Doe")
+    body = _assert_bad_parameter(response, "limt", "ZQX41") if allowed else None
+    if body is None:
+        assert response.status_code == 400
+        body = response.json()
+        assert body["parameter"] == "limt"
+        assert "ZQX41" not in response.content.decode()
+    assert body["allowed"] == allowed
+    for name in allowed:
+        assert name in body["error"]
+
+
+def test_a_parameter_name_that_is_not_a_name_is_not_echoed(
+    client: Client, hospital: SeedSummary
+) -> None:
+    response = client.get("/api/patients/?Jane%20Doe%201961-04-02=1")
+    assert response.status_code == 400
+    assert response.json()["parameter"] == "?"
+    assert "Jane" not in response.content.decode()
+
+
+def test_known_parameters_still_pass(client: Client, hospital: SeedSummary) -> None:
+    assert _get(client, "/api/patients/", limit="2", fields="mrn").status_code == 200
+
+
+# --- A schedule has one shape, whatever the date ------------------------------------------------
+
+
+def test_schedule_of_another_day_has_the_shape_of_today(
+    client: Client, hospital: SeedSummary
+) -> None:
+    today = timezone.localdate()
+    practitioner_id = _busiest_practitioner_on(today)
+    url = f"/api/practitioners/{practitioner_id}/appointments/today/"
+    current = _get(client, url).json()
+    other = _get(client, url, date=(today + timedelta(days=1)).isoformat()).json()
+    assert set(other) == set(current)
+    assert other["id"] == current["id"] == practitioner_id
+    assert datetime.fromisoformat(other["updated_at"]).tzinfo is not None

@@ -12,14 +12,14 @@ import psutil
 import pytest
 import redis
 
-from hms_tasks.errors import HmsTasksError
-from hms_tasks.provision import (
+from hms_tasks.demo.stack.provision import (
     ProvisionedRedis,
     RedisUnavailable,
     provision_redis,
     redact_url,
     redis_location,
 )
+from hms_tasks.errors import HmsTasksError
 from tests.helpers import RedisServer, free_port, wait_for
 
 

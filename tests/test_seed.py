@@ -4,6 +4,7 @@ shapes, argument checks, and that it never logs patient data."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from datetime import date, datetime, time, timedelta
 
@@ -177,3 +178,29 @@ def test_logs_and_output_carry_counts_only(
         for value in (mrn, email, phone, address):
             if value:
                 assert value not in text
+
+
+# --- The `hms-tasks seed` command (the demo's, mounted through an entry point) -----------------
+
+
+@pytest.mark.django_db
+def test_seed_command_seeds_then_refuses_or_skips() -> None:
+    from click.testing import CliRunner
+
+    from hms_tasks.demo.cli import seed as seed_command
+
+    runner = CliRunner()
+    first = runner.invoke(seed_command, ["--patients", "30", "--today", "2024-03-01"])
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout.splitlines()[-1])["patients"] == 30
+    assert Patient.objects.count() == 30
+
+    again = runner.invoke(seed_command, ["--patients", "30"])
+    assert again.exit_code == 2
+    skipped = runner.invoke(seed_command, ["--patients", "30", "--if-empty"])
+    assert skipped.exit_code == 0
+    assert "not seeding it again" in skipped.output
+    both = runner.invoke(seed_command, ["--patients", "30", "--force", "--if-empty"])
+    assert both.exit_code == 2
+    assert "exclude each other" in both.output
+    assert Patient.objects.count() == 30

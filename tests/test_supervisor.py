@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -26,6 +29,7 @@ import pytest
 from hms_tasks import names
 from tests.helpers import RedisServer, free_port, stop, wait_for
 
+REPO = Path(__file__).resolve().parent.parent
 STARTED = re.compile(r"^supervisor \| started (\w+) pid=(\d+)$")
 
 
@@ -44,8 +48,7 @@ class Stack:
             [
                 sys.executable,
                 "-m",
-                "hms_tasks",
-                "run",
+                "hms_tasks.demo.stack.cli",
                 "--patients",
                 str(patients),
                 "--api-port",
@@ -113,6 +116,15 @@ def _http_status(url: str) -> int | None:
     except urllib.error.HTTPError as exc:
         return exc.code
     except OSError:
+        return None
+
+
+def _http_json(url: str) -> Any:
+    """The JSON body of a 200 answer; ``None`` for anything else (401 included)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
         return None
 
 
@@ -189,6 +201,15 @@ def test_run_serves_everything_and_stops_cleanly_on_sigterm(stack: Stack) -> Non
     sample = json.loads(done.stdout.split("\n", 1)[1])  # after the "sent <task> id=..." line
     assert "cpu" in sample
 
+    # Flower's REST API answers on loopback without a password (tasks can be run from it),
+    # and lists the worker.
+    workers = wait_for(
+        lambda: [w for w in _http_json(f"{stack.flower}/api/workers?refresh=1") or {}
+                 if w.startswith("worker@")],
+        timeout=30, what="Flower to list the worker",
+    )
+    assert len(workers) == 1
+
     for queue in names.ALL_QUEUES:
         assert stack.has_line(f".> {queue} "), f"worker does not consume {queue}"
     # Access log lines carry the path only, never the query string.
@@ -217,7 +238,7 @@ def test_a_child_that_dies_stops_the_rest_and_exits_1(stack: Stack) -> None:
 def test_flower_beyond_loopback_needs_basic_auth(redis_server: RedisServer, tmp_path: Path) -> None:
     env = _stack_env(redis_server, tmp_path / "home")
     done = subprocess.run(
-        [sys.executable, "-m", "hms_tasks", "run", "--host", "0.0.0.0",
+        [sys.executable, "-m", "hms_tasks.demo.stack.cli", "--host", "0.0.0.0",
          "--api-port", str(free_port()), "--flower-port", str(free_port())],
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
@@ -235,11 +256,134 @@ def test_a_port_in_use_is_refused_before_anything_starts(
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run(
-            [sys.executable, "-m", "hms_tasks", "run",
+            [sys.executable, "-m", "hms_tasks.demo.stack.cli",
              "--api-port", str(port), "--flower-port", str(free_port())],
             env=_stack_env(redis_server, tmp_path / "home"),
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"--api-port: cannot listen on 127.0.0.1:{port}" in done.stdout
+    # Who holds it (this test process) and the two ways out.
+    assert f"(pid {os.getpid()}) holds it: stop it (kill {os.getpid()})" in done.stdout
+    assert 'make run ARGS="--api-port N"' in done.stdout
     assert "started" not in done.stdout
+
+
+def test_sigkill_of_the_supervisor_leaves_no_child_behind(stack: Stack) -> None:
+    pids = _wait_until_up(stack)
+    stack.remember_descendants()
+    # Grandchildren too: the worker's pool processes and gunicorn's workers.
+    assert len(stack.descendants) > len(pids) - 1, stack.output()
+    os.kill(stack.proc.pid, signal.SIGKILL)
+    stack.proc.wait(timeout=10)
+    left = wait_for(
+        lambda: not [p for p in stack.descendants if _running(p)],
+        timeout=5,
+        interval=0.1,
+        what="every process of the stack to exit after the supervisor's SIGKILL",
+    )
+    assert left
+    # Their ports are free: the next run can start.
+    for url in (stack.api, stack.flower):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+
+
+def test_flower_env_opens_the_api_on_loopback_only() -> None:
+    from hms_tasks.demo.stack.supervisor import _flower_env
+
+    assert _flower_env({}, "127.0.0.1")["FLOWER_UNAUTHENTICATED_API"] == "true"
+    assert _flower_env({}, "::1")["FLOWER_UNAUTHENTICATED_API"] == "true"
+    off = _flower_env({"FLOWER_UNAUTHENTICATED_API": "true", "FLOWER_BASIC_AUTH": "a:b"}, "0.0.0.0")
+    assert "FLOWER_UNAUTHENTICATED_API" not in off
+    assert off["FLOWER_BASIC_AUTH"] == "a:b"
+
+
+def _core_cli_defines(name: str) -> bool:
+    from hms_tasks import cli
+
+    command = cli.cli.commands.get(name)
+    return command is not None and getattr(command.callback, "__module__", "") == "hms_tasks.cli"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+@pytest.mark.skipif(
+    not (REPO / ".venv" / "bin" / "hms-tasks").exists(), reason="no .venv/bin/hms-tasks"
+)
+@pytest.mark.skipif(
+    _core_cli_defines("run"),
+    reason="hms_tasks/cli.py still defines its own `run`, so `hms-tasks run` is not the demo's",
+)
+def test_make_run_takes_args_and_exits_0_on_ctrl_c(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A real `make run` on a pseudo-terminal, stopped by a Ctrl-C typed on it: the terminal
+    sends SIGINT to its foreground process group, as it does for a user."""
+    api_port, flower_port = free_port(), free_port()
+    args = f"--api-port {api_port} --flower-port {flower_port} --patients 50"
+    env = _stack_env(redis_server, tmp_path / "home")
+    # `-o venv`: never (re)install the shared virtualenv from a test.
+    argv = ["make", "--no-print-directory", "-o", "venv", "run", f"ARGS={args}"]
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a session of its own with the pseudo-terminal as its terminal
+        try:
+            os.chdir(REPO)
+            os.execvpe("make", argv, env)
+        finally:
+            os._exit(127)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(terminal, 4096)
+            except OSError:  # EIO: every process holding the terminal is gone
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def output() -> str:
+        return b"".join(chunks).decode("utf-8", "replace")
+
+    status: list[int] = []
+
+    def exited() -> bool:
+        if not status:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status.append(code)
+        return bool(status)
+
+    below: set[int] = set()
+    try:
+        try:
+            wait_for(lambda: "Ctrl-C stops everything" in output() or exited(), timeout=120,
+                     what="the stack to start")
+            assert not status, output()
+            wait_for(lambda: _http_status(f"http://127.0.0.1:{api_port}/healthz") == 200,
+                     timeout=60, what="the API on the port given in ARGS")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{output()}") from None
+        assert "patients=50" in output()
+        below = {p.pid for p in psutil.Process(pid).children(recursive=True)}
+        os.write(terminal, b"\x03")  # Ctrl-C
+        wait_for(exited, timeout=40, interval=0.1, what="make to exit")
+        assert os.WIFEXITED(status[0]), f"make died of signal {os.WTERMSIG(status[0])}\n{output()}"
+        assert os.WEXITSTATUS(status[0]) == 0, output()
+        assert "SIGINT received, stopping" in output()
+        assert "Interrupt" not in output()  # make's "*** [run] Interrupt"
+    finally:
+        if not exited():
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for p in below:
+            if _running(p):
+                os.kill(p, signal.SIGKILL)
+        reader.join(timeout=10)
+        os.close(terminal)

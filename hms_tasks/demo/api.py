@@ -10,9 +10,10 @@ Every function runs a fixed number of queries whatever the amount of data (``val
 joins, grouped counts), never one per row.
 
 Bad input raises :class:`BadParameter`, which the views turn into HTTP 400 with
-``{"error": ..., "parameter": ..., "allowed": ...}``. The message names the parameter and what
-it accepts but never repeats the submitted value: a mistyped query string may hold patient data,
-and error bodies end up in logs.
+``{"error": ..., "parameter": ..., "allowed": ...}``; so does a query parameter the endpoint
+does not take (a typo such as ``?limt=5`` must not silently give the default). The message
+names the parameter and what it accepts but never repeats the submitted value: a mistyped query
+string may hold patient data, and error bodies end up in logs.
 
 Pagination of ``/api/patients/`` is keyset-based: rows come in ``id`` order and the opaque,
 signed cursor carries the last id returned. A row inserted while a client pages gets a larger
@@ -66,7 +67,10 @@ __all__ = [
 DEFAULT_LIMIT: Final = 50
 MAX_LIMIT: Final = 200
 
-#: Patient columns ``?fields=`` may select. ``id`` is always returned.
+#: Patient columns ``?fields=`` may select on the list: what picks a patient out, and no
+#: contact details, allergies or free-text notes (a page of 200 patients' phone numbers is a
+#: bulk export). One patient's details come from ``/api/patients/<id>/``. ``id`` is always
+#: returned.
 PATIENT_FIELDS: Final = (
     "id",
     "mrn",
@@ -74,16 +78,10 @@ PATIENT_FIELDS: Final = (
     "family_name",
     "birth_date",
     "sex",
-    "phone",
-    "email",
-    "address",
-    "allergies",
-    "notes",
     "created_at",
     "updated_at",
 )
-#: Columns of the list when ``?fields=`` is absent: enough to pick a patient, without the
-#: free-text columns that make pages heavy.
+#: Columns of the list when ``?fields=`` is absent: enough to pick a patient.
 DEFAULT_PATIENT_FIELDS: Final = (
     "id",
     "mrn",
@@ -119,6 +117,8 @@ _DATE_RE: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _DIGITS_RE: Final = re.compile(r"[0-9]+")
 # Prefixes of the joined columns that _care_item nests under "department" and "practitioner".
 _NESTED: Final = ("department_", "practitioner_")
+# A query parameter's name is named back in an error only when it looks like one.
+_PARAMETER_NAME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,39}")
 
 Scalar = str | int | float | bool | None
 Row = dict[str, Scalar]
@@ -567,8 +567,35 @@ _P = ParamSpec("_P")
 _View = Callable[Concatenate[HttpRequest, _P], JsonResponse]
 
 
+def _accepts(*parameters: str) -> Callable[[_View[_P]], _View[_P]]:
+    """Declare the query parameters a view takes (below :func:`_json_get`); none by default."""
+
+    def mark(view: _View[_P]) -> _View[_P]:
+        view.query_parameters = parameters  # type: ignore[attr-defined]
+        return view
+
+    return mark
+
+
+def _check_query(request: HttpRequest, allowed: Sequence[str]) -> None:
+    """Refuse a query parameter the view does not take, naming it (only if it looks like a
+    parameter name: the query string may hold anything) and the allowed ones."""
+    for name in request.GET:
+        if name not in allowed:
+            shown = name if _PARAMETER_NAME_RE.fullmatch(name) else "?"
+            raise BadParameter(
+                shown,
+                "unknown query parameter; "
+                + (f"this endpoint takes {', '.join(allowed)}" if allowed else
+                   "this endpoint takes none"),
+                allowed=list(allowed),
+            )
+
+
 def _json_get(view: _View[_P]) -> _View[_P]:
-    """Answer only GET/HEAD, and turn :class:`BadParameter` into HTTP 400."""
+    """Answer only GET/HEAD, refuse unknown query parameters (those not declared with
+    :func:`_accepts`), and turn :class:`BadParameter` into HTTP 400."""
+    allowed: tuple[str, ...] = getattr(view, "query_parameters", ())
 
     @wraps(view)
     def wrapper(request: HttpRequest, /, *args: _P.args, **kwargs: _P.kwargs) -> JsonResponse:
@@ -577,6 +604,7 @@ def _json_get(view: _View[_P]) -> _View[_P]:
             response["Allow"] = "GET, HEAD"
             return response
         try:
+            _check_query(request, allowed)
             return view(request, *args, **kwargs)
         except BadParameter as error:
             return JsonResponse(error.as_json(), status=400)
@@ -595,6 +623,7 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 
 @_json_get
+@_accepts("cursor", "limit", "fields")
 def patients(request: HttpRequest) -> JsonResponse:
     """``GET /api/patients/?cursor=&limit=&fields=``."""
     page = patient_page(
@@ -614,9 +643,11 @@ def patient(request: HttpRequest, patient_id: int) -> JsonResponse:
 
 
 @_json_get
+@_accepts("date")
 def practitioner_appointments_today(request: HttpRequest, practitioner_id: int) -> JsonResponse:
     """``GET /api/practitioners/<id>/appointments/today/?date=YYYY-MM-DD``: today's schedule
-    reads through the cache (kind ``schedule``); other days come from the database."""
+    reads through the cache (kind ``schedule``); other days come from the database, in the
+    same shape (``id`` and ``updated_at``, the time it was read, included)."""
     day = parse_date(request.GET.get("date"))
     schedule: Mapping[str, Any] | None
     if not 0 < practitioner_id <= _MAX_ID:
@@ -624,7 +655,11 @@ def practitioner_appointments_today(request: HttpRequest, practitioner_id: int) 
     elif day == timezone.localdate():
         schedule = get_or_build("schedule", practitioner_id)
     else:
-        schedule = practitioner_day(practitioner_id, day)
+        other = practitioner_day(practitioner_id, day)
+        schedule = (
+            None if other is None
+            else {"id": practitioner_id, "updated_at": timezone.now().isoformat(), **other}
+        )
     return _not_found("practitioner") if schedule is None else JsonResponse(dict(schedule))
 
 

@@ -7,11 +7,24 @@ Environment variables feed them: ``REDIS_URL`` (broker, results, cache), ``DATAB
 
 from __future__ import annotations
 
+import logging
 import os
 
 import dj_database_url
 
 from hms_tasks.conf import DEFAULT_REDIS_URL, home
+
+# The core falls back to these settings when DJANGO_SETTINGS_MODULE is unset, and then marks it
+# in HMS_TASKS_SETTINGS_DEFAULTED (inherited by child processes, which fall back alike). A real
+# HMS that forgot the variable would otherwise run silently on a demo SQLite file: every
+# process that loads these settings by default says so, once (this module loads once).
+_defaulted = os.environ.get("HMS_TASKS_SETTINGS_DEFAULTED")
+if _defaulted and _defaulted == os.environ.get("DJANGO_SETTINGS_MODULE"):
+    logging.getLogger(__name__).warning(
+        "DJANGO_SETTINGS_MODULE is not set: running on the demo HMS settings (%s); set "
+        "DJANGO_SETTINGS_MODULE to your project's settings module",
+        __name__,
+    )
 
 HOME = home()
 REDIS_URL = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL

@@ -1,8 +1,8 @@
 """``hms-tasks run`` (what ``make run`` runs): the whole demo stack in one terminal.
 
-:func:`run` provisions Redis (:mod:`hms_tasks.provision`), migrates and seeds the demo database
-in a child process (so Django state never loads into the supervisor), then starts four children,
-each in its own session and process group:
+:func:`run` provisions Redis (:mod:`hms_tasks.demo.stack.provision`), migrates and seeds the
+demo database in a child process (so Django state never loads into the supervisor), then starts
+four children, each in its own session and process group:
 
 ``worker``  one Celery worker consuming every hms queue (prefork, concurrency 2)
 ``beat``    celery beat, its schedule state in ``<home>/celerybeat-schedule``
@@ -11,7 +11,7 @@ each in its own session and process group:
 
 Each child's output is streamed line by line with a fixed-width prefix (``worker | ...``).
 
-Stopping: SIGINT or SIGTERM sends SIGTERM to each child's leader process, waits up to
+Stopping: SIGINT, SIGTERM or SIGHUP sends SIGTERM to each child's leader process, waits up to
 :data:`STOP_SECONDS` for them, then SIGKILLs whatever is left of each process group, and
 finally stops a private Redis (last: a worker shutting down warm hands its unacknowledged
 messages back to Redis). Exit code 0. A second signal skips the wait. If a child exits on its
@@ -19,7 +19,19 @@ own, the rest are stopped the same way and the exit code is 1.
 
 Own sessions matter twice: a Ctrl-C from the terminal reaches only the supervisor, which then
 stops the children in order; and a process group lets us kill grandchildren (pool processes,
-gunicorn workers) that outlive their parent.
+gunicorn workers) that outlive their parent. If the supervisor itself dies without stopping them
+(``kill -9``), the kernel signals them (a parent-death signal, :mod:`.orphans`): the worker gets
+a cold shutdown, gunicorn a quick one, the others SIGTERM, so the ports are free again at once.
+
+Under ``make run`` (or a script) the supervisor shares its process group with make, and a Ctrl-C
+would reach make too, which then exits 130 whatever the supervisor does. So when it is in the
+terminal's foreground group without leading it, the supervisor moves into a group of its own and
+makes that the foreground one for as long as it runs: Ctrl-C reaches only the supervisor, which
+exits 0, and make exits 0 with it (:func:`terminal_foreground`).
+
+Flower: bound to loopback, its REST API answers without a password (``FLOWER_UNAUTHENTICATED_API``
+in Flower's environment only), so tasks can be run from it; off loopback ``FLOWER_BASIC_AUTH`` is
+required and guards the pages and the API alike.
 """
 
 from __future__ import annotations
@@ -44,9 +56,23 @@ from typing import IO, Final
 import psutil
 
 from hms_tasks import conf, names
-from hms_tasks.provision import ProvisionedRedis, RedisUnavailable, provision_redis, redact_url
+from hms_tasks.demo.stack.orphans import preexec_die_with
+from hms_tasks.demo.stack.provision import (
+    ProvisionedRedis,
+    RedisUnavailable,
+    provision_redis,
+    redact_url,
+)
 
-__all__ = ["STOP_SECONDS", "Output", "child_commands", "prepare_database", "run"]
+__all__ = [
+    "DEATH_SIGNALS",
+    "STOP_SECONDS",
+    "Output",
+    "child_commands",
+    "prepare_database",
+    "run",
+    "terminal_foreground",
+]
 
 #: Seconds children get to shut down after SIGTERM before their process groups get SIGKILL.
 STOP_SECONDS: Final = 15.0
@@ -55,6 +81,15 @@ _POLL_SECONDS: Final = 0.5
 # Width of the name column of the output: the longest child name.
 _NAME_WIDTH: Final = 6
 _ME: Final = "supervisor"
+
+#: What each child gets from the kernel when the supervisor dies without stopping it: the worker
+#: shuts down cold (running tasks go back to the queue, it exits within seconds), gunicorn
+#: quickly (its workers die with it), the rest on SIGTERM.
+DEATH_SIGNALS: Final[dict[str, int]] = {
+    "worker": signal.SIGQUIT,
+    "api": signal.SIGQUIT,
+}
+_DEFAULT_DEATH_SIGNAL: Final = signal.SIGTERM
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -194,8 +229,41 @@ def _gunicorn_no_control_socket() -> list[str]:
     return ["--no-control-socket"] if (major, minor) >= (25, 1) else []
 
 
+def _port_holder(port: int) -> psutil.Process | None:
+    """The process listening on TCP ``port`` (any address), if this user may see it."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, OSError):
+        return None
+    for conn in connections:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            if conn.pid is None:
+                return None
+            with contextlib.suppress(psutil.Error):
+                return psutil.Process(conn.pid)
+    return None
+
+
+def _describe_holder(proc: psutil.Process) -> str:
+    """Who holds a port: name and pid, and whether it is a leftover of an earlier stack.
+
+    Never the command line: it may carry credentials.
+    """
+    try:
+        name = proc.name()
+        cmdline = " ".join(proc.cmdline())
+    except psutil.Error:
+        return f"pid {proc.pid}"
+    ours = ("hms_tasks.demo.wsgi", "-A hms_tasks")
+    leftover = (
+        ", left over from an earlier hms-tasks run" if any(m in cmdline for m in ours) else ""
+    )
+    return f"{name} (pid {proc.pid}{leftover})"
+
+
 def _port_problem(host: str, port: int, option: str) -> str | None:
-    """Why ``port`` cannot be bound on ``host`` (already in use, ...), or ``None``."""
+    """Why ``port`` cannot be bound on ``host`` (already in use, ...) and how to fix it, or
+    ``None``."""
     bare = host.strip("[]")
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -204,8 +272,18 @@ def _port_problem(host: str, port: int, option: str) -> str | None:
         try:
             s.bind((bare, port))
         except OSError as exc:
-            return f"{option}: cannot listen on {_hostport(host, port)} ({exc.strerror})"
-    return None
+            problem = f"{option}: cannot listen on {_hostport(host, port)} ({exc.strerror})"
+        else:
+            return None
+    holder = _port_holder(port)
+    if holder is not None:
+        problem += f"; {_describe_holder(holder)} holds it: stop it (kill {holder.pid})"
+    else:
+        problem += "; stop what holds it"
+    return (
+        f"{problem}, or choose another port: hms-tasks run {option} N"
+        f' (make run ARGS="{option} N")'
+    )
 
 
 def _input_problems(*, patients: int, api_port: int, flower_port: int, host: str) -> list[str]:
@@ -226,6 +304,55 @@ def _input_problems(*, patients: int, api_port: int, flower_port: int, host: str
             if problem:
                 problems.append(problem)
     return problems
+
+
+# -- the terminal ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def terminal_foreground() -> Iterator[bool]:
+    """Make this process's own group the terminal's foreground group for the duration, when it
+    shares its group with a parent (make, a script) that is in the foreground; yields whether
+    it did.
+
+    A Ctrl-C then reaches the supervisor alone: make would otherwise get the SIGINT too and,
+    whatever the supervisor's exit code, die of it (GNU make re-raises it: exit 130, plus an
+    "Interrupt" line). A shell starting us directly already gave us our own foreground group;
+    a background job or no terminal at all: nothing to do. Ctrl-Z is ignored meanwhile: it would
+    stop the supervisor while make waits, with no shell job to resume.
+    """
+    try:
+        tty = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:  # no controlling terminal
+        yield False
+        return
+    try:
+        try:
+            original = os.tcgetpgrp(tty)
+        except OSError:
+            yield False
+            return
+        if original != os.getpgrp() or os.getpgrp() == os.getpid():
+            yield False
+            return
+        # Once we leave the foreground group, writing the terminal's settings sends SIGTTOU.
+        ignored = (signal.SIGTTOU, signal.SIGTTIN, signal.SIGTSTP)
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in ignored}
+        try:
+            os.setpgid(0, 0)
+            os.tcsetpgrp(tty, os.getpgrp())
+            try:
+                yield True
+            finally:
+                # Give the terminal back, unless someone (the shell) took it meanwhile.
+                with contextlib.suppress(OSError):
+                    if os.tcgetpgrp(tty) == os.getpgrp():
+                        os.tcsetpgrp(tty, original)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    finally:
+        os.close(tty)
 
 
 # -- database ---------------------------------------------------------------------------------
@@ -280,8 +407,10 @@ class _Supervisor:
 
     @contextlib.contextmanager
     def handling_signals(self) -> Iterator[None]:
-        """Turn SIGINT and SIGTERM into events for the duration; restore the old handlers."""
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        """Turn SIGINT, SIGTERM and SIGHUP (the terminal closed) into events for the duration;
+        restore the old handlers."""
+        stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {s: signal.signal(s, self._on_signal) for s in stops}
         try:
             yield
         finally:
@@ -291,7 +420,11 @@ class _Supervisor:
     # children
 
     def start(self, name: str, argv: Sequence[str], env: dict[str, str]) -> _Child:
-        """Start ``argv`` in its own session, print its pid, and stream its output."""
+        """Start ``argv`` in its own session, print its pid, and stream its output.
+
+        Call from the main thread: the parent-death signal fires when the thread that started
+        the child exits, and only the main thread lives as long as the supervisor.
+        """
         proc = subprocess.Popen(
             list(argv),
             env=env,
@@ -299,6 +432,9 @@ class _Supervisor:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=preexec_die_with(
+                os.getpid(), DEATH_SIGNALS.get(name, _DEFAULT_DEATH_SIGNAL)
+            ),
         )
         child = _Child(name=name, proc=proc)
         self.children.append(child)
@@ -385,19 +521,45 @@ class _Supervisor:
             self.out.say(f"{child.name} (pid {child.proc.pid}) stopped (code {code})")
 
 
+#: The settings of the stack's processes unless DJANGO_SETTINGS_MODULE names others.
+DEMO_SETTINGS: Final = "hms_tasks.demo.settings"
+
+
+def _settings_defaulted(env: dict[str, str]) -> bool:
+    """Whether DJANGO_SETTINGS_MODULE is unset, or was set by the core's fallback."""
+    chosen = env.get("DJANGO_SETTINGS_MODULE")
+    return not chosen or env.get("HMS_TASKS_SETTINGS_DEFAULTED") == chosen
+
+
 def _child_env(redis_url: str, state_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["REDIS_URL"] = redis_url
     env["HMS_TASKS_HOME"] = str(state_dir)
-    env.setdefault("DJANGO_SETTINGS_MODULE", "hms_tasks.demo.settings")
+    # The demo stack runs the demo settings on purpose: chosen here, explicitly, so its children
+    # do not each warn that they fell back to them (the supervisor says it once).
+    if _settings_defaulted(env):
+        env.pop("HMS_TASKS_SETTINGS_DEFAULTED", None)
+        env["DJANGO_SETTINGS_MODULE"] = DEMO_SETTINGS
     # Children write into pipes: unbuffered, or their lines would arrive in bursts, late.
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
+def _flower_env(env: dict[str, str], host: str) -> dict[str, str]:
+    """Flower's environment: on loopback its REST API answers without a password (otherwise
+    every API call is a 401 and no task can be run from Flower); off loopback
+    ``FLOWER_BASIC_AUTH`` (checked before anything starts) guards the API like the pages."""
+    flower = dict(env)
+    if _is_loopback(host):
+        flower["FLOWER_UNAUTHENTICATED_API"] = "true"
+    else:
+        flower.pop("FLOWER_UNAUTHENTICATED_API", None)
+    return flower
+
+
 def _prepare_argv(*, patients: int, seed: bool) -> list[str]:
     code = (
-        "import sys; from hms_tasks.supervisor import prepare_database;"
+        "import sys; from hms_tasks.demo.stack.supervisor import prepare_database;"
         f" sys.exit(prepare_database(patients={int(patients)}, seed={bool(seed)}))"
     )
     return [sys.executable, "-c", code]
@@ -427,49 +589,58 @@ def run(
             say(f"error: {problem}")
         return EXIT_BAD_INPUT
 
+    sup = _Supervisor(output)
+    # Signal handlers first: a Ctrl-C as soon as we hold the terminal must find them.
+    with sup.handling_signals(), terminal_foreground():
+        return _run(sup, patients=patients, seed=seed, api_port=api_port,
+                    flower_port=flower_port, host=host)
+
+
+def _run(
+    sup: _Supervisor, *, patients: int, seed: bool, api_port: int, flower_port: int, host: str
+) -> int:
+    say = sup.out.say
     state_dir = conf.home()
     state_dir.mkdir(parents=True, exist_ok=True)
-    sup = _Supervisor(output)
     redis: ProvisionedRedis | None = None
-    with sup.handling_signals():
+    try:
         try:
-            try:
-                redis = provision_redis(state_dir=state_dir, echo=say)
-            except RedisUnavailable as exc:
-                say(f"error: {exc}")
-                return EXIT_FAILED
-            say(f"redis  {redact_url(redis.url)} ({redis.source})")
-            if sup.signals:  # Ctrl-C while Redis was being found or started
-                sup._stop_for_signal()
-                return EXIT_OK
-            env = _child_env(redis.url, state_dir)
-            # The load tests' "demo" target is the API this stack serves.
-            env["HMS_DEMO_API_URL"] = f"http://{_hostport(_browse_host(host), api_port)}"
+            redis = provision_redis(state_dir=state_dir, echo=say)
+        except RedisUnavailable as exc:
+            say(f"error: {exc}")
+            return EXIT_FAILED
+        say(f"redis  {redact_url(redis.url)} ({redis.source})")
+        if sup.signals:  # Ctrl-C while Redis was being found or started
+            sup._stop_for_signal()
+            return EXIT_OK
+        env = _child_env(redis.url, state_dir)
+        # The load tests' "demo" target is the API this stack serves.
+        env["HMS_DEMO_API_URL"] = f"http://{_hostport(_browse_host(host), api_port)}"
 
-            step = sup.start("seed", _prepare_argv(patients=patients, seed=seed), env)
-            code = sup.wait_one(step)
-            if code is None:
-                return EXIT_OK
-            if code != 0:
-                say(f"error: preparing the demo database failed (exit code {code})")
-                return EXIT_FAILED
-            sup.children.remove(step)
+        step = sup.start("seed", _prepare_argv(patients=patients, seed=seed), env)
+        code = sup.wait_one(step)
+        if code is None:
+            return EXIT_OK
+        if code != 0:
+            say(f"error: preparing the demo database failed (exit code {code})")
+            return EXIT_FAILED
+        sup.children.remove(step)
 
-            commands = child_commands(
-                state_dir=state_dir, api_port=api_port, flower_port=flower_port, host=host
-            )
-            for name, argv in commands.items():
-                sup.start(name, argv, env)
-            browse = _browse_host(host)
-            say(f"api    http://{_hostport(browse, api_port)}/api/patients/")
-            say(f"flower http://{_hostport(browse, flower_port)}/")
-            say("Ctrl-C stops everything")
-            return sup.supervise()
-        finally:
-            # Whatever happened above (a bug included), leave nothing running.
-            if any(c.proc.poll() is None or c.group_alive() for c in sup.children):
-                sup.stop_all()
-            if redis is not None and redis.process is not None:
-                say("stopping the private redis-server")
-                redis.stop()
-            say("stopped")
+        commands = child_commands(
+            state_dir=state_dir, api_port=api_port, flower_port=flower_port, host=host
+        )
+        for name, argv in commands.items():
+            sup.start(name, argv, _flower_env(env, host) if name == "flower" else env)
+        browse = _browse_host(host)
+        say(f"api    http://{_hostport(browse, api_port)}/api/patients/")
+        say(f"flower http://{_hostport(browse, flower_port)}/")
+        say("Ctrl-C stops everything")
+        return sup.supervise()
+    finally:
+        # Whatever happened above (a bug included), leave nothing running.
+        if any(c.proc.poll() is None or c.group_alive() for c in sup.children):
+            sup.stop_all()
+        if redis is not None and redis.process is not None:
+            say("stopping the private redis-server")
+            redis.stop()
+        say("stopped")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +35,7 @@ import psutil
 import redis
 
 from hms_tasks.conf import DEFAULT_REDIS_URL
+from hms_tasks.demo.stack.orphans import preexec_die_with
 from hms_tasks.errors import HmsTasksError
 
 __all__ = [
@@ -329,13 +331,15 @@ def _start_private(binary: str, *, state_dir: Path, source: Source, say: Echo) -
             "--maxmemory-policy", "noeviction",
         ]  # fmt: skip
         # Own session: a Ctrl-C in the terminal must not stop the broker before the workers
-        # that still need it to hand back their unacknowledged messages.
+        # that still need it to hand back their unacknowledged messages. If we die without
+        # stopping it, SIGTERM (Redis then fsyncs its AOF) rather than a server left running.
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=preexec_die_with(os.getpid(), signal.SIGTERM),
         )
         server = ProvisionedRedis(
             url=f"redis://127.0.0.1:{port}/0", source=source, process=proc, data_dir=data_dir
