@@ -10,7 +10,6 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from datetime import date
 from typing import Any, NoReturn
 
 import click
@@ -226,35 +225,6 @@ def report(task_name: str | None, as_json: bool, last: int) -> None:
 
 
 @cli.command()
-@click.option("--patients", type=int, required=True, help="How many synthetic patients.")
-@click.option("--seed", "seed_value", type=int, default=42, show_default=True,
-              help="Random seed: the same patients, seed and --today give the same rows.")
-@click.option("--today", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
-              help="Anchor date of encounters and appointments (default: today).")
-@click.option("--force", is_flag=True, help="Replace the demo rows of a non-empty database.")
-@click.option("--if-empty", is_flag=True,
-              help="Seed only an empty database; otherwise say so and exit 0 (for start-up).")
-def seed(patients: int, seed_value: int, today: Any, force: bool, if_empty: bool) -> None:
-    """Migrate the demo HMS database and fill it with deterministic synthetic data."""
-    _setup()
-    from hms_tasks.demo import seed as seeding
-
-    if force and if_empty:
-        _fail("--force and --if-empty exclude each other")
-    anchor: date | None = today.date() if today else None
-    try:
-        counts = seeding.seed(patients=patients, seed=seed_value, today=anchor, force=force)
-    except seeding.SeedRefused as exc:
-        if if_empty:
-            click.echo("the demo database already has rows; not seeding it again")
-            return
-        _fail(str(exc))
-    except seeding.SeedArgumentError as exc:
-        _fail(str(exc))
-    click.echo(json.dumps(counts, sort_keys=True))
-
-
-@cli.command()
 def check() -> None:
     """Run the start-up checks a worker and beat run (schedule, time limits, serializers)."""
     _setup()
@@ -321,26 +291,6 @@ def health(as_json: bool, sweep_first: bool, selected: tuple[str, ...]) -> None:
                                   "AVAIL_5M", "AVAIL_1H", "AVAIL_24H", "P95_1H_MS", "CHECKED"]))
     if any(r["status"] == "down" or r["breaker"] == "open" for r in rows):
         sys.exit(1)
-
-
-@cli.command()
-@click.option("--patients", type=click.IntRange(min=1), default=2000, show_default=True,
-              help="Synthetic patients to seed into an empty demo database.")
-@click.option("--seed/--no-seed", "seed_demo", default=True, show_default=True,
-              help="Seed the demo database when it is empty (it is migrated either way).")
-@click.option("--api-port", type=click.IntRange(1, 65535), default=8000, show_default=True,
-              help="Port of the demo HMS JSON API (gunicorn).")
-@click.option("--flower-port", type=click.IntRange(1, 65535), default=5555, show_default=True,
-              help="Port of Flower.")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address the API and Flower listen on; beyond loopback Flower needs "
-                   "FLOWER_BASIC_AUTH=user:password.")
-def run(patients: int, seed_demo: bool, api_port: int, flower_port: int, host: str) -> None:
-    """Run the demo stack until Ctrl-C: Redis (found or started), worker, beat, Flower, API."""
-    from hms_tasks import supervisor
-
-    sys.exit(supervisor.run(patients=patients, seed=seed_demo, api_port=api_port,
-                            flower_port=flower_port, host=host))
 
 
 @cli.group()

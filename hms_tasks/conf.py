@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import ipaddress
-import logging
 import math
 import os
 import re
@@ -96,15 +95,18 @@ LOADTEST_MAX_START_DELAY = 30
 DEMO_SETTINGS = "hms_tasks.demo.settings"
 
 
+#: Set to DEMO_SETTINGS when the core fell back to them; the demo settings then log one
+#: WARNING in every process that loads them (children inherit the mark and fall back alike).
+SETTINGS_DEFAULTED_ENV = "HMS_TASKS_SETTINGS_DEFAULTED"
+
+
 def default_settings_module() -> None:
-    """Fall back to the demo HMS's settings when ``DJANGO_SETTINGS_MODULE`` is unset, and say so
-    once per process: a real HMS that forgot the variable must not run on a demo SQLite file
-    without a word."""
+    """Fall back to the demo HMS's settings when ``DJANGO_SETTINGS_MODULE`` is unset, marked so
+    that each process says so: a real HMS that forgot the variable must not run on a demo
+    SQLite file without a word."""
     if not os.environ.get("DJANGO_SETTINGS_MODULE"):
         os.environ["DJANGO_SETTINGS_MODULE"] = DEMO_SETTINGS
-        logging.getLogger("hms_tasks").warning(
-            "DJANGO_SETTINGS_MODULE is not set: running on the demo HMS settings (%s); set"
-            " DJANGO_SETTINGS_MODULE to your HMS's settings module", DEMO_SETTINGS)
+        os.environ[SETTINGS_DEFAULTED_ENV] = DEMO_SETTINGS
 
 
 def home() -> Path:

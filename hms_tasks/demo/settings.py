@@ -22,7 +22,7 @@ _defaulted = os.environ.get("HMS_TASKS_SETTINGS_DEFAULTED")
 if _defaulted and _defaulted == os.environ.get("DJANGO_SETTINGS_MODULE"):
     logging.getLogger(__name__).warning(
         "DJANGO_SETTINGS_MODULE is not set: running on the demo HMS settings (%s); set "
-        "DJANGO_SETTINGS_MODULE to your project's settings module",
+        "DJANGO_SETTINGS_MODULE to your HMS's settings module",
         __name__,
     )
 
