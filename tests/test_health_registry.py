@@ -199,3 +199,14 @@ def test_fail_open_setting_must_be_a_bool() -> None:
             pytest.raises(ConfigurationError,
                           match="HMS_TASKS_BREAKER_FAIL_OPEN: must be True or False"):
         health_settings.get()
+
+
+def test_the_public_api_and_task_names() -> None:
+    from hms_tasks.health import names
+
+    assert sorted(health.__all__) == ["Guard", "Lease", "ServiceUnavailable", "UnknownService",
+                                      "breaker_state_changed", "guard", "lease", "pick"]
+    for module in (health, health_settings, names):
+        assert all(hasattr(module, name) for name in module.__all__)
+    assert (names.HEALTH_SWEEP, names.HEALTH_CHECK_SERVICE) == (
+        "hms.health.sweep", "hms.health.check_service")
