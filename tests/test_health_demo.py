@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from click.testing import CliRunner
@@ -74,11 +75,26 @@ def _health(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any]]:
     return proc.returncode, {r["service"]: r for r in json.loads(proc.stdout)}
 
 
+def _database_url() -> str | None:
+    """The test database as a DATABASE_URL (PostgreSQL); None: the demo's own SQLite file."""
+    from django.db import connection
+
+    db = connection.settings_dict
+    if db["ENGINE"] != "django.db.backends.postgresql":
+        return None
+    auth = quote(db["USER"] or "") + (f":{quote(db['PASSWORD'])}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_fresh_demo_is_green_and_a_stopped_api_opens_its_breaker(
         demo_api: DemoApi, redis_server: RedisServer, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO),
            "DJANGO_SETTINGS_MODULE": "hms_tasks.demo.settings", "REDIS_URL": redis_server.url,
            "HMS_DEMO_API_URL": demo_api.url, "HMS_TASKS_HOME": str(tmp_path)}
+    env.pop("DATABASE_URL", None)
+    if (url := _database_url()) is not None:
+        env["DATABASE_URL"] = url
     # Before any sweep: nothing checked yet, nothing down, exit 0.
     code, rows = _health(env)
     assert code == 0
