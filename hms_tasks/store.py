@@ -14,10 +14,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from functools import cache
+from typing import Any
 
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 from redis.lock import Lock
+from redis.retry import Retry
 
 from hms_tasks import conf
 
@@ -30,14 +34,22 @@ CONNECT_TIMEOUT = 3.0
 HEALTH_CHECK_INTERVAL = 30
 
 
+def _options(socket_timeout: float | None) -> dict[str, Any]:
+    if socket_timeout is None:
+        return {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT}
+    # A caller that must give up quickly (a guarded call, a check): the same bound on the
+    # connect, and no client-side retries, whose backoff would hold the caller for seconds.
+    return {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
+            "retry": Retry(NoBackoff(), 0)}
+
+
 @cache
 def _client(url: str, decode: bool, socket_timeout: float | None) -> redis.Redis:
     # redis-py's pool notices a fork (pid check) and reconnects in the child, so one client per
     # process and URL is safe with the prefork pool.
     return redis.Redis.from_url(
-        url, decode_responses=decode, socket_timeout=socket_timeout or SOCKET_TIMEOUT,
-        socket_connect_timeout=CONNECT_TIMEOUT, socket_keepalive=True,
-        health_check_interval=HEALTH_CHECK_INTERVAL)
+        url, decode_responses=decode, socket_keepalive=True,
+        health_check_interval=HEALTH_CHECK_INTERVAL, **_options(socket_timeout))
 
 
 def client(*, decode: bool = True, url: str | None = None,
@@ -45,7 +57,8 @@ def client(*, decode: bool = True, url: str | None = None,
     """The shared Redis client for hms-tasks state (``HMS_TASKS_REDIS_URL`` unless ``url``).
 
     ``decode`` returns str (False: bytes, for packed values); ``socket_timeout`` makes a
-    separate client with a shorter read timeout, for calls that must give up quickly.
+    separate client for calls that must give up quickly: that timeout for connecting and for
+    each answer, and no retries.
     """
     return _client(url or conf.get().redis_url, decode, socket_timeout)
 
@@ -59,10 +72,12 @@ def async_client(*, url: str | None = None, decode: bool = True,
                  socket_timeout: float | None = None) -> aredis.Redis:
     """A new asyncio client (one per event loop: asyncio clients cannot be shared across
     loops), with the same options as :func:`client`."""
+    options = _options(socket_timeout)
+    if "retry" in options:
+        options["retry"] = AsyncRetry(NoBackoff(), 0)
     return aredis.Redis.from_url(
-        url or conf.get().redis_url, decode_responses=decode,
-        socket_timeout=socket_timeout or SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT,
-        socket_keepalive=True, health_check_interval=HEALTH_CHECK_INTERVAL)
+        url or conf.get().redis_url, decode_responses=decode, socket_keepalive=True,
+        health_check_interval=HEALTH_CHECK_INTERVAL, **options)
 
 
 def reset() -> None:

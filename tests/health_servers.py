@@ -113,7 +113,6 @@ class ServiceServer:
 
 
 def only(**entries: Any) -> dict[str, Any]:
-    """A HMS_TASKS_SERVICES value: the default services dropped, these entries added."""
-    from hms_tasks import conf
-
-    return {**dict.fromkeys(conf.DEFAULT_SERVICES), **entries}
+    """A HMS_TASKS_SERVICES value of exactly these entries (the demo settings' services are
+    replaced)."""
+    return dict(entries)

@@ -203,6 +203,32 @@ def test_a_state_set_by_one_process_is_seen_by_every_other(ehr: ServiceServer) -
     assert ehr.connections == THRESHOLD
 
 
+def test_calls_here_stop_soon_after_another_process_opens_the_breaker(
+        ehr: ServiceServer) -> None:
+    # This process keeps a closed breaker's state for a moment after reading it
+    # (breaker.CLOSED_CACHE_S): calls keep passing while the breaker is closed...
+    for _ in range(50):
+        with health.guard("ehr"):
+            pass
+    proc, out = _spawn(_child_fail, _services(ehr.url), ehr.url)
+    assert _result(proc, out) == "open"
+
+    def refused() -> bool:
+        try:
+            with health.guard("ehr"):
+                pass
+        except ServiceUnavailable as exc:
+            return exc.state == "open"
+        return False
+
+    # ...and once another process has opened it, they are refused (within the window; the
+    # deadline only stops a broken build from hanging).
+    wait_for(refused, timeout=10, what="the breaker another process opened to refuse here")
+    for _ in range(20):
+        assert refused()
+    assert ehr.connections == THRESHOLD  # only the child's failing calls reached the service
+
+
 def test_half_open_admits_exactly_the_configured_trials_across_two_processes(
         ehr_quick: ServiceServer) -> None:
     _fail_until_open(ehr_quick)

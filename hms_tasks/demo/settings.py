@@ -94,11 +94,22 @@ USE_TZ = True
 TIME_ZONE = os.environ.get("TZ_NAME", "UTC")
 LANGUAGE_CODE = "en-us"
 
-# Load tests: the demo API is the one target (its URL from HMS_DEMO_API_URL, which `hms-tasks
-# run` sets to the API it serves), and the nightly smoke test of it is on.
-HMS_TASKS_LOADTEST_TARGETS = {
-    "demo": os.environ.get("HMS_DEMO_API_URL") or "http://127.0.0.1:8000",
+# The API `hms-tasks run` serves (it sets HMS_DEMO_API_URL for every process it starts).
+DEMO_API_URL = os.environ.get("HMS_DEMO_API_URL") or "http://127.0.0.1:8000"
+
+# Health: what the demo runs on, so a fresh demo is green and stopping a part of it opens its
+# breaker (docs/health.md walks through it). A real HMS lists its own services.
+HMS_TASKS_SERVICES = {
+    "api": {"instances": [DEMO_API_URL],
+            "check": {"type": "http", "path": "/healthz", "json_field": "status",
+                      "json_value": "ok"}},
+    "database": {"instances": ["default"], "check": {"type": "database"}},
 }
+if REDIS_URL.startswith(("redis://", "rediss://")):  # a redis check takes no unix:// socket
+    HMS_TASKS_SERVICES["redis"] = {"instances": [REDIS_URL], "check": {"type": "redis"}}
+
+# Load tests: the demo API is the one target, and the nightly smoke test of it is on.
+HMS_TASKS_LOADTEST_TARGETS = {"demo": DEMO_API_URL}
 HMS_TASKS_LOADTEST_TESTS = {
     "smoke": {
         "target": "demo", "scenario": "demo", "users": 10, "ramp_up": 5, "duration": 60,

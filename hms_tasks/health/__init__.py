@@ -10,11 +10,13 @@ The public API for HMS code::
     with health.lease("patient") as inst:        # least connections, in-flight counted
         ...
 
-Modules: :mod:`.registry` (the validated HMS_TASKS_SERVICES, the allowlist),
+Manual: ``docs/health.md``. Modules: :mod:`.settings` (HMS_TASKS_SERVICES and
+HMS_TASKS_BREAKER_FAIL_OPEN, validated), :mod:`.registry` (the services, the allowlist),
 :mod:`.checks` (async checks), :mod:`.breaker` (the Redis breakers and the guard),
 :mod:`.select` (``pick`` and ``lease``), :mod:`.history` (samples and windows),
-:mod:`.sweep` (the sweep and its lock), :mod:`.report` (``hms-tasks health``),
-:mod:`.tasks` (Celery), :mod:`.signals` (``breaker_state_changed``).
+:mod:`.sweep` (the sweep and its lock), :mod:`.report` (what ``hms-tasks health`` shows),
+:mod:`.cli` (the command), :mod:`.tasks` (Celery), :mod:`.names` (task names),
+:mod:`.keys` (the Redis key layout), :mod:`.signals` (``breaker_state_changed``).
 """
 
 from __future__ import annotations

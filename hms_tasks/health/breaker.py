@@ -25,15 +25,23 @@ that started before the breaker opened) is ignored. Changes go to the ``<p>:heal
 stream and out as :data:`~hms_tasks.health.signals.breaker_state_changed` in the process that
 made them.
 
-Cost. On a closed breaker a guarded call costs one Redis round trip (``HMGET`` of the breaker
-hash) and nothing after a success: failures are counted in a window, not consecutively, so a
-success in the closed state writes nothing. A failure costs one ``EVALSHA`` more; a call
-through a half-open breaker (or one whose reset timeout has passed) costs the ``HMGET`` and an
-``EVALSHA`` to be admitted, and one more to report its trial. No state is cached in the
-process, so what one process does is what the next call of any other process sees. An open
-breaker refuses without any network call to the service (and with the one ``HMGET``). The
-sync ``HMGET`` goes out pre-packed on a connection each thread owns (see ``_Reader``):
-measured, that roughly doubles guarded calls per second against redis-py's generic path.
+Cost. A closed breaker's state is kept in the process for ``CLOSED_CACHE_S`` (2 ms) after it
+was read: a guarded call on a closed breaker reads the breaker hash (one ``HMGET``) at most
+once per 2 ms and breaker per process, and the calls in between cost no Redis command at all.
+Nothing is written after a success: failures are counted in a window, not consecutively, so a
+success in the closed state writes nothing. A failure costs one ``EVALSHA``; a call through a
+half-open breaker (or one whose reset timeout has passed) costs the ``HMGET`` and an
+``EVALSHA`` to be admitted, and one more to report its trial. Only the closed state is kept:
+an open or half-open breaker is read at every call, and an open one refuses without any
+network call to the service.
+
+The bound this buys. A breaker opened by another process stops this process's calls within
+``CLOSED_CACHE_S`` of the open (plus the one ``HMGET`` that sees it): calls that start in that
+window pass as if the breaker had opened just after them, and their outcomes, reported under
+the old epoch, are ignored. A change this process makes itself (a failure that opens the
+breaker, a sweep, a reset) drops the kept state at once. Measured (``bench/health.py``): one
+``HMGET`` through redis-py costs 120-200 us on the development machine, so reading it at every
+call capped a guarded call at 5,000-8,500 calls/s, short of the 10,000 target.
 
 Redis unreachable. The guard then fails open (calls pass, unchecked) or closed
 (``ServiceUnavailable`` with state ``unknown``) per ``HMS_TASKS_BREAKER_FAIL_OPEN``, logs a
@@ -65,7 +73,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import os
 import threading
 import time
 import weakref
@@ -76,14 +83,12 @@ from typing import Any, Literal, NamedTuple, TypedDict, TypeVar, cast
 
 import redis
 import redis.asyncio as aredis
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript, Script
-from redis.retry import Retry
 
 from hms_tasks import conf, store
 from hms_tasks.errors import ServiceUnavailable
 from hms_tasks.health import keys, lua, registry
+from hms_tasks.health import settings as health_settings
 from hms_tasks.health.signals import breaker_state_changed
 
 __all__ = [
@@ -107,6 +112,9 @@ State = Literal["closed", "open", "half_open"]
 
 #: Seconds the breakers' Redis client waits to connect or for an answer.
 REDIS_TIMEOUT = 0.5
+#: Seconds a process keeps a closed breaker's state after reading it (see the module
+#: docstring: the bound on how late an opened breaker is noticed).
+CLOSED_CACHE_S = 0.002
 #: Seconds the guard leaves Redis alone after it failed to answer (the fail mode applies).
 REDIS_BACKOFF = 1.0
 #: State changes kept in the event stream (approximately).
@@ -117,6 +125,8 @@ STATE_TTL = 7 * 86400
 F = TypeVar("F", bound=Callable[..., Any])
 #: Script arguments.
 Args = list[str | int | float]
+#: Fields of the breaker hash a guarded call reads.
+_FIELDS = ("state", "epoch", "opened_at")
 
 
 class Ticket(NamedTuple):
@@ -164,14 +174,12 @@ class _Sync:
     pick: Script
 
 
-# No client-side retries on the breakers' clients: a retry with backoff would hold a guarded
-# call for seconds; an error goes to the fail mode at once instead.
+# The breakers' clients give up quickly and never retry (store.client with a socket timeout):
+# a retry with backoff would hold a guarded call for seconds; an error goes to the fail mode at
+# once instead.
 @functools.cache
 def _sync(url: str) -> _Sync:
-    client = redis.Redis.from_url(
-        url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT,
-        socket_keepalive=True, decode_responses=True, retry=Retry(NoBackoff(), 0),
-    )
+    client = store.client(url=url, socket_timeout=REDIS_TIMEOUT)
     return _Sync(client, client.register_script(lua.ADMIT), client.register_script(lua.RECORD),
                  client.register_script(lua.PICK))
 
@@ -196,10 +204,7 @@ def _async() -> _Async:
     url = conf.get().redis_url
     found = _async_clients.get(loop)
     if found is None or found.url != url:
-        client = aredis.Redis.from_url(
-            url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT,
-            socket_keepalive=True, decode_responses=True, retry=AsyncRetry(NoBackoff(), 0),
-        )
+        client = store.async_client(url=url, socket_timeout=REDIS_TIMEOUT)
         found = _Async(url, client, client.register_script(lua.ADMIT),
                        client.register_script(lua.RECORD), client.register_script(lua.PICK))
         _async_clients[loop] = found
@@ -223,7 +228,8 @@ class _Outage:
             if self.reported:
                 return
             self.reported = True
-        mode = ("failing open: guarded calls pass unchecked" if conf.get().breaker_fail_open
+        mode = ("failing open: guarded calls pass unchecked"
+                if health_settings.get().breaker_fail_open
                 else "failing closed: guarded calls raise ServiceUnavailable")
         logger.warning(
             "circuit breakers: Redis is unreachable (%s); %s until it answers"
@@ -250,53 +256,12 @@ def _outage(url: str) -> _Outage:
     return found
 
 
-def _resp(*parts: str) -> bytes:
-    """A command in the Redis protocol, packed once (the hot path sends it as is)."""
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        data = part.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-class _Reader(threading.local):
-    """One connection per thread for the hot path's HMGET, outside the pool's checkout.
-
-    redis-py's client costs about as much again as the round trip itself (pool checkout and
-    release, argument packing, instrumentation); a pre-packed command on a connection the
-    thread owns costs the round trip and the parse. Still one round trip, no cached state.
-    """
-
-    conn: Any = None
-    pid: int = 0
-    pool: Any = None
-
-
-_reader = _Reader()
-
-
-def _read_fast(client: redis.Redis, packed: bytes) -> Any:
-    local = _reader
-    pool = client.connection_pool
-    conn = local.conn
-    if conn is None or local.pid != os.getpid() or local.pool is not pool:
-        conn = pool.make_connection()
-        local.conn, local.pid, local.pool = conn, os.getpid(), pool
-    try:
-        conn.send_packed_command([packed], check_health=False)
-        return conn.read_response()
-    except redis.TimeoutError:
-        conn.disconnect()  # a late answer must not be read as the next one's
-        raise
-    except redis.ConnectionError:
-        # An idle connection that Redis (or a restart) closed: one more try on a new one.
-        conn.disconnect()
-        conn.send_packed_command([packed], check_health=False)
-        return conn.read_response()
-
-
 def emit(t: Transition) -> None:
-    """Log a state change and send :data:`breaker_state_changed` (robustly)."""
+    """Log a state change made by this process and send :data:`breaker_state_changed`
+    (robustly); the process forgets the breaker's kept closed state."""
+    found = _breakers.get((t.service, t.instance))
+    if found is not None:
+        found.forget()
     where = keys.name(t.service, t.instance)
     logger.info("circuit breaker %s: %s -> %s (%s)", where, t.old, t.new, t.source)
     for receiver, result in breaker_state_changed.send_robust(
@@ -315,7 +280,7 @@ class Breaker:
     """The breaker of one service, or of one of its instances. Get one with
     :func:`breaker_for`; it holds no state of its own (that is in Redis)."""
 
-    __slots__ = ("_admit_args", "_hmget", "_reset_ms", "_window_ms", "events_key",
+    __slots__ = ("_admit_args", "_closed", "_reset_ms", "_window_ms", "events_key",
                  "fails_key", "instance", "key", "name", "policy", "service", "spec")
 
     def __init__(self, spec: registry.Service, instance: str | None = None) -> None:
@@ -328,7 +293,8 @@ class Breaker:
         self.key = keys.breaker(self.name)
         self.fails_key = keys.fails(self.name)
         self.events_key = keys.events()
-        self._hmget = _resp("HMGET", self.key, "state", "epoch", "opened_at")
+        #: (monotonic deadline, ticket) while the closed state read last is kept.
+        self._closed: tuple[float, Ticket] | None = None
         self.policy = spec.breaker
         self._reset_ms = int(spec.breaker.reset_timeout * 1000)
         self._window_ms = int(spec.breaker.failure_window * 1000)
@@ -339,13 +305,17 @@ class Breaker:
 
     def admit(self) -> Ticket:
         """Let a call through (a :class:`Ticket`) or raise :class:`ServiceUnavailable`."""
+        kept = self._closed
+        read_at = time.monotonic()
+        if kept is not None and read_at < kept[0]:
+            return kept[1]
         url = conf.get().redis_url
         outage = _outage(url)
         if outage.skip():
             return self._redis_down()
         s = _sync(url)
         try:
-            ticket = self._fast(_read_fast(s.client, self._hmget))
+            ticket = self._fast(s.client.hmget(self.key, _FIELDS), read_at)
             if ticket is None:
                 ticket = self._admitted(s.admit(keys=[self.key, self.events_key],
                                                 args=self._admit_args))
@@ -357,13 +327,16 @@ class Breaker:
 
     async def admit_async(self) -> Ticket:
         """:meth:`admit` on the running event loop's asyncio Redis client."""
+        kept = self._closed
+        read_at = time.monotonic()
+        if kept is not None and read_at < kept[0]:
+            return kept[1]
         a = _async()
         outage = _outage(a.url)
         if outage.skip():
             return self._redis_down()
         try:
-            fields = await a.client.hmget(self.key, ["state", "epoch", "opened_at"])
-            ticket = self._fast(fields)
+            ticket = self._fast(await a.client.hmget(self.key, _FIELDS), read_at)
             if ticket is None:
                 ticket = self._admitted(await a.admit(keys=[self.key, self.events_key],
                                                       args=self._admit_args))
@@ -373,10 +346,18 @@ class Breaker:
         outage.ok()
         return ticket
 
-    def _fast(self, fields: Sequence[Any]) -> Ticket | None:
+    def forget(self) -> None:
+        """Drop the kept closed state: the next call reads the breaker from Redis."""
+        self._closed = None
+
+    def _fast(self, fields: Sequence[Any], read_at: float) -> Ticket | None:
         state, epoch, opened_at = fields
         if state is None or state == "closed":
-            return Ticket(int(epoch or 0), False)
+            ticket = Ticket(int(epoch or 0), False)
+            # Kept from when the read was sent: an open written after that is noticed at most
+            # CLOSED_CACHE_S after it happened.
+            self._closed = (read_at + CLOSED_CACHE_S, ticket)
+            return ticket
         if state == "open":
             wait_ms = int(opened_at or 0) + self._reset_ms - time.time() * 1000
             if wait_ms > 0:
@@ -398,7 +379,7 @@ class Breaker:
         raise ServiceUnavailable(self.service, self.instance, state, int(wait_ms) / 1000)
 
     def _redis_down(self) -> Ticket:
-        if conf.get().breaker_fail_open:
+        if health_settings.get().breaker_fail_open:
             return Ticket(None, False)
         raise ServiceUnavailable(self.service, self.instance, "unknown")
 

@@ -33,10 +33,8 @@ from typing import Any, Literal
 
 import aiohttp
 import redis
-import redis.asyncio as aredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
+from hms_tasks import store
 from hms_tasks.errors import UnknownService
 from hms_tasks.health import registry
 from hms_tasks.health.registry import Instance, Service
@@ -231,9 +229,9 @@ async def _tcp(inst: Instance) -> None:
 
 
 async def _redis(inst: Instance, budget: float) -> None:
-    # No client-side retries: the check has its own, within its timeout.
-    client = aredis.Redis.from_url(inst.url, socket_timeout=budget,
-                                   socket_connect_timeout=budget, retry=Retry(NoBackoff(), 0))
+    # A quick-giving-up client (no client-side retries): the check has its own, within its
+    # timeout.
+    client = store.async_client(url=inst.url, socket_timeout=budget)
     try:
         await client.ping()
     except redis.TimeoutError:

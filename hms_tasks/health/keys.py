@@ -9,12 +9,16 @@
     <p>:health:history:<name>          ZSET   JSON samples scored by time (ms), the last 24 h,
                                               at most 6,000; 25-hour TTL
     <p>:health:latest:<service>        STRING JSON of the service's last check; 24-hour TTL
-    <p>:health:sweep:lock              STRING single-flight token of the running sweep (PX)
     <p>:health:rr:<service>            STRING round-robin counter of ``pick``
     <p>:health:inflight:<name>         ZSET   in-flight lease tokens scored by expiry (ms);
                                               TTL of the longest lease
+    <p>:lock:health.sweep              STRING single-flight lock of the running sweep
+                                              (store.single_flight: a redis-py Lock token)
 
-``<name>`` is a service (``ehr``) or one of its instances (``ehr@10.0.0.5:8080``).
+``<name>`` is a service (``ehr``) or one of its instances (``ehr@10.0.0.5:8080``). The sweep's
+lock was ``<p>:health:sweep:lock`` before the one single-flight lock of :mod:`hms_tasks.store`
+took it over: during a rolling upgrade an old and a new sweep may overlap once (harmless: a
+sweep only adds samples).
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ def latest(service: str) -> str:
 
 
 def sweep_lock() -> str:
-    return store.key("health", "sweep", "lock")
+    """The sweep's single-flight lock (held through :func:`hms_tasks.store.single_flight`)."""
+    return store.key("lock", "health.sweep")
 
 
 def round_robin(service: str) -> str:

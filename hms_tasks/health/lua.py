@@ -1,4 +1,4 @@
-"""The Lua scripts behind the distributed breakers, instance selection and the sweep lock.
+"""The Lua scripts behind the distributed breakers and instance selection.
 
 Each runs atomically inside Redis and reads the clock with ``TIME`` there, so every process
 agrees on "now" whatever its own clock says. A breaker is one hash (see
@@ -8,7 +8,7 @@ every change of state bumps the hash's ``epoch`` and appends an event to a cappe
 
 from __future__ import annotations
 
-__all__ = ["ADMIT", "PICK", "RECORD", "UNLOCK"]
+__all__ = ["ADMIT", "PICK", "RECORD"]
 
 _NOW = r"""
 local t = redis.call('TIME')
@@ -151,11 +151,4 @@ if ARGV[4] ~= '' then
   bestload = redis.call('ZCARD', KEYS[2 * best + 1])
 end
 return {best, bestload}
-"""
-
-# Release a lock only if it still holds our token (compare-and-delete).
-# KEYS: [1] lock. ARGV: [1] token. Returns 1 if released.
-UNLOCK = r"""
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
 """

@@ -1,10 +1,10 @@
 """The service registry (``HMS_TASKS_SERVICES``) as typed, immutable objects, and the allowlist.
 
-:mod:`hms_tasks.conf` validates the setting at start-up (errors name the entry and field) and
-completes every entry with defaults; this module only wraps the result. The registry is the
-allowlist of everything the health capability touches: a sweep, a check, a breaker, ``pick``
-and ``lease`` take a registered service name, and :func:`require_allowed` refuses any URL whose
-host and port are not an instance of a registered service.
+:mod:`hms_tasks.health.settings` validates the setting at start-up (errors name the entry and
+field) and completes every entry with defaults; this module only wraps the result. The
+registry is the allowlist of everything the health capability touches: a sweep, a check, a
+breaker, ``pick`` and ``lease`` take a registered service name, and :func:`require_allowed`
+refuses any URL whose host and port are not an instance of a registered service.
 
 Instance ids (``host:port`` plus the base path, or a database alias) are stable across
 restarts and name the instance's breaker, history and in-flight counts in Redis.
@@ -13,12 +13,12 @@ restarts and name the instance's breaker, history and in-flight counts in Redis.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from hms_tasks import conf
 from hms_tasks.errors import UnknownService
+from hms_tasks.health import settings as health_settings
 
 __all__ = [
     "BreakerPolicy",
@@ -69,8 +69,9 @@ class Instance:
     #: ``host:port/base-path`` (IPv6 hosts in brackets) or a database alias: stable, unique
     #: within the service, safe to show (no credentials).
     id: str
-    #: The configured URL. It may carry a Redis password: never log it, show ``id``.
-    url: str
+    #: The configured URL. It may carry a Redis password: never log it, show ``id`` (it is
+    #: left out of the repr).
+    url: str = field(repr=False)
     scheme: str
     host: str
     port: int
@@ -110,7 +111,7 @@ class Service:
 
 @dataclass(frozen=True)
 class _Registry:
-    settings: conf.HmsSettings
+    settings: health_settings.HealthSettings
     services: dict[str, Service]
     #: (host, port) of every instance of every service: the allowlist.
     targets: frozenset[tuple[str, int]]
@@ -119,25 +120,22 @@ class _Registry:
 _current: _Registry | None = None
 
 
-def _build(settings: conf.HmsSettings) -> _Registry:
+def _build(settings: health_settings.HealthSettings) -> _Registry:
     out: dict[str, Service] = {}
     for name, e in settings.services.items():
-        c = e["check"]
-        check = Check(
-            type=c["type"], path=c.get("path", ""),
-            expect_status=tuple(c.get("expect_status", (200,))),
-            json_field=c.get("json_field"), has_json_value="json_value" in c,
-            json_value=c.get("json_value"),
-        )
+        c = e.check
+        check = Check(type=c.type, path=c.path if c.type == "http" else "",
+                      expect_status=c.expect_status, json_field=c.json_field,
+                      has_json_value=c.has_json_value, json_value=c.json_value)
         instances = tuple(
-            Instance(service=name, id=i["id"], url=i["url"], scheme=i["scheme"], host=i["host"],
-                     port=i["port"], path=i["path"])
-            for i in e["instances"]
+            Instance(service=name, id=a.id, url=a.url, scheme=a.scheme, host=a.host,
+                     port=a.port, path=a.path)
+            for a in e.instances
         )
         out[name] = Service(
-            name=name, instances=instances, check=check, timeout=e["timeout"],
-            retries=e["retries"], max_connections=e["max_connections"],
-            degraded_ms=e["degraded_ms"], breaker=BreakerPolicy(**e["breaker"]),
+            name=name, instances=instances, check=check, timeout=e.timeout,
+            retries=e.retries, max_connections=e.max_connections, degraded_ms=e.degraded_ms,
+            breaker=BreakerPolicy(**e.breaker.model_dump()),
         )
     targets = frozenset(
         (i.host, i.port) for s in out.values() for i in s.instances if i.scheme != "database"
@@ -147,7 +145,7 @@ def _build(settings: conf.HmsSettings) -> _Registry:
 
 def _registry() -> _Registry:
     global _current
-    settings = conf.get()
+    settings = health_settings.get()
     current = _current
     if current is None or current.settings is not settings:
         current = _current = _build(settings)

@@ -30,6 +30,7 @@ import redis
 from hms_tasks import conf
 from hms_tasks.errors import InvalidArguments, ServiceUnavailable
 from hms_tasks.health import breaker, keys, registry
+from hms_tasks.health import settings as health_settings
 from hms_tasks.health.breaker import Args
 
 __all__ = ["Lease", "Strategy", "lease", "pick"]
@@ -66,7 +67,7 @@ def _chosen(svc: registry.Service, result: list[int]) -> registry.Instance:
 def _redis_down(svc: registry.Service) -> registry.Instance:
     """Redis unreachable: any instance (failing open) or ServiceUnavailable (failing closed),
     as the guard does (HMS_TASKS_BREAKER_FAIL_OPEN)."""
-    if conf.get().breaker_fail_open:
+    if health_settings.get().breaker_fail_open:
         return random.choice(svc.instances)
     raise ServiceUnavailable(svc.name, None, "unknown")
 

@@ -1,37 +1,30 @@
 """The sweep (every registered service, single-flight) and the check of one service.
 
-Single flight: a sweep runs only while it holds ``<p>:health:sweep:lock`` (``SET NX PX``
-with a random token, released by a compare-and-delete script, expiring after the task's hard
-time limit if its worker died); a sweep that finds the lock taken returns a summary saying it
-skipped, so a slow sweep never overlaps the next one.
+Single flight: a sweep runs only while it holds the lock ``<p>:lock:health.sweep``
+(:func:`hms_tasks.store.single_flight`: a token per holder, released only by its holder,
+expiring after the task's hard time limit if its worker died); a sweep that finds the lock
+taken returns a summary saying it skipped, so a slow sweep never overlaps the next one.
 """
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Sequence
-from functools import cache
 from typing import Any
 
-from redis.commands.core import Script
-
-from hms_tasks import conf, store
-from hms_tasks.health import checks, history, keys, lua, registry
+from hms_tasks import store
+from hms_tasks.health import checks, history, registry
 from hms_tasks.health.breaker import Transition
 from hms_tasks.health.checks import ServiceResult
 
-__all__ = ["LOCK_MS", "check_service", "summarize", "sweep"]
+__all__ = ["LOCK_NAME", "LOCK_S", "check_service", "summarize", "sweep"]
 
+#: The sweep's single-flight lock (``<p>:lock:health.sweep``).
+LOCK_NAME = "health.sweep"
 #: Lifetime of the sweep lock: the sweep task's hard time limit.
-LOCK_MS = 30_000
+LOCK_S = 30.0
 #: Service names listed in a summary's ``down_services`` at most.
 MAX_LISTED = 50
-
-
-@cache
-def _unlock_script(url: str) -> Script:
-    return store.client().register_script(lua.UNLOCK)
 
 
 def summarize(results: Sequence[ServiceResult], transitions: Sequence[Transition], *,
@@ -61,15 +54,11 @@ def sweep() -> dict[str, Any]:
     """Check every instance of every registered service at once, record the results, feed
     the breakers; or skip if another sweep holds the lock."""
     started = time.perf_counter()
-    client = store.client()
-    token = secrets.token_hex(16)
-    if not client.set(keys.sweep_lock(), token, nx=True, px=LOCK_MS):
-        return {"skipped": True, "reason": "another sweep is running"}
-    try:
+    with store.single_flight(LOCK_NAME, ttl=LOCK_S) as mine:
+        if not mine:
+            return {"skipped": True, "reason": "another sweep is running"}
         results, seconds = checks.run(list(registry.services().values()))
         transitions = history.record(results, source="sweep")
-    finally:
-        _unlock_script(conf.get().redis_url)(keys=[keys.sweep_lock()], args=[token])
     return summarize(results, transitions, checks_s=seconds, started=started)
 
 

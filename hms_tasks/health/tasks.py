@@ -14,18 +14,17 @@ from typing import Annotated, Any
 
 import redis
 
-from hms_tasks import names
 from hms_tasks.base import Capability
 from hms_tasks.errors import InvalidArguments
-from hms_tasks.health import registry
+from hms_tasks.health import names, registry
 from hms_tasks.health import sweep as sweeping
 from hms_tasks.params import known
 
 __all__ = ["check_service", "health", "sweep"]
 
 # Soft/hard limits above the longest sweep the settings allow (a service's instances /
-# max_connections x timeout is at most conf.SWEEP_BUDGET = 20 s); the lock outlives neither.
-health = Capability(name="health", soft_time_limit=25, time_limit=sweeping.LOCK_MS / 1000,
+# max_connections x timeout is at most settings.SWEEP_BUDGET = 20 s); the lock outlives neither.
+health = Capability(name="health", soft_time_limit=25, time_limit=sweeping.LOCK_S,
                     autoretry_for=(redis.ConnectionError, redis.TimeoutError), max_retries=2)
 
 
@@ -41,7 +40,7 @@ def sweep() -> dict[str, Any]:
     a re-run adds one more sample). Not retried: the next sweep is 30 s away. Contacts only
     registered instances and never follows redirects. Writes ``<p>:health:history:*``,
     ``<p>:health:latest:*``, the breakers (``<p>:health:breaker:*``, ``<p>:health:events``)
-    and the lock ``<p>:health:sweep:lock``. Returns counts: services and instances up,
+    and the lock ``<p>:lock:health.sweep``. Returns counts: services and instances up,
     degraded and down, breakers opened and closed, the down services' names, durations.
     """
     return sweeping.sweep()
