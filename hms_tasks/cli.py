@@ -10,29 +10,13 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
+from hms_tasks.console import BAD_INPUT, fail, fmt_time, setup, table
+
 __all__ = ["main"]
-
-BAD_INPUT = 2
-
-
-def _fail(message: str, code: int = BAD_INPUT) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def _setup() -> None:
-    import django
-
-    # As `celery -A hms_tasks` does: the demo settings unless the HMS names its own.
-    from hms_tasks import conf
-
-    conf.default_settings_module()
-    django.setup()
-
 
 def _plugin_commands() -> dict[str, Any]:
     """Entry points of the group ``hms_tasks.commands``, by command name (not loaded)."""
@@ -133,29 +117,29 @@ def dispatch(
     timeout: float,
 ) -> None:
     """Run TASK now (or after --countdown), with arguments checked before anything is sent."""
-    _setup()
+    setup()
     from hms_tasks import conf
     from hms_tasks.celery import app
     from hms_tasks.errors import InvalidArguments
 
     tasks = hms_tasks_registry()
     if task_name not in tasks:
-        _fail(f"unknown task {task_name!r}; known tasks:\n  " + "\n  ".join(sorted(tasks)))
+        fail(f"unknown task {task_name!r}; known tasks:\n  " + "\n  ".join(sorted(tasks)))
     task = tasks[task_name]
     try:
         kwargs = build_kwargs(task, pairs, raw_json)
     except InvalidArguments as exc:
-        _fail("\n  ".join([f"invalid arguments for {task_name}:", *exc.problems]))
+        fail("\n  ".join([f"invalid arguments for {task_name}:", *exc.problems]))
     if queue is not None:
         known = sorted(q.name for q in app.conf.task_queues or ())
         if queue not in known:
-            _fail(f"--queue: unknown queue {queue!r}; allowed: {', '.join(known)}")
+            fail(f"--queue: unknown queue {queue!r}; allowed: {', '.join(known)}")
     if countdown is not None:
         vt = conf.get().visibility_timeout
         if not 0 <= countdown < vt:
-            _fail(f"--countdown: must be from 0 to below the visibility timeout ({vt} s)")
+            fail(f"--countdown: must be from 0 to below the visibility timeout ({vt} s)")
     if timeout <= 0:
-        _fail("--timeout: must be a positive number of seconds")
+        fail("--timeout: must be a positive number of seconds")
     options: dict[str, Any] = {}
     if queue:
         options["queue"] = queue
@@ -168,22 +152,11 @@ def dispatch(
     try:
         value = result.get(timeout=timeout, propagate=False, interval=0.1)
     except Exception as exc:  # celery.exceptions.TimeoutError and connection errors
-        _fail(f"no result within {timeout:g} s ({type(exc).__name__}); the task may still run", 1)
+        fail(f"no result within {timeout:g} s ({type(exc).__name__}); the task may still run", 1)
     if result.failed():
         # hms tasks fail with hms-tasks errors whose messages carry no data (see base.py).
-        _fail(f"{task_name} failed: {type(value).__name__}: {value}", 1)
+        fail(f"{task_name} failed: {type(value).__name__}: {value}", 1)
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
-
-
-def _fmt_time(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def _summary_text(summary: dict[str, Any] | None, width: int = 60) -> str:
@@ -201,7 +174,7 @@ def _summary_text(summary: dict[str, Any] | None, width: int = 60) -> str:
               help="With TASK: how many recent runs.")
 def report(task_name: str | None, as_json: bool, last: int) -> None:
     """Show run reports: the latest run of every task, or the last runs of TASK."""
-    _setup()
+    setup()
     from hms_tasks import reports
 
     if task_name is None:
@@ -209,7 +182,7 @@ def report(task_name: str | None, as_json: bool, last: int) -> None:
     else:
         runs = reports.history(task_name, last=last)
         if not runs and task_name not in hms_tasks_registry():
-            _fail(f"unknown task {task_name!r}; see `hms-tasks report` for tasks with reports")
+            fail(f"unknown task {task_name!r}; see `hms-tasks report` for tasks with reports")
     if as_json:
         click.echo(json.dumps(runs, indent=2, sort_keys=True))
         return
@@ -217,17 +190,17 @@ def report(task_name: str | None, as_json: bool, last: int) -> None:
         click.echo("no run reports yet")
         return
     rows = [
-        [r["task"], r["outcome"], r["node"], _fmt_time(r["finished_at"]),
+        [r["task"], r["outcome"], r["node"], fmt_time(r["finished_at"]),
          f"{r['duration_ms']:.1f}", r["error"] or _summary_text(r["summary"])]
         for r in runs
     ]
-    click.echo(_table(rows, ["TASK", "OUTCOME", "NODE", "FINISHED", "MS", "SUMMARY"]))
+    click.echo(table(rows, ["TASK", "OUTCOME", "NODE", "FINISHED", "MS", "SUMMARY"]))
 
 
 @cli.command()
 def check() -> None:
     """Run the start-up checks a worker and beat run (schedule, time limits, serializers)."""
-    _setup()
+    setup()
     from hms_tasks.celery import app, startup_problems
 
     problems = startup_problems(app)
@@ -247,7 +220,7 @@ def _run_id(run_id: str) -> str:
     from hms_tasks.loadtest.orchestrate import valid_run_id
 
     if not valid_run_id(run_id):
-        _fail("RUN_ID: expected the id `hms-tasks loadtest run` printed")
+        fail("RUN_ID: expected the id `hms-tasks loadtest run` printed")
     return run_id
 
 
@@ -260,11 +233,11 @@ def _follow(run_id: str, *, timeout: float, task_result: Any = None) -> dict[str
     while st is None:  # the run task records the run first
         if task_result is not None and task_result.failed():
             exc = task_result.result
-            _fail(f"the run was refused: {type(exc).__name__}: {exc}")
+            fail(f"the run was refused: {type(exc).__name__}: {exc}")
         st = orchestrate.status(run_id)
         if st is None:
             if time.monotonic() > deadline:
-                _fail("no such run (is a worker consuming hms.loadtest?)", 1)
+                fail("no such run (is a worker consuming hms.loadtest?)", 1)
             time.sleep(0.2)
     steps = 1000
     with click.progressbar(length=steps, label=f"load test {st['test']}", show_eta=False,
@@ -309,7 +282,7 @@ def loadtest_run(test_name: str | None, file: str | None, name: str | None,
                  wait: bool, as_json: bool) -> None:
     """Start a load test: TEST from HMS_TASKS_LOADTEST_TESTS, a --file, flags, or a mix (flags
     win). Checks the definition and the free loadtest workers before anything is sent."""
-    _setup()
+    setup()
     from hms_tasks import conf, names
     from hms_tasks.celery import app
     from hms_tasks.errors import InvalidArguments, LoadTestRefused
@@ -319,7 +292,7 @@ def loadtest_run(test_name: str | None, file: str | None, name: str | None,
     base = None
     if test_name is not None:
         if test_name not in s.loadtest_tests:
-            _fail(f"unknown test {test_name!r}; defined in HMS_TASKS_LOADTEST_TESTS:"
+            fail(f"unknown test {test_name!r}; defined in HMS_TASKS_LOADTEST_TESTS:"
                   f" {', '.join(sorted(s.loadtest_tests)) or 'none'}")
         base = {"name": test_name, **s.loadtest_tests[test_name]}
     definition, problems = text.definition_from(
@@ -334,9 +307,9 @@ def loadtest_run(test_name: str | None, file: str | None, name: str | None,
         test = spec.parse(definition)
         orchestrate.check_capacity(test)
     except InvalidArguments as exc:
-        _fail("\n  ".join(["invalid load test; nothing was started:", *exc.problems]))
+        fail("\n  ".join(["invalid load test; nothing was started:", *exc.problems]))
     except LoadTestRefused as exc:
-        _fail(str(exc))
+        fail(str(exc))
     result = app.send_task(names.LOADTEST_RUN, kwargs={"test": test.to_json()})
     click.echo(f"started load test {test.name}: run {result.id}"
                f" ({test.users} users, {test.shards} shards, {test.duration:g} s)")
@@ -345,7 +318,7 @@ def loadtest_run(test_name: str | None, file: str | None, name: str | None,
     timeout = s.loadtest_start_delay + test.duration + s.loadtest_grace + 60
     doc = _follow(result.id, timeout=timeout, task_result=result)
     if doc is None:
-        _fail(f"no report within {timeout:g} s; see `hms-tasks loadtest status {result.id}`", 1)
+        fail(f"no report within {timeout:g} s; see `hms-tasks loadtest status {result.id}`", 1)
     click.echo(json.dumps(doc, indent=2) if as_json else text.report_text(doc))
     if doc["verdict"]["status"] != "passed":
         sys.exit(1)
@@ -358,12 +331,12 @@ def loadtest_run(test_name: str | None, file: str | None, name: str | None,
 def loadtest_status(run_id: str, follow: bool, as_json: bool) -> None:
     """Show a run's progress: elapsed time, users, current RPS, requests and failures, per
     shard too."""
-    _setup()
+    setup()
     from hms_tasks.loadtest import orchestrate, text
 
     st = orchestrate.status(_run_id(run_id))
     if st is None:
-        _fail("no such run (runs are kept HMS_TASKS_LOADTEST_KEEP_DAYS days)")
+        fail("no such run (runs are kept HMS_TASKS_LOADTEST_KEEP_DAYS days)")
     if follow and st["status"] not in ("passed", "failed", "aborted"):
         _follow(run_id, timeout=st["end_at"] - time.time() + 120)
         st = orchestrate.status(run_id) or st
@@ -372,7 +345,7 @@ def loadtest_status(run_id: str, follow: bool, as_json: bool) -> None:
         return
     click.echo(f"load test {st['test']}  run {run_id}  target {st['target']}")
     click.echo(text.progress_line(st))
-    click.echo(_table([[str(r["index"]), r["state"], r["node"] or "-", str(r["users"]),
+    click.echo(table([[str(r["index"]), r["state"], r["node"] or "-", str(r["users"]),
                         str(r["rps"]), str(r["requests"]), str(r["failures"]),
                         r["reason"] or ""] for r in st["shards"]],
                       ["SHARD", "STATE", "NODE", "USERS", "RPS", "REQUESTS", "FAILURES",
@@ -383,12 +356,12 @@ def loadtest_status(run_id: str, follow: bool, as_json: bool) -> None:
 @click.argument("run_id", metavar="RUN_ID")
 def loadtest_abort(run_id: str) -> None:
     """Stop every shard of a run (within 5 s); what they measured is kept and merged."""
-    _setup()
+    setup()
     from hms_tasks.loadtest import orchestrate
 
     outcome = orchestrate.abort_run(_run_id(run_id))
     if outcome == "unknown":
-        _fail("no such run")
+        fail("no such run")
     click.echo({"asked": "abort requested: every shard stops within 5 s",
                 "already asked": "abort was already requested",
                 "over": "the run is already over"}[outcome])
@@ -400,13 +373,13 @@ def loadtest_abort(run_id: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def loadtest_report(run_id: str, html_path: str | None, as_json: bool) -> None:
     """Show a run's report: summary, verdict per threshold, regression, endpoints, shards."""
-    _setup()
+    setup()
     from hms_tasks.loadtest import keys, report, text
 
     doc = keys.report(_run_id(run_id))
     if doc is None:
         known = keys.run(run_id)
-        _fail("the run has no report yet (see `hms-tasks loadtest status`)" if known
+        fail("the run has no report yet (see `hms-tasks loadtest status`)" if known
               else "no such run", 1 if known else BAD_INPUT)
     if html_path is not None:
         with open(html_path, "w", encoding="utf-8") as out:
@@ -424,7 +397,7 @@ def loadtest_report(run_id: str, html_path: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def loadtest_list(last: int, as_json: bool) -> None:
     """List the tests of HMS_TASKS_LOADTEST_TESTS (with any problem) and the recent runs."""
-    _setup()
+    setup()
     from hms_tasks import conf
     from hms_tasks.errors import InvalidArguments
     from hms_tasks.loadtest import keys, spec
@@ -446,14 +419,14 @@ def loadtest_list(last: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"tests": tests, "runs": runs}, indent=2))
         return
-    click.echo(_table([[t["name"], str(t.get("target", "-")), str(t.get("users", "-")),
+    click.echo(table([[t["name"], str(t.get("target", "-")), str(t.get("users", "-")),
                         str(t.get("duration", "-")), str(t.get("shards", "-")),
                         "; ".join(t["problems"]) or "ok"] for t in tests],
                       ["TEST", "TARGET", "USERS", "DURATION", "SHARDS", "CHECK"])
                if tests else "no tests in HMS_TASKS_LOADTEST_TESTS")
     click.echo("")
-    click.echo(_table([[r["run_id"], str(r["test"]), str(r["status"]),
-                        _fmt_time(r["created_at"])] for r in runs],
+    click.echo(table([[r["run_id"], str(r["test"]), str(r["status"]),
+                        fmt_time(r["created_at"])] for r in runs],
                       ["RUN", "TEST", "STATUS", "CREATED"]) if runs else "no runs yet")
 
 

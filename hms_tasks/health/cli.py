@@ -8,41 +8,16 @@ open, 2 bad input (an unknown service; nothing contacted).
 from __future__ import annotations
 
 import json
-import os
 import sys
-import time
-from typing import NoReturn
 
 import click
 
+from hms_tasks.console import fail as _fail
+from hms_tasks.console import fmt_time as _time
+from hms_tasks.console import setup as _setup
+from hms_tasks.console import table as _table
+
 __all__ = ["commands", "health"]
-
-BAD_INPUT = 2
-
-
-def _fail(message: str, code: int = BAD_INPUT) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def _setup() -> None:
-    import django
-
-    # As every hms-tasks command: the demo settings unless the HMS names its own.
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hms_tasks.demo.settings")
-    django.setup()
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
-             for r in [header, *rows]]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _time(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
-
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"

@@ -17,7 +17,10 @@ from typing import Any
 
 import click
 
-from hms_tasks.cli import _fail, _fmt_time, _setup, _table
+from hms_tasks.console import fail as _fail
+from hms_tasks.console import fmt_time as _fmt_time
+from hms_tasks.console import setup as _setup
+from hms_tasks.console import table as _table
 
 __all__ = ["alerts", "commands", "exporter", "metrics"]
 

@@ -1,0 +1,47 @@
+"""What every ``hms-tasks`` command shares: Django set-up, bad-input exits, plain tables.
+
+Exit codes of every command: 0 ok, 1 a task or service failed, 2 bad input (nothing was
+published or written). Capabilities' ``cli.py`` modules import these, never ``hms_tasks.cli``
+(which mounts them).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import NoReturn
+
+import click
+
+__all__ = ["BAD_INPUT", "fail", "fmt_time", "setup", "table"]
+
+BAD_INPUT = 2
+
+
+def fail(message: str, code: int = BAD_INPUT) -> NoReturn:
+    """Print ``error: <message>`` on stderr and exit with ``code`` (2: bad input)."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def setup() -> None:
+    """Set Django up, on the demo settings (with a warning) unless the HMS names its own."""
+    import django
+
+    from hms_tasks import conf
+
+    conf.default_settings_module()
+    django.setup()
+
+
+def fmt_time(ts: float | None) -> str:
+    """A local ``YYYY-MM-DD HH:MM:SS``, or ``-``."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """Left-aligned columns two spaces apart, the header first."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))
+             for r in [header, *rows]]
+    return "\n".join(line.rstrip() for line in lines)
