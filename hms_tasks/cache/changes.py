@@ -251,10 +251,11 @@ class Recorder:
 
     The committing thread makes the Redis call itself: read after commit needs it done before
     the commit returns. A second thread, the courier, does what must not hold up a commit:
-    sending the fan-out task (a broker publish: about 0.3 ms when the broker is healthy, up to
-    the broker's socket timeout, seconds, when it hangs) and, while Redis fails, writing the
-    buffered tags with backoff (a process may commit nothing more for hours; without the
-    courier, its buffered tags would wait for its next commit). It starts on first need.
+    sending the fan-out task and, while Redis fails, writing the buffered tags with backoff (a
+    process may commit nothing more for hours; without the courier, its buffered tags would
+    wait for its next commit). It starts on first need. Measured (2026-11-30, loopback Redis
+    as broker, `send_task(retry=False)`): 0.53 ms median, 2.4 ms p90 with the broker healthy;
+    6 s before raising with it down, 30 s with it SIGSTOPped: no commit may wait for that.
     """
 
     def __init__(self) -> None:
@@ -283,15 +284,17 @@ class Recorder:
             # Redis failed this process's last call and the courier has not got through
             # since: do not make every commit wait out the timeout.
             with self._cond:
+                self.stats["buffered"] += 1
                 self._buffer(tags)
             return
         try:
             dispatch = record_changes(tags, timeout=COMMIT_TIMEOUT)
         except Exception as exc:  # a broken cache must never fail a committed write
             with self._cond:
-                self._note_failure(exc, len(tags))
+                self.stats["buffered"] += 1
                 # The call may have run all the same (a timeout): writing it again is harmless.
                 self._buffer(tags)
+                self._note_failure(exc)
                 # It may also have set the pending flag, its reply lost: send a task later.
                 self.owe_dispatch = True
             return
@@ -311,7 +314,6 @@ class Recorder:
 
     def _buffer(self, tags: Iterable[str]) -> None:
         """Keep ``tags`` for the courier (locked)."""
-        self.stats["buffered"] += 1
         if ALL not in self.pending:
             self.pending.update(tags)
             if len(self.pending) > self._max_pending:
@@ -334,7 +336,7 @@ class Recorder:
             atexit.register(flush, 2.0)
         self._cond.notify_all()
 
-    def _note_failure(self, exc: Exception, tags: int) -> None:
+    def _note_failure(self, exc: Exception) -> None:
         """Count a failed Redis call; say it once per outage (locked)."""
         self.stats["failures"] += 1
         if self._failing_since is None:
@@ -342,7 +344,7 @@ class Recorder:
             logger.warning(
                 "cache invalidation not written at commit (%s); buffering %d tags and retrying:"
                 " until they land, reads may return values older than the commit",
-                type(exc).__name__, len(self.pending) + tags)
+                type(exc).__name__, len(self.pending))
 
     def _run(self) -> None:
         delay = RETRY_FIRST
@@ -371,8 +373,8 @@ class Recorder:
                 dispatch = record_changes(tags) or dispatch
             except Exception as exc:
                 with self._cond:
-                    self._note_failure(exc, 0)
                     self._buffer(tags)
+                    self._note_failure(exc)
                     self.owe_dispatch = True  # its reply may be what was lost
                 return True
             with self._cond:
