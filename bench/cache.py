@@ -37,7 +37,8 @@ PG_URL = os.environ.get("BENCH_PG_URL", "postgres://postgres@127.0.0.1:5432/hms_
 #: Zipf exponent of the hit-rate read mix (BENCH_ZIPF_S overrides). With 1.1 over 100,000
 #: patients, about 8% of reads fall beyond the 18,000 patients with activity: compulsory misses.
 ZIPF_S = float(os.environ.get("BENCH_ZIPF_S", "1.2"))
-PARTS = ("read", "warm", "write-sqlite", "write-postgres", "fanout", "latency", "hitrate")
+PARTS = ("read", "warm", "write-sqlite", "write-postgres", "fanout", "latency", "hitrate",
+         "stale")
 
 
 # -- orchestration (the parent process) ------------------------------------------------------
@@ -85,6 +86,10 @@ def run() -> list[Row]:
                     print("no PostgreSQL on 127.0.0.1:5432: write-postgres not measured",
                           file=sys.stderr)
                     continue
+                database = PG_URL
+            elif part == "stale" and _postgres_available():
+                # The peers' comparison ran on PostgreSQL; concurrent processes on one SQLite
+                # file would mostly measure its locking.
                 database = PG_URL
             print(f"  cache: {part} ...", file=sys.stderr, flush=True)
             out = subprocess.run([sys.executable, "-m", "bench.cache", "--part", part],
@@ -237,9 +242,8 @@ def _write_path(label: str) -> list[dict[str, Any]]:
                     sig.disconnect(sender=model, dispatch_uid=f"{uid}:{suffix}")
 
     def round_(n: int) -> float:
-        # The flusher thread's work during the round (it shares the process and the GIL) is
-        # in the timing; waiting out its last 10 ms linger after the round is not: that is
-        # latency of the invalidation, not cost of the write.
+        # The courier thread's work during the round (sending fan-out tasks; it shares the
+        # process and the GIL) is in the timing.
         assert changes.flush(30)
         t0 = time.perf_counter()
         for i in range(n):
@@ -573,6 +577,113 @@ def part_hitrate() -> list[dict[str, Any]]:
     ]
 
 
+_STALE_READER = r"""
+import json, random, sys, time
+import django
+django.setup()
+from hms_tasks.cache.core import get_or_build
+ids, until = json.loads(sys.argv[1]), float(sys.argv[2])
+rng = random.Random(sys.argv[3])
+reads = []
+print("ready", flush=True)
+while time.monotonic() < until:
+    pid = rng.choice(ids)
+    sent = time.monotonic()
+    payload = get_or_build("patient", pid)
+    reads.append((pid, sent, payload["patient"]["allergies"]))
+sys.stdout.write(json.dumps(reads) + "\n")
+"""
+
+
+def _stale_round(ids: list[int], seconds: float, rate: float) -> tuple[int, int, int, float]:
+    """A writer (this process) at ``rate`` commits/s and two reader processes reading the
+    same patients through the cache for ``seconds``. Returns (reads that started after a
+    commit returned, of those the stale ones, commits, the largest time from such a commit to
+    a stale read's start, ms)."""
+    from django.db import transaction
+
+    from hms_tasks.cache import changes
+    from hms_tasks.demo.models import Patient
+
+    Patient.objects.filter(id__in=ids).update(allergies="v-1")
+    assert changes.flush(30)
+    start = time.monotonic() + 1.0
+    until = start + seconds
+    readers = [subprocess.Popen([sys.executable, "-c", _STALE_READER, json.dumps(ids),
+                                 str(until), str(n)], stdout=subprocess.PIPE, text=True,
+                                env=dict(os.environ)) for n in range(2)]
+    for r in readers:
+        assert r.stdout is not None
+        assert r.stdout.readline().strip() == "ready"
+    commits: dict[int, list[tuple[float, int]]] = {i: [] for i in ids}
+    rng = random.Random(7)
+    n = 0
+    while (now := time.monotonic()) < until:
+        delay = start + n / rate - now
+        if delay > 0:
+            time.sleep(delay)
+        pid = rng.choice(ids)
+        with transaction.atomic():
+            Patient.objects.filter(id=pid).update(allergies=f"v{n}")
+        commits[pid].append((time.monotonic(), n))  # the commit has returned
+        n += 1
+    after = stale = 0
+    worst = 0.0
+    for r in readers:
+        out, _ = r.communicate(timeout=120)
+        for pid, sent, seen in json.loads(out.strip().splitlines()[-1]):
+            done = [(t, v) for t, v in commits[pid] if t < sent]
+            if not done:
+                continue
+            after += 1
+            version = int(seen[1:])
+            if version < done[-1][1]:
+                stale += 1
+                missed = next(t for t, v in done if v > version)
+                worst = max(worst, (sent - missed) * 1000)
+    assert changes.flush(30)
+    return after, stale, n, worst
+
+
+def part_stale() -> list[dict[str, Any]]:
+    """Read after commit: reads that start after a commit returned and still get the summary
+    from before it, counted across processes; against a naive write path (the change log
+    and the worker's task only: what this project did before) in the same run."""
+    from unittest import mock
+
+    from django.core.management import call_command
+
+    from hms_tasks.cache import changes
+    from hms_tasks.cache.core import backend
+    from hms_tasks.demo.models import Patient
+
+    call_command("migrate", verbosity=0)
+    if Patient.objects.count() < 50:
+        from hms_tasks.demo.seed import seed
+
+        seed(patients=200, force=True)
+    ids = _patient_ids(50)
+    append = backend().client().register_script(
+        "redis.call('RPUSH', KEYS[1], ARGV[1]) "
+        "if redis.call('SET', KEYS[2], '1', 'NX', 'EX', 30) then return 1 end return 0")
+
+    def naive(tags: Any, *, timeout: float | None = None) -> bool:
+        return bool(append(keys=list(changes._keys()), args=[json.dumps(sorted(tags))]) == 1)
+
+    seconds, rate = 10.0, 200.0
+    with _worker("bench-stale@localhost"):
+        after, stale, commits, worst = _stale_round(ids, seconds, rate)
+        with mock.patch.object(changes, "record_changes", naive):
+            b_after, b_stale, _, b_worst = _stale_round(ids, seconds, rate)
+    return [
+        _row(f"read after commit: stale reads among {after:,} started after a commit returned "
+             f"(writer {commits / seconds:,.0f} commits/s + 2 reader processes, 50 patients; "
+             f"worst {worst:.1f} ms after the commit; baseline: invalidation by the task "
+             f"only, {b_after:,} reads, worst {b_worst:.1f} ms)",
+             stale, b_stale, "reads", "0", None, stale == 0),
+    ]
+
+
 PART_FUNCS: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "read": part_read,
     "warm": part_warm,
@@ -581,6 +692,7 @@ PART_FUNCS: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "fanout": part_fanout,
     "latency": part_latency,
     "hitrate": part_hitrate,
+    "stale": part_stale,
 }
 
 

@@ -1,9 +1,15 @@
-"""From a model change to its cached values gone: signals, commit, the change log, a real
-worker running hms.cache.fanout_changes, real Redis and the real database."""
+"""From a model change to its cached values dead at commit, then gone: signals, commit, the
+generation bump, the change log, a real worker running hms.cache.fanout_changes, real Redis
+and the real database. "Cached" is what a read sees (a value whose generations are current);
+"stored" is the key itself, which the worker unlinks."""
 
 from __future__ import annotations
 
-import time
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from datetime import date
 from typing import Any
 
@@ -35,6 +41,13 @@ def cached(kind: str, id_: int) -> bool:
     return bool(be.has_key(get_kind(kind).key(id_)))
 
 
+def stored(kind: str, id_: int) -> bool:
+    from hms_tasks.cache.registry import get_kind
+
+    be = backend()
+    return bool(be.client().exists(be.make_key(get_kind(kind).key(id_))))
+
+
 def patients(n: int) -> list[int]:
     return list(Patient.objects.order_by("id").values_list("id", flat=True)[:n])
 
@@ -45,7 +58,7 @@ def settle() -> None:
     wait_for(lambda: changes.pending_entries() == 0, what="the change log to drain")
 
 
-def test_save_commit_task_keys_gone(worker: Any, hospital: None) -> None:
+def test_save_commit_next_read_misses_then_keys_gone(worker: Any, hospital: None) -> None:
     a, b = patients(2)
     assert get_or_build("patient", a) is not None
     assert get_or_build("patient", b) is not None
@@ -54,8 +67,11 @@ def test_save_commit_task_keys_gone(worker: Any, hospital: None) -> None:
         p = Patient.objects.get(id=a)
         p.allergies = "penicillin"
         p.save()
-    wait_for(lambda: not cached("patient", a), what="the patient's key to go")
+    # Read after commit: dead as soon as the commit returned, without waiting for anything.
+    assert not cached("patient", a)
     assert cached("patient", b)  # untouched
+    wait_for(lambda: not stored("patient", a), what="the worker to unlink the patient's key")
+    assert stored("patient", b)
     assert get_or_build("patient", a)["patient"]["allergies"] == "penicillin"
     report = wait_for(lambda: reports.latest(names.CACHE_FANOUT_CHANGES),
                       what="fanout's run report")
@@ -65,8 +81,8 @@ def test_save_commit_task_keys_gone(worker: Any, hospital: None) -> None:
 
 def test_rollback_dispatches_nothing(worker: Any, hospital: None) -> None:
     (a,) = patients(1)
-    get_or_build("patient", a)
-    before = changes.recorder().stats["recorded"]
+    before = get_or_build("patient", a)
+
     def change_then_fail() -> None:
         with transaction.atomic():
             Patient.objects.get(id=a).save()
@@ -75,9 +91,9 @@ def test_rollback_dispatches_nothing(worker: Any, hospital: None) -> None:
     with pytest.raises(RuntimeError):
         change_then_fail()
     assert changes.flush()
-    assert changes.recorder().stats["recorded"] == before
     assert changes.pending_entries() == 0
     assert cached("patient", a)
+    assert get_or_build("patient", a) == before
 
 
 def test_savepoint_rollback_is_honoured(worker: Any, hospital: None) -> None:
@@ -92,9 +108,11 @@ def test_savepoint_rollback_is_honoured(worker: Any, hospital: None) -> None:
                 raise RuntimeError("inner rolled back")
         except RuntimeError:
             pass
-    settle()
-    wait_for(lambda: not cached("patient", a), what="the committed change to land")
+    assert not cached("patient", a)
     assert cached("patient", b)
+    settle()
+    wait_for(lambda: not stored("patient", a), what="the committed change to land")
+    assert stored("patient", b)
 
 
 def test_bulk_update_invalidates_every_row_and_a_move_both_schedules(worker: Any,
@@ -103,8 +121,9 @@ def test_bulk_update_invalidates_every_row_and_a_move_both_schedules(worker: Any
     for i in ids:
         get_or_build("patient", i)
     Patient.objects.filter(id__in=ids[:3]).update(notes="")
-    wait_for(lambda: not any(cached("patient", i) for i in ids[:3]), what="bulk invalidation")
+    assert not any(cached("patient", i) for i in ids[:3])
     assert all(cached("patient", i) for i in ids[3:])
+    wait_for(lambda: not any(stored("patient", i) for i in ids[:3]), what="bulk invalidation")
 
     first, second = Practitioner.objects.order_by("id").values_list("id", flat=True)[:2]
     get_or_build("schedule", first)
@@ -112,8 +131,8 @@ def test_bulk_update_invalidates_every_row_and_a_move_both_schedules(worker: Any
     appointment = Appointment.objects.filter(practitioner_id=first).order_by("id").first()
     assert appointment is not None
     Appointment.objects.filter(id=appointment.id).update(practitioner_id=second)
-    wait_for(lambda: not cached("schedule", first) and not cached("schedule", second),
-             what="both practitioners' schedules to go")
+    assert not cached("schedule", first)
+    assert not cached("schedule", second)
 
 
 def test_moving_an_instance_invalidates_its_old_tags(worker: Any, hospital: None) -> None:
@@ -124,8 +143,8 @@ def test_moving_an_instance_invalidates_its_old_tags(worker: Any, hospital: None
     assert appointment is not None
     appointment.practitioner_id = second
     appointment.save()
-    wait_for(lambda: not cached("schedule", first) and not cached("schedule", second),
-             what="old and new schedules to go")
+    assert not cached("schedule", first)
+    assert not cached("schedule", second)
 
 
 def test_only_hot_keys_are_rewarmed(worker: Any, hospital: None) -> None:
@@ -138,42 +157,14 @@ def test_only_hot_keys_are_rewarmed(worker: Any, hospital: None) -> None:
             p = Patient.objects.get(id=pid)
             p.allergies = "latex"
             p.save()
-    wait_for(lambda: not cached("patient", cold), what="the cold key to go")
+    assert not cached("patient", cold)
+    wait_for(lambda: not stored("patient", cold), what="the cold key to go")
     report = wait_for(lambda: (r := reports.latest(names.CACHE_FANOUT_CHANGES)) and
                       r["summary"]["rewarmed"] >= 1 and r, what="refresh-ahead")
     assert report["summary"]["hot"] == 1
     assert cached("patient", hot)  # re-warmed right away, with the new data
     assert backend().get(f"patient:{hot}")["patient"]["allergies"] == "latex"
     assert not cached("patient", cold)
-
-
-def test_outage_during_commits_loses_no_invalidation(worker: Any, hospital: None,
-                                                     redis_server: RedisServer) -> None:
-    ids = patients(4)
-    for i in ids:
-        get_or_build("patient", i)
-    failures = changes.recorder().stats["failures"]
-    redis_server.stop()
-    try:
-        # The HMS keeps writing while Redis (broker and cache) is down: no write fails.
-        for i in ids[:3]:
-            with transaction.atomic():
-                p = Patient.objects.get(id=i)
-                p.allergies = "peanuts"
-                p.save()
-        wait_for(lambda: changes.recorder().stats["failures"] > failures,
-                 what="the recorder to notice the outage")
-        assert not changes.recorder().idle()  # still holding the changes
-    finally:
-        redis_server.start()
-    # The data survived the restart (AOF), so the stale keys are still there until the
-    # buffered changes land.
-    assert cached("patient", ids[3])
-    wait_for(lambda: not any(cached("patient", i) for i in ids[:3]), timeout=60,
-             what="the buffered invalidations to land after the outage")
-    assert cached("patient", ids[3])
-    assert all(get_or_build("patient", i)["patient"]["allergies"] == "peanuts"
-               for i in ids[:3])
 
 
 def save_allergies(ids: list[int], value: str) -> None:
@@ -184,64 +175,139 @@ def save_allergies(ids: list[int], value: str) -> None:
             p.save()
 
 
-def test_commits_are_written_by_the_committing_thread(worker: Any, hospital: None) -> None:
-    first, *ids = patients(21)
-    save_allergies([first], "dust")  # opens the recorder's own connection if it had none
-    settle()
-    for i in ids:
-        get_or_build("patient", i)
-    before = dict(changes.recorder().stats)
-    save_allergies(ids, "pollen")
-    settle()
-    after = changes.recorder().stats
-    # Written on the direct connection (at most one command per commit), none by the
-    # flusher's slower round trips.
-    assert 1 <= after["sent"] - before["sent"] <= len(ids)
-    assert after["flushed_entries"] == before["flushed_entries"]
-    wait_for(lambda: not any(cached("patient", i) for i in ids), what="the keys to go")
+def allergies(id_: int) -> str:
+    payload = get_or_build("patient", id_)
+    assert payload is not None
+    return str(payload["patient"]["allergies"])
 
 
-def test_commands_refused_or_unanswered_are_sent_again(worker: Any, hospital: None,
-                                                        redis_server: RedisServer) -> None:
-    ids = patients(6)
-    save_allergies(ids[:1], "dust")
-    settle()
+def test_redis_down_commits_succeed_buffered_then_land(worker: Any, hospital: None,
+                                                       redis_server: RedisServer) -> None:
+    ids = patients(4)
     for i in ids:
         get_or_build("patient", i)
-    failures = changes.recorder().stats["failures"]
-    # Refused: the script cache emptied under an open connection (NOSCRIPT replies).
-    backend().client().script_flush()
-    save_allergies(ids[:3], "latex")
-    wait_for(lambda: not any(cached("patient", i) for i in ids[:3]), timeout=30,
-             what="the refused commands' invalidations to land")
-    assert changes.recorder().stats["failures"] > failures
-    # Unanswered: Redis hangs with commands in flight; after REPLY_TIMEOUT their tags go
-    # back to the flusher, which lands them once Redis answers again.
-    failures = changes.recorder().stats["failures"]
-    redis_server.pause()
+    redis_server.stop()
     try:
-        save_allergies(ids[3:5], "latex")
-        wait_for(lambda: changes.recorder().stats["failures"] > failures, timeout=30,
-                 what="the recorder to give up on the unanswered commands")
+        # The HMS keeps writing while Redis (broker and cache) is down: no write fails, and
+        # the changes are held (nothing can land).
+        save_allergies(ids[:3], "peanuts")
+        assert not changes.flush(0.5)
+    finally:
+        redis_server.start()
+    # The data survived the restart (AOF): the old values are there, dead only once the
+    # buffered changes land.
+    assert changes.flush(30)
+    assert not any(cached("patient", i) for i in ids[:3])
+    assert cached("patient", ids[3])
+    assert all(allergies(i) == "peanuts" for i in ids[:3])
+    wait_for(lambda: not any(stored("patient", i) for i in ids[:3]) or
+             all(cached("patient", i) for i in ids[:3]), timeout=30,
+             what="the worker to apply the buffered changes")
+
+
+def test_hung_redis_never_holds_a_commit_and_the_change_lands_after(
+        worker: Any, hospital: None, redis_server: RedisServer) -> None:
+    ids = patients(3)
+    for i in ids:
+        get_or_build("patient", i)
+    redis_server.pause()  # SIGSTOP: connections stay open, nothing is answered
+    try:
+        writer = threading.Thread(target=save_allergies, args=(ids[:2], "latex"))
+        writer.start()
+        # Generous (the call gives up after COMMIT_TIMEOUT): what is checked is that the
+        # commits return while Redis still answers nothing.
+        writer.join(10)
+        assert not writer.is_alive(), "a commit waited for the hung Redis"
+        assert not changes.flush(0.2)
     finally:
         redis_server.resume()
-    wait_for(lambda: not any(cached("patient", i) for i in ids[3:5]), timeout=60,
-             what="the unanswered commands' invalidations to land")
-    assert cached("patient", ids[5])
+    assert changes.flush(30)
+    assert not any(cached("patient", i) for i in ids[:2])
+    assert cached("patient", ids[2])
+    assert allergies(ids[0]) == "latex"
 
 
-def test_a_lone_change_after_a_stream_is_acknowledged_without_a_flush(worker: Any,
-                                                                     hospital: None) -> None:
-    rec = changes.recorder()
-    rec.add(frozenset({"patient:1"}))
-    assert changes.flush()
-    direct = rec._direct
-    assert direct is not None  # the recorder's own connection is open
-    # A change written on that connection just after another (not after a quiet spell), then
-    # nothing more: its reply must still be read, by the flusher, without anyone asking.
-    with rec._cond:
-        direct.last_send = time.monotonic() - changes.LINGER
-    sent = rec.stats["sent"]
-    rec.add(frozenset({"patient:2"}))
-    assert rec.stats["sent"] == sent + 1
-    wait_for(rec.idle, timeout=5, what="the flusher to read the last reply")
+def test_commit_after_redis_lost_its_scripts_still_invalidates(worker: Any,
+                                                               hospital: None) -> None:
+    ids = patients(2)
+    save_allergies(ids[:1], "dust")  # the recording script is loaded by now
+    for i in ids:
+        get_or_build("patient", i)
+    backend().client().script_flush()  # as after a Redis restart without persistence
+    save_allergies(ids[:1], "latex")
+    assert not cached("patient", ids[0])
+    assert cached("patient", ids[1])
+    assert allergies(ids[0]) == "latex"
+
+
+# -- read after commit, seen from another process ---------------------------------------------
+
+_READER = r"""
+import sys
+import django
+django.setup()
+from django.core.cache import caches
+from hms_tasks import conf
+cache = caches[conf.get().cache_alias]
+print("ready", flush=True)
+for line in sys.stdin:
+    value = cache.get(f"patient:{int(line)}")
+    print("miss" if value is None else value["patient"]["allergies"], flush=True)
+"""
+
+
+@pytest.fixture
+def reader() -> Iterator[subprocess.Popen[str]]:
+    """A process of its own that reads a patient's summary through the cache on request."""
+    proc = subprocess.Popen([sys.executable, "-c", _READER], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def stale_reads(reader: subprocess.Popen[str], pid: int, rounds: int) -> int:
+    """Rounds in which the reader, asked only after the commit returned, got the summary
+    cached before the commit."""
+    assert reader.stdin is not None
+    assert reader.stdout is not None
+    stale = 0
+    for n in range(rounds):
+        before = allergies(pid)
+        assert cached("patient", pid)
+        save_allergies([pid], f"v{n}")
+        reader.stdin.write(f"{pid}\n")
+        reader.stdin.flush()
+        seen = reader.stdout.readline().strip()
+        assert seen in ("miss", f"v{n}", before)
+        stale += seen == before
+        settle()
+    return stale
+
+
+def test_a_reader_in_another_process_never_sees_the_pre_commit_payload(
+        worker: Any, hospital: None, reader: subprocess.Popen[str]) -> None:
+    (pid,) = patients(1)
+    assert stale_reads(reader, pid, 20) == 0
+
+
+def test_invalidating_only_in_the_task_fails_that_check(
+        worker: Any, hospital: None, reader: subprocess.Popen[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The naive write path: commit appends to the change log and the worker's task does all
+    # the invalidation, a few milliseconds later. The check above must catch it.
+    be = backend()
+    append = be.client().register_script(
+        "redis.call('RPUSH', KEYS[1], ARGV[1]) "
+        "if redis.call('SET', KEYS[2], '1', 'NX', 'EX', 30) then return 1 end return 0")
+
+    def naive(tags: Any, *, timeout: float | None = None) -> bool:
+        import json
+
+        return bool(append(keys=list(changes._keys()), args=[json.dumps(sorted(tags))]) == 1)
+
+    monkeypatch.setattr(changes, "record_changes", naive)
+    (pid,) = patients(1)
+    assert stale_reads(reader, pid, 20) > 0

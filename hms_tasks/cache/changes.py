@@ -1,26 +1,30 @@
-"""Invalidation fan-out: from a model change in the HMS to its cached values gone.
+"""Invalidation at commit: from a model change in the HMS to its cached values dead, then gone.
 
 Write path, in every HMS process (web or worker)::
 
     post_save / post_delete of a registered model (or an InvalidatingQuerySet bulk change)
       -> the tags it touches (for tracked fields, the values it was loaded with as well)
       -> transaction.on_commit          (nothing on rollback; savepoints honoured)
-      -> the process's Recorder: the committing thread writes the tags to the change log in
-         Redis (one Lua call, on the recorder's own connection, the reply not awaited), at
-         once or with the rest of the current 10 ms (see :class:`Recorder`)
-      -> its flusher thread reads the replies; one says whether a fan-out task must be sent
-         (one per burst, not one per change)
-      -> hms.cache.fanout_changes       (on a worker)
+      -> the committing thread, before the commit returns to the HMS: one Lua call gives each
+         tag a new generation and appends the tags to the change log (:func:`record_changes`);
+         its reply says whether a fan-out task must be sent (one per burst, not per change)
+      -> hms.cache.fanout_changes       (on a worker: unlinks the dead keys, re-warms hot ones)
 
-The HMS's write never waits for an answer from Redis or the broker and never fails because of
-them. If Redis or the broker is down or does not answer, tags stay buffered (the failure is
-counted and logged once per outage) and are written, and the task sent, when they are back;
-past ``HMS_TASKS_CACHE_MAX_PENDING_TAGS`` buffered tags the process invalidates the whole cache
-instead (the ``all`` tag), so memory stays bounded and nothing stale survives. A process that
-exits gracefully writes what it holds first (for 2 s at most: an ``atexit`` hook, and Celery's
-``worker_process_shutdown`` for pool processes). What is not covered: a process killed
-(SIGKILL, OOM) in the milliseconds between a commit and the write of its tags loses that
-commit's invalidation; the value then lives until its TTL.
+Read after commit. Every read through the cache (a hit too) compares the generations a value
+was built under with its tags' current ones, in the same Lua call that reads it (see
+:mod:`hms_tasks.cache.lua`). Once the commit's call has bumped them, no read anywhere returns
+a value built before the commit, and no fill that read the database before it can store one.
+So a read that starts after ``save()``/``atomic()`` returned never sees the pre-commit payload,
+in any process, whenever Redis answered that call within :data:`COMMIT_TIMEOUT`.
+
+When it did not (Redis down, hung or slow), the write still succeeds: the tags are buffered,
+the failure is logged once per outage, and the process's courier thread writes them (bumping
+the generations then) with backoff until Redis answers; meanwhile the process's later commits
+buffer too without waiting. Past ``HMS_TASKS_CACHE_MAX_PENDING_TAGS`` buffered tags it
+invalidates the whole cache instead (the ``all`` tag), so memory stays bounded. A process that
+exits gracefully writes what it holds first (2 s at most: ``atexit``, and Celery's
+``worker_process_shutdown``). A process killed (SIGKILL, OOM) with tags buffered loses their
+invalidation; the values then live until their TTL. docs/cache.md states these limits.
 
 Worker side: :func:`apply_changes` takes batches off the change log and invalidates their tags
 in the same atomic Lua step, so a worker dying half-way loses nothing either.
@@ -29,26 +33,27 @@ in the same atomic Lua step, so a worker dying half-way loses nothing either.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import logging
 import os
+import re
 import secrets
-import select
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from types import SimpleNamespace
 from typing import Any
 
+import redis
+from django.conf import settings
 from django.db import models, transaction
 from django.db.models.signals import post_delete, post_init, post_save
-from redis.exceptions import ResponseError
+from redis.commands.core import Script
 
-from hms_tasks import conf, names
+from hms_tasks import conf, names, store
+from hms_tasks.cache import lua
 from hms_tasks.cache.backend import GENERATION_TTL
 from hms_tasks.cache.core import backend, heat_key
 from hms_tasks.cache.registry import TrackedModel, tracked_models
@@ -64,6 +69,7 @@ __all__ = [
     "connect",
     "flush",
     "pending_entries",
+    "record_changes",
     "recorder",
 ]
 
@@ -73,23 +79,13 @@ logger = logging.getLogger(__name__)
 BATCH_TAGS = 1000
 #: Seconds the "a fan-out task is pending" flag lives if its task is lost.
 PENDING_TTL = 30
-#: The most a process writes to the change log is one command per this much time (seconds):
-#: changes committed within it of the last write gather and go with the next. A busy HMS
-#: process pays for one write per LINGER rather than one per commit, at the cost of up to this
-#: much latency (well inside the 50 ms p99 budget from commit to keys gone).
-LINGER = 0.01
-#: Bytes a process may have in flight (written, not yet answered) on its direct connection;
-#: past this, changes gather for the flusher instead. Below what the sockets' buffers hold, so
-#: a commit's write never blocks, even when Redis stops reading.
-MAX_IN_FLIGHT_BYTES = 16 * 1024
-#: A reply this late (seconds) means Redis or the connection is gone: its tags go back to the
-#: flusher, which retries with backoff.
-REPLY_TIMEOUT = 2.0
-#: A process that sent nothing for this long (seconds) is quiet: its next command's reply is
-#: read by the flusher at once (it probably says to send the fan-out task: the last task
-#: stopped after 0.1 s without changes). Replies of commands in flight this long after the
-#: last send are read by the flusher too; the rest are read by the commits that follow.
-QUIET = 0.05
+#: The commit's Redis call gives up after this long (seconds): far above a healthy round trip
+#: (about 0.2 ms on loopback), short enough that nobody notices a commit held up by it. With
+#: Redis hung, a process's commits wait this long once, then buffer without waiting.
+COMMIT_TIMEOUT = 0.1
+#: The courier's retry delays while Redis or the broker fails: the first, doubling to the last
+#: (seconds). The last bounds how long after Redis is back commits keep being buffered.
+RETRY_FIRST, RETRY_LAST = 0.05, 0.5
 _LOADED = "_hms_cache_loaded"
 
 
@@ -221,325 +217,195 @@ class InvalidatingQuerySet(models.QuerySet[Any]):
 # -- the recorder -----------------------------------------------------------------------------
 
 
-@dataclass
-class _Direct:
-    """The recorder's own Redis connection, written to without waiting for replies."""
-
-    conn: Any
-    prefix: bytes  # EVALSHA <sha> 2 <log> <flag>, packed once
-    suffix: bytes  # the pending flag's TTL, packed once
-    in_flight: deque[tuple[float, frozenset[str], int]] = field(default_factory=deque)
-    in_flight_bytes: int = 0
-    last_send: float = 0.0
-    #: A command whose reply the flusher must read as soon as it comes (see Recorder.add).
-    urgent: bool = False
-
-    @classmethod
-    def open(cls) -> _Direct:
-        be = backend()
-        pool = be.client().connection_pool
-        # A connection of its own (same parameters as the pool's), never returned to the
-        # pool: replies are read later, so nobody else may use it.
-        conn = pool.connection_class(**{**pool.connection_kwargs,
-                                        "socket_timeout": REPLY_TIMEOUT})
-        conn.connect()
-        sha = be._scripts["RECORD_CHANGES"].sha
-        parts = [b"EVALSHA", sha.encode(), b"2", *(k.encode() for k in _keys())]
-        # RESP by hand: the command's first five arguments never change, so a commit packs
-        # only its entry (redis-py's pack_command would redo all seven).
-        prefix = b"*7\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-        ttl = str(PENDING_TTL).encode()
-        return cls(conn=conn, prefix=prefix, suffix=b"$%d\r\n%s\r\n" % (len(ttl), ttl))
-
-    def send(self, tags: frozenset[str]) -> bool:
-        """Write the command appending ``tags``; False if it would not fit in flight."""
-        entry = json.dumps(sorted(tags)).encode()
-        command = b"%s$%d\r\n%s\r\n%s" % (self.prefix, len(entry), entry, self.suffix)
-        if self.in_flight_bytes + len(command) > MAX_IN_FLIGHT_BYTES:
-            return False
-        self._check_open()
-        self.conn.send_packed_command([command], check_health=False)
-        self.last_send = time.monotonic()
-        self.in_flight.append((self.last_send, tags, len(command)))
-        self.in_flight_bytes += len(command)
-        return True
-
-    def replies(self) -> Iterator[tuple[frozenset[str], Any]]:
-        """The replies that have arrived, with the tags they acknowledge (never blocks long:
-        a reply that has begun to arrive is read to its end)."""
-        self._check_open()
-        while self.in_flight and self.conn.can_read(0):
-            try:
-                reply = self.conn.read_response()
-            except ResponseError as exc:
-                reply = exc
-            _, tags, size = self.in_flight.popleft()
-            self.in_flight_bytes -= size
-            yield tags, reply
-
-    def _check_open(self) -> None:
-        # redis-py reconnects a closed connection by itself; here that would pair the new
-        # connection's replies with the old one's commands.
-        if self.conn._sock is None:
-            raise ConnectionError("the recorder's connection was closed")
-
-    def close(self) -> set[str]:
-        """Drop the connection; the tags it had not acknowledged, to be sent again."""
-        self.conn.disconnect()
-        return set[str]().union(*(tags for _, tags, _ in self.in_flight))
+def _cache_url() -> str:
+    """The cache's Redis: the first server of its ``LOCATION``, the one Django's backend
+    writes to."""
+    location = settings.CACHES[conf.get().cache_alias]["LOCATION"]
+    servers = location if isinstance(location, (list, tuple)) else re.split("[;,]", location)
+    return str(servers[0]).strip()
 
 
-@dataclass
+@lru_cache(maxsize=8)
+def _script(client: redis.Redis) -> Script:
+    # redis-py's Script: EVALSHA, loading the script again after a NOSCRIPT (Redis restarted).
+    return client.register_script(lua.RECORD_CHANGES)
+
+
+def record_changes(tags: Iterable[str], *, timeout: float | None = None) -> bool:
+    """Give each of ``tags`` a new generation and append them to the change log: one atomic
+    call, waiting at most ``timeout`` seconds for Redis (None: the client's default). From the
+    reply on, no read returns a value cached under them. Returns whether the fan-out task
+    must be sent (no other is pending). Raises what redis-py raises."""
+    be = backend()
+    client = store.client(decode=False, url=_cache_url(), socket_timeout=timeout)
+    ordered = sorted(tags)
+    entries = [json.dumps(ordered[i:i + BATCH_TAGS]) for i in range(0, len(ordered), BATCH_TAGS)]
+    out = _script(client)(keys=list(_keys()), args=[
+        be.gen_prefix, secrets.token_hex(8), GENERATION_TTL, PENDING_TTL, *entries],
+        client=client)
+    return bool(out == 1)
+
+
 class Recorder:
-    """The process's committed changes on their way to the change log in Redis.
+    """This process's committed changes on their way to Redis (see the module docstring).
 
-    The committing thread writes them itself, on the recorder's own connection, without
-    waiting for the reply: at once when nothing was sent in the last :data:`LINGER`, otherwise
-    gathered in ``pending`` and written by the first commit after that (a busy process writes
-    one entry per ``LINGER``, not one per commit). A background thread, the flusher, writes
-    what gathered when no commit follows, reads the replies the commits left unread, sends the
-    fan-out task when a reply says so, and takes back the tags of any command that failed or
-    went unanswered. Until that connection is up, or while it is down, the flusher appends
-    ``pending`` with a round trip of its own, with backoff.
-
-    Why the committing thread, not the flusher, does the writing: on a 2-core machine the
-    flusher's wake-ups and the GIL hand-offs around its round trips were most of the write
-    path's overhead, and every buffered change waited for them.
+    The committing thread makes the Redis call itself: read after commit needs it done before
+    the commit returns. A second thread, the courier, does what must not hold up a commit:
+    sending the fan-out task and, while Redis fails, writing the buffered tags with backoff (a
+    process may commit nothing more for hours; without the courier, its buffered tags would
+    wait for its next commit). It starts on first need. Measured (2026-11-30, loopback Redis
+    as broker, `send_task(retry=False)`): 0.53 ms median, 2.4 ms p90 with the broker healthy;
+    6 s before raising with it down, 30 s with it SIGSTOPped: no commit may wait for that.
     """
 
-    pending: set[str] = field(default_factory=set)
-    owe_dispatch: bool = False
-    stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("recorded", "sent", "flushed_entries", "dispatched", "failures", "overflows"), 0))
-    _cond: threading.Condition = field(default_factory=threading.Condition)
-    _thread: threading.Thread | None = None
-    _direct: _Direct | None = None
-    _pending_since: float = 0.0
-    _sleeping: bool = False
-    _busy: bool = False
-    _failing_since: float | None = None
-    _max_pending: int = field(default_factory=lambda: conf.get().cache_max_pending_tags)
+    def __init__(self) -> None:
+        #: Tags committed but not yet in Redis (while Redis fails).
+        self.pending: set[str] = set()
+        #: A fan-out task is owed (the commit's call said so, or a call's reply was lost).
+        self.owe_dispatch = False
+        #: Counters: commits recorded, written at commit, buffered, buffers landed later,
+        #: tasks sent, failed calls, buffer overflows (to ``all``).
+        self.stats = dict.fromkeys(("recorded", "at_commit", "buffered", "landed",
+                                    "dispatched", "failures", "overflows"), 0)
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._busy = False
+        self._failing_since: float | None = None  # Redis calls failing: commits buffer
+        self._dispatch_failing_since: float | None = None
+        self._max_pending = conf.get().cache_max_pending_tags
 
     def add(self, tags: frozenset[str]) -> None:
-        """Take committed tags (called from ``on_commit``: must be cheap and never raise)."""
+        """Record committed ``tags`` (the ``on_commit`` hook): returns within
+        :data:`COMMIT_TIMEOUT` plus a connect, and never raises."""
         with self._cond:
             self.stats["recorded"] += 1
-            if self._thread is None:
-                self._start_flusher()
-            direct = self._direct
-            if direct is not None and time.monotonic() - direct.last_send >= LINGER:
-                batch = frozenset(self.pending | tags) if self.pending else tags
-                if self._send(direct, batch):
-                    return
-            if not self.pending:
-                self._pending_since = time.monotonic()
-                if self._sleeping:  # otherwise it looks again within LINGER anyway
-                    self._cond.notify()  # it writes them if no commit comes in time
+            failing = self._failing_since is not None
+        if failing:
+            # Redis failed this process's last call and the courier has not got through
+            # since: do not make every commit wait out the timeout.
+            with self._cond:
+                self.stats["buffered"] += 1
+                self._buffer(tags)
+            return
+        try:
+            dispatch = record_changes(tags, timeout=COMMIT_TIMEOUT)
+        except Exception as exc:  # a broken cache must never fail a committed write
+            with self._cond:
+                self.stats["buffered"] += 1
+                # The call may have run all the same (a timeout): writing it again is harmless.
+                self._buffer(tags)
+                self._note_failure(exc)
+                # It may also have set the pending flag, its reply lost: send a task later.
+                self.owe_dispatch = True
+            return
+        with self._cond:
+            self.stats["at_commit"] += 1
+            if dispatch:
+                self.owe_dispatch = True
+                self._wake()
+
+    def idle(self) -> bool:
+        """Nothing buffered, no task owed, the courier not at work."""
+        with self._cond:
+            return self._idle()
+
+    def _idle(self) -> bool:
+        return not (self.pending or self.owe_dispatch or self._busy)
+
+    def _buffer(self, tags: Iterable[str]) -> None:
+        """Keep ``tags`` for the courier (locked)."""
+        if ALL not in self.pending:
             self.pending.update(tags)
             if len(self.pending) > self._max_pending:
                 self.pending = {ALL}
                 self.stats["overflows"] += 1
+        self._wake()
 
-    def _start_flusher(self) -> None:
-        thread = threading.Thread(target=self._run, name="hms-cache-changes", daemon=True)
-        try:
-            thread.start()
-        except RuntimeError:  # no more threads, or the interpreter is exiting: next time
-            logger.warning("cache change flusher could not start; changes stay buffered")
-            return
-        self._thread = thread
-        # A graceful exit (gunicorn's max_requests, a deploy's SIGTERM) writes what is
-        # buffered first, for a moment at most.
-        atexit.register(flush, 2.0)
+    def _wake(self) -> None:
+        """Have the courier look at the buffer and the owed task (locked)."""
+        if self._thread is None:
+            thread = threading.Thread(target=self._run, name="hms-cache-courier", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no more threads, or the interpreter is exiting
+                logger.warning("cache change courier could not start; changes stay buffered")
+                return
+            self._thread = thread
+            # A graceful exit (gunicorn's max_requests, a deploy's SIGTERM) writes what is
+            # buffered first, for a moment at most.
+            atexit.register(flush, 2.0)
+        self._cond.notify_all()
 
-    def _send(self, direct: _Direct, batch: frozenset[str]) -> bool:
-        """Write ``batch`` on the direct connection (locked); False: it could not be."""
-        # Replies first: they make room under the in-flight cap, and a dead connection is
-        # found here rather than by the write.
-        self._take_replies(direct)
-        if direct is not self._direct or len(batch) > BATCH_TAGS:
-            return False
-        # After a quiet spell the reply probably says "send the fan-out task" (the last one
-        # stopped when the log ran dry): the flusher reads it at once. In a stream of
-        # commits, a later commit reads it.
-        quiet = time.monotonic() - direct.last_send > QUIET
-        try:
-            if not direct.send(batch):
-                return False
-        except Exception as exc:
-            self._drop_direct(exc)
-            return False
-        self.stats["sent"] += 1
-        self.pending = set()
-        direct.urgent |= quiet
-        if quiet or self._sleeping or self.owe_dispatch:
-            self._cond.notify()
-        return True
-
-    def idle(self) -> bool:
-        with self._cond:
-            return not (self.pending or self.owe_dispatch or self._busy
-                        or (self._direct is not None and self._direct.in_flight))
-
-    def _take_replies(self, direct: _Direct) -> None:
-        """Take in the replies that have arrived (locked)."""
-        try:
-            for tags, reply in direct.replies():
-                if isinstance(reply, Exception):
-                    # NOSCRIPT (Redis restarted or its scripts flushed): the flusher's round
-                    # trip loads the script again, then reopens the direct connection.
-                    self._requeue(tags)
-                    raise reply
-                if reply == 1:
-                    self.owe_dispatch = True
-            if direct.in_flight and time.monotonic() - direct.in_flight[0][0] > REPLY_TIMEOUT:
-                raise TimeoutError(f"no reply from Redis in {REPLY_TIMEOUT} s")
-        except Exception as exc:
-            self._drop_direct(exc)
-
-    def _requeue(self, tags: Iterable[str]) -> None:
-        if not self.pending:
-            self._pending_since = time.monotonic()
-        if ALL not in self.pending:
-            self.pending.update(tags)
-
-    def _drop_direct(self, exc: Exception) -> None:
-        """Close the direct connection, its unacknowledged tags back to pending (locked)."""
-        assert self._direct is not None
-        unacked, self._direct = self._direct.close(), None
-        if unacked:
-            self._requeue(unacked)
-            # Some of them may have run, one of them setting the pending flag whose reply we
-            # lost: without a task of ours, fan-out would wait for the flag to expire. An
-            # extra task is harmless.
-            self.owe_dispatch = True
-        self._note_failure(exc)
-        self._cond.notify()
-
-    def _next_job(self) -> str:
-        """Wait until there is something to do (locked): "slow" (append ``pending`` with a
-        round trip, send the fan-out task if owed), "dispatch" (send it), "send" (write
-        ``pending`` on the direct connection) or "replies" (read them)."""
-        while True:
-            direct, now = self._direct, time.monotonic()
-            if self.pending and direct is None:
-                return "slow"
-            if self.owe_dispatch:
-                return "dispatch"  # pending, if any, goes on the direct connection after
-            if direct is not None and direct.in_flight and (
-                    direct.urgent or now - direct.last_send >= QUIET
-                    or direct.in_flight_bytes > MAX_IN_FLIGHT_BYTES // 2):
-                return "replies"
-            if self.pending:
-                due = self._pending_since + LINGER
-                if now >= due:
-                    return "send"
-                self._cond.wait(due - now)
-            elif direct is not None and direct.in_flight:
-                waited = now - direct.last_send
-                # Commits are flowing: look again within LINGER rather than be woken by each
-                # window's first buffered change (a wake-up, and a GIL hand-off, per window).
-                self._cond.wait(min(QUIET - waited, LINGER))
-            else:
-                self._sleeping = True
-                self._cond.wait()
-                self._sleeping = False
+    def _note_failure(self, exc: Exception) -> None:
+        """Count a failed Redis call; say it once per outage (locked)."""
+        self.stats["failures"] += 1
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            logger.warning(
+                "cache invalidation not written at commit (%s); buffering %d tags and retrying:"
+                " until they land, reads may return values older than the commit",
+                type(exc).__name__, len(self.pending))
 
     def _run(self) -> None:
-        while True:
-            try:
-                self._loop()
-            except Exception:  # a bug must not stop recording for the life of the process
-                logger.exception("cache change flusher failed; restarting it")
-                with self._cond:
-                    self._busy = False
-                time.sleep(1)
-
-    def _loop(self) -> None:
-        backoff = 0.05
+        delay = RETRY_FIRST
         while True:
             with self._cond:
-                job, direct = self._next_job(), self._direct
-                if job == "send" and (direct is None
-                                      or not self._send(direct, frozenset(self.pending))):
-                    job = "slow"
-            if job == "replies" and direct is not None:
-                # Wait for the replies without the lock or the GIL, then take them in. (poll,
-                # not select: select refuses descriptors past 1024.)
-                with contextlib.suppress(OSError, AttributeError, ValueError):  # closed
-                    poller = select.poll()
-                    poller.register(direct.conn._sock.fileno(), select.POLLIN)
-                    poller.poll(100)
-                with self._cond:
-                    if direct is self._direct:
-                        self._take_replies(direct)
-                        direct.urgent = bool(direct.urgent and direct.in_flight)
-            if job not in ("slow", "dispatch"):
-                continue
-            with self._cond:
-                tags: set[str] = set()
-                if job == "slow":
-                    tags, self.pending = self.pending, set()
+                while not (self.pending or self.owe_dispatch):
+                    self._cond.wait()
+                tags, self.pending = self.pending, set()
+                dispatch, self.owe_dispatch = self.owe_dispatch, False
                 self._busy = True
-            try:
-                if tags:
-                    self._flush(tags)
-                    tags = set()
-                with self._cond:
-                    dispatch, self.owe_dispatch = self.owe_dispatch, False
-                if dispatch:
-                    self._dispatch()
-                if self._direct is None:
-                    opened = _Direct.open()
-                    with self._cond:
-                        self._direct = opened
-            except Exception as exc:
-                with self._cond:
-                    self._requeue(tags)
-                    # A failed append or dispatch may have set the pending flag (the reply was
-                    # lost, or the task was): send a task when the retry succeeds.
-                    self.owe_dispatch = True
-                    self._busy = False
-                    self._note_failure(exc)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
+            failed = self._deliver(tags, dispatch)
             with self._cond:
                 self._busy = False
-                since, self._failing_since = self._failing_since, None
-            backoff = 0.05
-            if since is not None:
-                logger.warning("cache change log reachable again after %.1f s; flushed",
-                               time.monotonic() - since)
+                self._cond.notify_all()  # flush() waits for this
+            if failed:
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_LAST)
+            else:
+                delay = RETRY_FIRST
 
-    def _flush(self, tags: set[str]) -> None:
-        be = backend()
-        keys = list(_keys())
-        record = be._scripts["RECORD_CHANGES"]
-        ordered = sorted(tags)
-        # One EVALSHA per entry, not a pipeline: a pipeline of scripts first asks SCRIPT
-        # EXISTS, a second round trip, and almost every flush is a single entry.
-        for start in range(0, len(ordered), BATCH_TAGS):
-            entry = json.dumps(ordered[start:start + BATCH_TAGS])
-            if record(keys=keys, args=[entry, PENDING_TTL]) == 1:
-                self.owe_dispatch = True
-            self.stats["flushed_entries"] += 1
+    def _deliver(self, tags: set[str], dispatch: bool) -> bool:
+        """Write buffered ``tags``, then send the task if owed; True if something failed
+        (what failed is owed again)."""
+        if tags:
+            try:
+                dispatch = record_changes(tags) or dispatch
+            except Exception as exc:
+                with self._cond:
+                    self._buffer(tags)
+                    self._note_failure(exc)
+                    self.owe_dispatch = True  # its reply may be what was lost
+                return True
+            with self._cond:
+                self.stats["landed"] += 1
+                since, self._failing_since = self._failing_since, None
+            if since is not None:
+                logger.warning("cache invalidations written after %.1f s of Redis failures",
+                               time.monotonic() - since)
+        if dispatch:
+            try:
+                self._dispatch()
+            except Exception as exc:  # the broker: the bumps landed, only fan-out waits
+                with self._cond:
+                    self.owe_dispatch = True
+                    if self._dispatch_failing_since is None:
+                        self._dispatch_failing_since = time.monotonic()
+                        logger.warning("cache fan-out task not sent (%s); retrying",
+                                       type(exc).__name__)
+                return True
+            self._dispatch_failing_since = None
+        return False
 
     def _dispatch(self) -> None:
         # Imported here: an HMS process loads this module with its models, long before it
         # records a change, and need not build the Celery app for that.
         from hms_tasks.celery import app
 
-        # retry=False: a broker outage must fail fast here, the flusher retries itself.
+        # retry=False: a broker outage must fail fast here, the courier retries itself.
         app.send_task(names.CACHE_FANOUT_CHANGES, retry=False)
-        self.stats["dispatched"] += 1
-
-    def _note_failure(self, exc: Exception) -> None:
-        self.stats["failures"] += 1
-        if self._failing_since is None:
-            self._failing_since = time.monotonic()
-            logger.warning("cache changes not flushed (%s); buffering %d tags and retrying",
-                           type(exc).__name__, len(self.pending))
+        with self._cond:
+            self.stats["dispatched"] += 1
 
 
 _recorder: Recorder | None = None
@@ -559,15 +425,16 @@ def recorder() -> Recorder:
 
 
 def flush(timeout: float = 10.0) -> bool:
-    """Wait until this process's committed changes are in Redis and their task sent."""
+    """Wait until this process's committed changes are in Redis and their task sent; False
+    if that took longer than ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     r = recorder()
-    while not r.idle():
-        if time.monotonic() > deadline:
-            return False
-        with r._cond:
-            r._cond.notify()
-        time.sleep(0.001)
+    with r._cond:
+        while not r._idle():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            r._cond.wait(min(left, 0.05))
     return True
 
 

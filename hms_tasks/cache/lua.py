@@ -217,12 +217,23 @@ table.insert(hot, 1, removed)
 return hot
 """
 
-# Append a batch of changes (one JSON list of tags) to the change log; ask for a fan-out task
-# unless one is already pending. KEYS: 1 change list, 2 pending flag. ARGV: 1 batch,
-# 2 pending ttl s. Returns 1 if the caller must dispatch the fan-out task.
+# Record committed changes, at commit: give each tag a new generation (from this call on, no
+# read returns a value cached under the old one, and no fill that read the old generation
+# stores), append the batches to the change log (the worker unlinks the dead keys and re-warms
+# the hot ones), and ask for a fan-out task unless one is already pending.
+# KEYS: 1 change list, 2 pending flag. ARGV: 1 gen prefix, 2 new-generation token,
+# 3 generation ttl s, 4 pending ttl s, 5.. batches (JSON lists of tags).
+# Returns 1 if the caller must dispatch the fan-out task.
 RECORD_CHANGES = r"""
-redis.call('RPUSH', KEYS[1], ARGV[1])
-if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return 1 end
+local n = 0
+for b = 5, #ARGV do
+  for _, tag in ipairs(cjson.decode(ARGV[b])) do
+    n = n + 1
+    redis.call('SET', ARGV[1] .. tag, ARGV[2] .. ':' .. n, 'EX', ARGV[3])
+  end
+  redis.call('RPUSH', KEYS[1], ARGV[b])
+end
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[4]) then return 1 end
 return 0
 """
 
