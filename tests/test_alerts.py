@@ -262,6 +262,9 @@ def test_configured_webhook_outside_the_allowlist_stops_start_up() -> None:
     ("http://169.254.169.254/latest/meta-data/", False),
     ("http://0.0.0.0:8081/alerts", False),
     ("http://[::]:8080/h", False),
+    ("http://[64:ff9b::a9fe:a9fe]/", False),  # NAT64 of 169.254.169.254
+    ("http://[2002:a9fe:a9fe::1]/", False),  # 6to4 of it
+    ("http://[::ffff:169.254.169.254]/", False),
 ])
 def test_url_allowlist(url: str, allowed: bool) -> None:
     allowlist = ["https://hooks.example.com/alerts", "http://[::1]:8080/h",

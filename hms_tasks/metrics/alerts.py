@@ -335,8 +335,8 @@ async def _post(url: str, body: bytes, timeout: float) -> int:
             code = resp.status
     except aiohttp.ClientConnectorError as exc:
         if isinstance(exc.os_error, netguard.ForbiddenAddress):
-            raise WebhookRefused("the webhook's host resolves only to addresses that are never"
-                                 " contacted (see hms_tasks.netguard)") from None
+            raise WebhookRefused("the webhook's host resolves only to addresses a host name may"
+                                 " not lead to (see hms_tasks.netguard)") from None
         raise TransientError(f"webhook unreachable ({type(exc).__name__})") from None
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise TransientError(f"webhook unreachable ({type(exc).__name__})") from None
