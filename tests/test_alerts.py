@@ -227,10 +227,63 @@ def test_configured_webhook_outside_the_allowlist_stops_start_up() -> None:
     ("http://[0:0::1]:8080/h/x", True),
     ("http://127.0.0.1:8080/h", False),
     ("ftp://hooks.example.com/alerts", False),
+    # Dot segments, raw or percent-encoded, never climb out of the allowed path (issue 12).
+    ("http://127.0.0.1:8081/alerts/../admin", False),
+    ("http://127.0.0.1:8081/alerts/%2e%2e/admin", False),
+    ("http://127.0.0.1:8081/alerts/%2E./admin", False),
+    ("http://127.0.0.1:8081/alerts/.%2e/admin", False),
+    ("http://127.0.0.1:8081/alerts/./x", False),
+    ("http://127.0.0.1:8081/alerts/..;/admin", False),
+    ("http://127.0.0.1:8081/alerts/x%2f..%2f..%2fadmin", False),
+    ("http://127.0.0.1:8081/alerts\\..\\admin", False),
+    ("http://127.0.0.1:8081/alerts/%41", True),
+    ("http://127.0.0.1:8081/%61lerts/x", True),  # %61 is "a": the same path
+    # Credentials in any spelling, and a host hidden behind them.
+    ("https://@hooks.example.com/alerts", False),
+    ("https://:@hooks.example.com/alerts", False),
+    ("https://hooks.example.com@evil.example.net/alerts", False),
+    # Encoded IPv4 and IPv6 spellings of an address resolve to it, so they are refused or
+    # compared as that address.
+    ("http://0x7f.1:8081/alerts", False),
+    ("http://2130706433:8081/alerts", False),
+    ("http://0177.0.0.1:8081/alerts", False),
+    ("http://127.1:8081/alerts", False),
+    ("http://[::ffff:127.0.0.1]:8081/alerts/x", True),
+    ("http://[::ffff:7f00:1]:8081/alerts/x", True),
+    ("http://[0:0:0:0:0:0:0:1]:8080/h", True),
+    ("http://[::1%25lo]:8080/h", False),
+    # IDN and case: the punycode form, lower case, a trailing dot.
+    ("https://HOOKS.EXAMPLE.COM./alerts", True),
+    ("https://bücher.example/hooks", True),
+    ("https://BÜCHER.example/hooks", True),
+    ("https://xn--bcher-kva.example/hooks/x", True),
+    ("https://bucher.example/hooks", False),
+    # Addresses never contacted, even if someone listed them.
+    ("http://169.254.169.254/latest/meta-data/", False),
+    ("http://0.0.0.0:8081/alerts", False),
+    ("http://[::]:8080/h", False),
+    ("http://[64:ff9b::a9fe:a9fe]/", False),  # NAT64 of 169.254.169.254
+    ("http://[2002:a9fe:a9fe::1]/", False),  # 6to4 of it
+    ("http://[::ffff:169.254.169.254]/", False),
 ])
 def test_url_allowlist(url: str, allowed: bool) -> None:
-    allowlist = ["https://hooks.example.com/alerts", "http://[::1]:8080/h"]
+    allowlist = ["https://hooks.example.com/alerts", "http://[::1]:8080/h",
+                 "http://127.0.0.1:8081/alerts", "https://xn--bcher-kva.example/hooks",
+                 "http://169.254.169.254/", "http://0.0.0.0:8081/"]
     assert url_allowed(url, allowlist) is allowed
+
+
+@pytest.mark.parametrize("entry", [
+    "http://127.0.0.1:8081/alerts/../admin", "http://169.254.169.254/", "http://0x7f.1/",
+    "http://user:token-s3cret@127.0.0.1/", "http://[fe80::1%25eth0]/x",
+])
+def test_allowlist_entries_that_could_reach_elsewhere_stop_start_up(entry: str) -> None:
+    with override_settings(HMS_TASKS_WEBHOOK_ALLOWLIST=[entry]), \
+            pytest.raises(ConfigurationError) as info:
+        metrics_settings.get()
+    assert str(info.value).startswith("HMS_TASKS_WEBHOOK_ALLOWLIST[0]: ")
+    for part in ("s3cret", "169.254", "0x7f", "admin", "fe80"):
+        assert part not in str(info.value)
 
 
 @pytest.mark.parametrize(("settings", "message"), [

@@ -3,10 +3,13 @@
 HTTP goes through one ``aiohttp.ClientSession`` per sweep: one ``TCPConnector`` with a total
 connection limit (the sum of every service's ``max_connections``; a semaphore per service
 keeps each to its own), ``allow_redirects=False``, ``trust_env=False`` (no proxies from the
-environment), and a trace hook that refuses any request whose host and port are no registered
-instance. Why aiohttp and not httpx: measured on the development machine, 500 concurrent
-GETs to loopback servers answering in 50 ms took 0.2 s with aiohttp 3.14 and 8.3 s with httpx
-0.28 (0.8 s with keep-alive off): httpx's connection pool degrades with hundreds of concurrent
+environment), a trace hook that refuses any request whose host and port are no registered
+instance, and :class:`hms_tasks.netguard.PinnedResolver`: a host name is resolved once per
+connection and the connection goes to exactly the checked address (no DNS rebinding; names
+never lead to loopback, link-local or metadata addresses, see :mod:`hms_tasks.netguard`).
+Why aiohttp and not httpx: measured on the development machine, 500 concurrent GETs to
+loopback servers answering in 50 ms took 0.2 s with aiohttp 3.14 and 8.3 s with httpx 0.28
+(0.8 s with keep-alive off): httpx's connection pool degrades with hundreds of concurrent
 requests, and the sweep's benchmark is exactly that.
 
 Every instance gets ``timeout`` seconds in total, retries included (a retry follows a fast
@@ -14,7 +17,9 @@ failure only, while time remains), so a hanging instance costs its timeout and n
 sweep lasts about as long as its slowest check. Results: ``up``; ``degraded`` (answered, but
 slower than ``degraded_ms`` or only after a failed attempt; a service with some instances
 down); ``down`` (no acceptable answer in time), with the latency and the class of error.
-TCP checks connect and close; Redis checks ``PING`` (redis.asyncio); database checks run
+TCP checks connect and close; Redis checks ``PING`` (redis.asyncio); both connect to the
+address :mod:`hms_tasks.netguard` checked (``rediss://`` with a host name: see there); a
+refused address is ``refused_target``, before any connect. Database checks run
 ``SELECT 1`` on a fresh connection of a Django database alias in a thread.
 """
 
@@ -34,7 +39,7 @@ from typing import Any, Literal
 import aiohttp
 import redis
 
-from hms_tasks import store
+from hms_tasks import netguard, store
 from hms_tasks.errors import UnknownService
 from hms_tasks.health import registry
 from hms_tasks.health.registry import Instance, Service
@@ -192,6 +197,8 @@ class _Prober:
                         raise _Failed("body", resp.status)
                 return resp.status
         except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, netguard.ForbiddenAddress):
+                raise _Failed("refused_target") from None
             refused = isinstance(exc.os_error, ConnectionRefusedError)
             raise _Failed("refused" if refused else "connect") from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
@@ -218,7 +225,9 @@ def _field_ok(body: bytes, check: registry.Check) -> bool:
 
 async def _tcp(inst: Instance) -> None:
     try:
-        _, writer = await asyncio.open_connection(inst.host, inst.port)
+        _, writer = await netguard.open_connection(inst.host, inst.port)
+    except netguard.ForbiddenAddress:
+        raise _Failed("refused_target") from None
     except ConnectionRefusedError:
         raise _Failed("refused") from None
     except OSError:
@@ -229,9 +238,15 @@ async def _tcp(inst: Instance) -> None:
 
 
 async def _redis(inst: Instance, budget: float) -> None:
+    try:
+        url = await netguard.pinned_redis_url(inst.url)
+    except netguard.ForbiddenAddress:
+        raise _Failed("refused_target") from None
+    except OSError:
+        raise _Failed("connect") from None
     # A quick-giving-up client (no client-side retries): the check has its own, within its
     # timeout.
-    client = store.async_client(url=inst.url, socket_timeout=budget)
+    client = store.async_client(url=url, socket_timeout=budget)
     try:
         await client.ping()
     except redis.TimeoutError:
@@ -280,7 +295,7 @@ async def check_services(services: Sequence[Service]) -> list[ServiceResult]:
     trace = aiohttp.TraceConfig()
     trace.on_request_start.append(_refuse_unregistered)
     connector = aiohttp.TCPConnector(limit=total, ssl=_ssl_context(), force_close=True,
-                                     use_dns_cache=True)
+                                     use_dns_cache=True, resolver=netguard.PinnedResolver())
     async with aiohttp.ClientSession(
         connector=connector, trace_configs=[trace], trust_env=False,
         timeout=aiohttp.ClientTimeout(total=None), headers={"User-Agent": USER_AGENT},

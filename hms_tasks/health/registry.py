@@ -12,11 +12,11 @@ restarts and name the instance's breaker, history and in-flight counts in Redis.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from hms_tasks import allowlist
 from hms_tasks.errors import UnknownService
 from hms_tasks.health import settings as health_settings
 
@@ -184,11 +184,11 @@ def require_allowed(url: str) -> tuple[str, int]:
     except ValueError:
         raise UnknownService("refused a malformed URL: only registered instances are contacted"
                              ) from None
-    host = parts.hostname or ""
     try:
-        host = str(ipaddress.ip_address(host))
+        host = allowlist.normalise_host(parts.hostname or "")
     except ValueError:
-        host = host.lower()
+        raise UnknownService("refused a URL whose host is no address hms-tasks contacts: only"
+                             " registered instances are contacted") from None
     if port is None:
         port = {"http": 80, "https": 443, "redis": 6379, "rediss": 6379}.get(parts.scheme, 0)
     if (host, port) not in _registry().targets:

@@ -27,17 +27,18 @@ Layout (``<p>`` is ``HMS_TASKS_REDIS_PREFIX``)::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, cast
 
-from hms_tasks import store
-from hms_tasks.allowlist import url_allowed
+import aiohttp
+
+from hms_tasks import netguard, store
+from hms_tasks.allowlist import allowed
 from hms_tasks.errors import ConfigurationError, HmsTasksError, TransientError
 from hms_tasks.metrics import settings
 from hms_tasks.metrics import store as ts
@@ -292,16 +293,6 @@ def evaluate_and_store(*, now: float | None = None) -> tuple[dict[str, int], lis
 # -- webhooks ----------------------------------------------------------------------------------
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> None:
-        raise WebhookRefused(f"the webhook answered with a redirect ({code}); redirects are"
-                             " never followed")
-
-
-_opener = urllib.request.build_opener(_NoRedirects, urllib.request.ProxyHandler({}))
-
-
 def webhook_url(name: str) -> str:
     """The URL of configured webhook ``name``; ConfigurationError if there is none."""
     hooks = settings.get().alert_webhooks
@@ -315,25 +306,45 @@ def webhook_url(name: str) -> str:
 def deliver(url: str, payload: Mapping[str, Any], *, timeout: float | None = None) -> int:
     """POST ``payload`` as JSON to ``url`` if HMS_TASKS_WEBHOOK_ALLOWLIST allows it.
 
+    The request goes to the URL's canonical form (:func:`hms_tasks.allowlist.parse_url`: what
+    the allowlist checked), through aiohttp with :class:`hms_tasks.netguard.PinnedResolver`
+    (a host name is resolved once and the connection goes to exactly the checked address),
+    no proxies from the environment and no redirects followed.
+
     Returns the HTTP status (2xx). Raises :class:`WebhookRefused` before any network traffic
-    for a URL the allowlist does not allow, and for redirects and 4xx answers (permanent);
-    :class:`TransientError` for connection errors, timeouts, 408, 429 and 5xx (worth a retry).
+    for a URL the allowlist does not allow or a host that resolves only to addresses never
+    contacted, and for redirects and 4xx answers (permanent); :class:`TransientError` for
+    connection errors, timeouts, 408, 429 and 5xx (worth a retry).
     """
     s = settings.get()
-    if not url_allowed(url, s.webhook_allowlist):
+    target = allowed(url, s.webhook_allowlist)
+    if target is None:
         raise WebhookRefused("the webhook URL is not allowed by HMS_TASKS_WEBHOOK_ALLOWLIST")
     body = json.dumps(payload, separators=(",", ":"), default=str).encode()
-    # The scheme is http(s): the allowlist admits nothing else (parse_url).
-    req = urllib.request.Request(url, data=body, method="POST", headers={  # noqa: S310
-        "Content-Type": "application/json", "User-Agent": "hms-tasks-alerts/1"})
+    return asyncio.run(_post(target.url, body, timeout or s.webhook_timeout))
+
+
+async def _post(url: str, body: bytes, timeout: float) -> int:
+    connector = aiohttp.TCPConnector(resolver=netguard.PinnedResolver(), force_close=True)
     try:
-        with _opener.open(req, timeout=timeout or s.webhook_timeout) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        if exc.code in (408, 425, 429) or exc.code >= 500:
-            raise TransientError(f"webhook answered HTTP {exc.code}") from None
-        raise WebhookRefused(f"webhook answered HTTP {exc.code}") from None
-    except WebhookRefused:
-        raise
-    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+        async with aiohttp.ClientSession(
+            connector=connector, trust_env=False, timeout=aiohttp.ClientTimeout(total=timeout),
+            headers={"User-Agent": "hms-tasks-alerts/1"},
+        ) as session, session.post(url, data=body, allow_redirects=False,
+                                   headers={"Content-Type": "application/json"}) as resp:
+            code = resp.status
+    except aiohttp.ClientConnectorError as exc:
+        if isinstance(exc.os_error, netguard.ForbiddenAddress):
+            raise WebhookRefused("the webhook's host resolves only to addresses a host name may"
+                                 " not lead to (see hms_tasks.netguard)") from None
         raise TransientError(f"webhook unreachable ({type(exc).__name__})") from None
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise TransientError(f"webhook unreachable ({type(exc).__name__})") from None
+    if 300 <= code < 400:
+        raise WebhookRefused(f"the webhook answered with a redirect ({code}); redirects are"
+                             " never followed")
+    if code in (408, 425, 429) or code >= 500:
+        raise TransientError(f"webhook answered HTTP {code}")
+    if code >= 400:
+        raise WebhookRefused(f"webhook answered HTTP {code}")
+    return code
