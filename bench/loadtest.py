@@ -206,10 +206,9 @@ def _measure(*, port: int, server: int, load_start: float, load_end: float,
 
 
 def _ours(app: Any, *, users: int, shards: int, port: int, server: int) -> dict[str, Any]:
-    from hms_tasks import names
-    from hms_tasks.loadtest import keys
+    from hms_tasks.loadtest import keys, names
 
-    result = app.send_task(names.LOADTEST_RUN, kwargs={"test": {
+    result = app.send_task(names.RUN, kwargs={"test": {
         "name": f"bench-{shards}", "target": "fast", "scenario": {"locustfile": "fast.py"},
         "users": users, "spawn_rate": users, "duration": DURATION, "shards": shards}})
     summary = result.get(timeout=60)

@@ -17,9 +17,9 @@ import pytest
 from click.testing import CliRunner
 from django.test import override_settings
 
-from hms_tasks import conf, names, store
+from hms_tasks import capabilities, store
 from hms_tasks.errors import ConfigurationError, InvalidArguments
-from hms_tasks.loadtest import keys, orchestrate, report, spec, stats
+from hms_tasks.loadtest import keys, orchestrate, report, settings, spec, stats
 from hms_tasks.loadtest.stats import EndpointStats, RunData
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ def test_a_good_definition_parses_and_splits_users_and_rates(scenarios: Path) ->
     assert spec.parse(t.to_json()) == t  # the canonical form round-trips
     assert spec.parse(_ok(scenario={"locustfile": "mine.py"})).scenario.locustfile == "mine.py"
     # A trailing slash of a configured base URL is dropped (paths start with one).
-    assert conf.get().loadtest_targets["staging"] == "https://10.0.0.5:8443/hms"
+    assert settings.get().loadtest_targets["staging"] == "https://10.0.0.5:8443/hms"
 
 
 @pytest.mark.parametrize(("over", "field", "says"), [
@@ -130,18 +130,30 @@ def test_settings_are_validated_naming_the_setting() -> None:
          "HMS_TASKS_LOADTEST_TARGETS['demo']: scheme must be http or https"),
         ({"HMS_TASKS_LOADTEST_TARGETS": {"Demo": "http://x"}}, "target ids are 1 to 40"),
         ({"HMS_TASKS_LOADTEST_TARGETS": {"d": "http://u:p@x"}}, "must not carry credentials"),
+        ({"HMS_TASKS_LOADTEST_TARGETS": {"d": "http://x/?token=abc123"}},
+         "HMS_TASKS_LOADTEST_TARGETS['d']: a base URL has no query string"),
         ({"HMS_TASKS_LOADTEST_MAX_DURATION": 3600},
-         "HMS_TASKS_LOADTEST_MAX_DURATION must be an integer from 1 to 1800"),
-        ({"HMS_TASKS_LOADTEST_GRACE": 1}, "HMS_TASKS_LOADTEST_GRACE must be an integer"),
+         "HMS_TASKS_LOADTEST_MAX_DURATION: Input should be less than or equal to 1800"),
+        ({"HMS_TASKS_LOADTEST_MAX_USERS": "10"},
+         "HMS_TASKS_LOADTEST_MAX_USERS: Input should be a valid integer"),
+        ({"HMS_TASKS_LOADTEST_GRACE": 1},
+         "HMS_TASKS_LOADTEST_GRACE: Input should be greater than or equal to 5"),
         ({"HMS_TASKS_LOADTEST_REGRESSION_TOLERANCE": 0},
-         "HMS_TASKS_LOADTEST_REGRESSION_TOLERANCE must be a fraction"),
+         "HMS_TASKS_LOADTEST_REGRESSION_TOLERANCE: Input should be greater than 0"),
+        ({"HMS_TASKS_LOADTEST_KEEP_RAW": 1}, "HMS_TASKS_LOADTEST_KEEP_RAW: Input should be a"),
+        ({"HMS_TASKS_LOADTEST_TESTS": {"t": {"name": "other"}}},
+         "HMS_TASKS_LOADTEST_TESTS: a test's name is its key"),
         ({"HMS_TASKS_LOADTEST_NIGHTLY": "nope", "HMS_TASKS_LOADTEST_TESTS": {}},
-         "HMS_TASKS_LOADTEST_NIGHTLY must be None or the name of a test"),
+         "HMS_TASKS_LOADTEST_NIGHTLY: must be None or the name of a test"),
     ]
     for overrides, message in cases:
         with override_settings(**overrides), pytest.raises(ConfigurationError) as info:
-            conf.get()
+            settings.get()
         assert message in str(info.value)
+        # A URL could carry a token: it is never quoted back.
+        assert "abc123" not in str(info.value)
+    with override_settings(HMS_TASKS_LOADTEST_START_DELAY=2):
+        assert settings.get().loadtest_start_delay == 2.0
 
 
 def test_configured_tests_are_checked_at_start_up(scenarios: Path) -> None:
@@ -160,7 +172,7 @@ def test_demo_settings_enable_the_nightly_smoke_test_and_production_defaults_do_
     assert smoke is not None
     assert (smoke.name, smoke.target, smoke.scenario.kind) == ("smoke", "demo", "demo")
     # A production settings module that sets nothing: the entry runs nothing.
-    defaults = conf.HmsSettings()
+    defaults = settings.LoadtestSettings()
     assert defaults.loadtest_nightly is None
     assert defaults.loadtest_targets == {}
     with override_settings(HMS_TASKS_LOADTEST_NIGHTLY=None):
@@ -215,7 +227,7 @@ def test_the_cli_refuses_bad_input_before_sending_anything(scenarios: Path) -> N
         result = CliRunner().invoke(cli, ["loadtest", "run", *args])
         assert result.exit_code == 2, (args, result.output)
         assert "error:" in result.output
-    assert client.llen(names.CAPABILITY_QUEUES["loadtest"]) == 0
+    assert client.llen(capabilities.queue("loadtest")) == 0
     assert keys.recent_runs() == []
 
 

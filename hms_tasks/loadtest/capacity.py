@@ -19,11 +19,11 @@ from typing import Any
 
 from celery.signals import worker_init
 
-from hms_tasks import conf, names
+from hms_tasks import capabilities, conf
 
 __all__ = ["Capacity", "NodeCapacity", "free_processes"]
 
-QUEUE = names.CAPABILITY_QUEUES["loadtest"]
+QUEUE = capabilities.queue("loadtest")
 
 #: (node name, pool processes) of this worker, noted at start-up.
 _me: dict[str, Any] = {}

@@ -29,9 +29,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from hms_tasks import conf, names, nodes
+from hms_tasks import names as hms_names
+from hms_tasks import nodes
 from hms_tasks.errors import InvalidArguments, LoadTestRefused
-from hms_tasks.loadtest import capacity, keys, report, spec, stats
+from hms_tasks.loadtest import capacity, keys, names, report, settings, spec, stats
 
 __all__ = [
     "abort_run",
@@ -55,14 +56,14 @@ def valid_run_id(run_id: str) -> bool:
 
 
 def resolve(test: str | dict[str, Any] | None, *, nightly: bool = False,
-            task: str = names.LOADTEST_RUN) -> spec.LoadTestSpec | None:
+            task: str = names.RUN) -> spec.LoadTestSpec | None:
     """The spec to run: a test of HMS_TASKS_LOADTEST_TESTS by name, or a definition; with
     ``nightly`` the one HMS_TASKS_LOADTEST_NIGHTLY names (None when it is not set)."""
     if nightly:
         if test is not None:
             raise InvalidArguments(task, ["nightly: runs the HMS_TASKS_LOADTEST_NIGHTLY test;"
                                           " give no test with it"])
-        name = conf.get().loadtest_nightly
+        name = settings.get().loadtest_nightly
         return None if name is None else spec.configured(name, task=task)
     if isinstance(test, str):
         return spec.configured(test, task=task)
@@ -89,8 +90,8 @@ def start_run(test: spec.LoadTestSpec, *, run_id: str | None = None,
     merge is idempotent) but covers a first call that died half-way through publishing."""
     run_id = run_id or str(uuid.uuid4())
     if not valid_run_id(run_id):
-        raise InvalidArguments(names.LOADTEST_RUN, ["run id: letters, digits, '-', '_', '.'"])
-    s = conf.get()
+        raise InvalidArguments(names.RUN, ["run id: letters, digits, '-', '_', '.'"])
+    s = settings.get()
     existing = keys.run(run_id)
     if existing:
         # A redelivered message (the first delivery's worker died): it may have died before
@@ -132,9 +133,9 @@ def _publish(run_id: str, shard_ids: list[str], *, end_at: float, deadline: floa
     now = time.time() if now is None else now
     for i, task_id in enumerate(shard_ids):
         # A shard message nobody took before the run's end is worthless: it expires.
-        app.send_task(names.LOADTEST_SHARD, kwargs={"run_id": run_id, "index": i},
+        app.send_task(names.SHARD, kwargs={"run_id": run_id, "index": i},
                       task_id=task_id, expires=max(1.0, end_at - now))
-    app.send_task(names.LOADTEST_MERGE, kwargs={"run_id": run_id},
+    app.send_task(names.MERGE, kwargs={"run_id": run_id},
                   task_id=f"{run_id}-merge-final", ignore_result=True,
                   countdown=max(0.0, deadline + FINAL_MERGE_DELAY - now))
 
@@ -182,7 +183,7 @@ def status(run_id: str, *, now: float | None = None) -> dict[str, Any] | None:
 
 
 def html_path(run_id: str) -> Path:
-    return Path(conf.get().loadtest_reports_dir) / f"{run_id}.html"
+    return Path(settings.get().loadtest_reports_dir) / f"{run_id}.html"
 
 
 def _shard_data(run_id: str, index: int, meta: dict[str, str]) -> tuple[stats.RunData,
@@ -254,7 +255,7 @@ def merge_run(run_id: str, *, now: float | None = None) -> dict[str, Any]:
     summary = stats.summarize(merged)
     definition = json.loads(rec["spec"])
     try:
-        test = spec.parse(definition, task=names.LOADTEST_MERGE, check_files=False)
+        test = spec.parse(definition, task=names.MERGE, check_files=False)
         judged = report.verdict(test, summary, rows, aborted=rec.get("abort") == "1")
     except InvalidArguments as exc:
         judged = {"status": "failed", "thresholds": [],
@@ -275,7 +276,7 @@ def merge_run(run_id: str, *, now: float | None = None) -> dict[str, Any]:
     }
     previous = _previous_report(str(rec["test"]), run_id)
     doc["regression"] = report.regression(doc, previous,
-                                          tolerance=conf.get().loadtest_regression_tolerance)
+                                          tolerance=settings.get().loadtest_regression_tolerance)
     status_ = judged["status"]
     keys.record_report(run_id, str(rec["test"]), doc, status=status_)
     html_file = _write_html(run_id, doc)
@@ -349,7 +350,7 @@ def _signal_regression(test: str, doc: dict[str, Any], *, now: float) -> None:
         if points:
             ts.write(points, now=now)
         if reg["compared"]:
-            app.send_task(names.METRICS_EVALUATE_ALERTS, ignore_result=True)
+            app.send_task(hms_names.METRICS_EVALUATE_ALERTS, ignore_result=True)
     except Exception:
         # The report is stored; a metrics store or broker hiccup must not fail the merge.
         logger.warning("could not feed load test %s into the metrics store", test,
