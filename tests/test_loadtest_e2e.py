@@ -557,7 +557,7 @@ def test_refused_runs_start_nothing(stack: Stack, celery_app: Any) -> None:
     result = celery_app.send_task(names.RUN, kwargs={"test": too_many})
     with pytest.raises(LoadTestRefused) as info:
         result.get(timeout=60)
-    assert "3 requested, but 2 free worker processes on 1 nodes" in str(info.value)
+    assert "3 requested, but 2 free worker processes on 1 node consuming" in str(info.value)
     out = CliRunner().invoke(cli, ["loadtest", "run", "--target", "demo", "--users", "3",
                                    "--duration", "1", "--shards", "3"])
     assert out.exit_code == 2

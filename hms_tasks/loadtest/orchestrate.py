@@ -32,7 +32,7 @@ from typing import Any
 from hms_tasks import names as hms_names
 from hms_tasks import nodes
 from hms_tasks.errors import InvalidArguments, LoadTestRefused
-from hms_tasks.loadtest import capacity, keys, names, report, settings, spec, stats
+from hms_tasks.loadtest import capacity, keys, names, report, settings, spec, stats, text
 
 __all__ = [
     "abort_run",
@@ -117,8 +117,9 @@ def start_run(test: spec.LoadTestSpec, *, run_id: str | None = None,
     if not created:
         return {"run_id": run_id, "test": test.name, "redelivered": True}
     _publish(run_id, shard_ids, end_at=end_at, deadline=deadline, now=now)
-    logger.info("load test %s (%s): %d users over %d shards from %.3f for %g s", run_id,
-                test.name, test.users, test.shards, start_at, test.duration)
+    logger.info("load test %s (%s): %s over %s from %.3f for %g s", run_id, test.name,
+                text.count(test.users, "user"), text.count(test.shards, "shard"), start_at,
+                test.duration)
     return {"run_id": run_id, "test": test.name, "target": test.target, "users": test.users,
             "shards": test.shards, "start_at": round(start_at, 3), "end_at": round(end_at, 3),
             "deadline": round(deadline, 3), "free_processes": cap.free,
@@ -326,9 +327,10 @@ def _write_html(run_id: str, doc: dict[str, Any]) -> Path | None:
 
 
 def _signal_regression(test: str, doc: dict[str, Any], *, now: float) -> None:
-    """Feed the alerting: ``loadtest.regression{test=...}`` (1 or 0), ``loadtest.p95_ms`` and
-    ``loadtest.rps``, then an alert evaluation, so the ``loadtest_regression`` rule fires (or
-    resolves) now rather than at the next minute."""
+    """Feed the alerting: ``loadtest.regression{test=...}`` (1 when the run regressed against
+    the previous one, else 0: also on a test's first run and when the runs cannot be compared),
+    ``loadtest.p95_ms`` and ``loadtest.rps``, then an alert evaluation, so the
+    ``loadtest_regression`` rule fires (or resolves) now rather than at the next minute."""
     reg = doc["regression"]
     if reg["regressed"]:
         logger.warning("load test %s regressed against run %s: %s", test, reg["previous_run"],
@@ -338,19 +340,15 @@ def _signal_regression(test: str, doc: dict[str, Any], *, now: float) -> None:
         from hms_tasks.metrics import store as ts
 
         labels = {"test": test}
-        points: list[tuple[str, float, float]] = []
-        if reg["compared"]:
-            points.append((ts.series_id("loadtest.regression", labels), now,
-                           1.0 if reg["regressed"] else 0.0))
+        points: list[tuple[str, float, float]] = [
+            (ts.series_id("loadtest.regression", labels), now, 1.0 if reg["regressed"] else 0.0)]
         if doc["total"]["requests"] and doc["verdict"]["status"] != "aborted":
             points.append((ts.series_id("loadtest.rps", labels), now, float(doc["total"]["rps"])))
             if doc["total"].get("p95_ms") is not None:
                 points.append((ts.series_id("loadtest.p95_ms", labels), now,
                                float(doc["total"]["p95_ms"])))
-        if points:
-            ts.write(points, now=now)
-        if reg["compared"]:
-            app.send_task(hms_names.METRICS_EVALUATE_ALERTS, ignore_result=True)
+        ts.write(points, now=now)
+        app.send_task(hms_names.METRICS_EVALUATE_ALERTS, ignore_result=True)
     except Exception:
         # The report is stored; a metrics store or broker hiccup must not fail the merge.
         logger.warning("could not feed load test %s into the metrics store", test,

@@ -366,7 +366,7 @@ class LoadTestSpec(_Model):
     def _one_user_per_shard_at_least(cls, shards: int, info: ValidationInfo) -> int:
         users = info.data.get("users")
         if users is not None and shards > users:
-            raise ValueError(f"at most one shard per user ({users} users)")
+            raise ValueError(f"at most one shard per user ({users} user{'s' * (users != 1)})")
         return shards
 
     @field_validator("ramp_up")
