@@ -369,7 +369,10 @@ def run() -> list[Row]:
     print("capacity rounds (target-side req/s): ours", [round(x) for x in ours_rps],
           "baseline", [round(x) for x in base_rps], "; as reported: ours",
           [round(m["reported_rps"]) for m in ours_m], "baseline",
-          [round(m["reported_rps"]) for m in base_m], file=sys.stderr)
+          [round(m["reported_rps"]) for m in base_m], "; requests per generator CPU-second:"
+          " ours", [round(m["rps"] / max(sum(m["generator_cpu"]), 1e-9)) for m in ours_m],
+          "baseline", [round(m["rps"] / max(sum(m["generator_cpu"]), 1e-9)) for m in base_m],
+          file=sys.stderr)
     return [
         Row(what=f"generator capacity: 1 shard vs `locust --headless`, same locustfile, {USERS}"
                  f" users, {DURATION} s runs, req/s the target answered after a {WARMUP:g} s"
