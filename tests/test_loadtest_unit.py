@@ -478,8 +478,9 @@ def _stored_run(run_id: str, test: str) -> None:
     definition = {"name": test, "target": "demo", "users": 1, "duration": 5, "shards": 1}
     keys.create_run(run_id, {
         "id": run_id, "test": test, "target": "demo", "status": "running",
-        "spec": json.dumps(spec.parse(definition).to_json()), "created_at": now - 20, "start_at": now - 15,
-        "end_at": now - 10, "deadline": now - 5, "shards": 1, "users": 1, "node": "o@h",
+        "spec": json.dumps(spec.parse(definition).to_json()), "created_at": now - 20,
+        "start_at": now - 15, "end_at": now - 10, "deadline": now - 5, "shards": 1, "users": 1,
+        "node": "o@h",
         "done": 1, "abort": "0"}, created_at=now - 20)
     data = RunData(started_at=now - 15, stopped_at=now - 10)
     for t in range(int(now) - 15, int(now) - 10):
