@@ -206,10 +206,9 @@ def _measure(*, port: int, server: int, load_start: float, load_end: float,
 
 
 def _ours(app: Any, *, users: int, shards: int, port: int, server: int) -> dict[str, Any]:
-    from hms_tasks import names
-    from hms_tasks.loadtest import keys
+    from hms_tasks.loadtest import keys, names
 
-    result = app.send_task(names.LOADTEST_RUN, kwargs={"test": {
+    result = app.send_task(names.RUN, kwargs={"test": {
         "name": f"bench-{shards}", "target": "fast", "scenario": {"locustfile": "fast.py"},
         "users": users, "spawn_rate": users, "duration": DURATION, "shards": shards}})
     summary = result.get(timeout=60)
@@ -370,7 +369,10 @@ def run() -> list[Row]:
     print("capacity rounds (target-side req/s): ours", [round(x) for x in ours_rps],
           "baseline", [round(x) for x in base_rps], "; as reported: ours",
           [round(m["reported_rps"]) for m in ours_m], "baseline",
-          [round(m["reported_rps"]) for m in base_m], file=sys.stderr)
+          [round(m["reported_rps"]) for m in base_m], "; requests per generator CPU-second:"
+          " ours", [round(m["rps"] / max(sum(m["generator_cpu"]), 1e-9)) for m in ours_m],
+          "baseline", [round(m["rps"] / max(sum(m["generator_cpu"]), 1e-9)) for m in base_m],
+          file=sys.stderr)
     return [
         Row(what=f"generator capacity: 1 shard vs `locust --headless`, same locustfile, {USERS}"
                  f" users, {DURATION} s runs, req/s the target answered after a {WARMUP:g} s"

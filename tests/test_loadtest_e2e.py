@@ -29,9 +29,9 @@ import pytest
 from click.testing import CliRunner
 from django.test import override_settings
 
-from hms_tasks import names, store
+from hms_tasks import capabilities, store
 from hms_tasks.errors import InvalidArguments, LoadTestRefused
-from hms_tasks.loadtest import keys, stats
+from hms_tasks.loadtest import keys, names, stats
 from tests.helpers import RedisServer, free_port, stop, wait_for
 from tests.test_loadtest_unit import parse_html
 
@@ -185,7 +185,7 @@ def stack(redis_server: RedisServer, celery_app: Any,
     worker_log = (tmp / "worker.log").open("ab")
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "hms_tasks", "worker", "--pool", "prefork",
-         "--concurrency", "2", "-Q", names.CAPABILITY_QUEUES["loadtest"], "-n", NODE, "-E",
+         "--concurrency", "2", "-Q", capabilities.queue("loadtest"), "-n", NODE, "-E",
          "--without-mingle", "--without-gossip", "--loglevel", "INFO"],
         cwd=REPO, env=wenv, stdout=worker_log, stderr=worker_log)
     override = override_settings(**settings)
@@ -215,7 +215,7 @@ def stack(redis_server: RedisServer, celery_app: Any,
 
 
 def _start(celery_app: Any, definition: dict[str, Any]) -> str:
-    result = celery_app.send_task(names.LOADTEST_RUN, kwargs={"test": definition})
+    result = celery_app.send_task(names.RUN, kwargs={"test": definition})
     summary = result.get(timeout=60)
     assert summary["run_id"] == result.id
     return str(result.id)
@@ -454,10 +454,10 @@ def test_a_redelivered_run_message_starts_nothing_twice(stack: Stack, celery_app
     # The republished shard messages either expired (they came after the run's end) or found
     # their slot taken: no shard ran twice.
     client = store.client()
-    wait_for(lambda: client.llen(names.CAPABILITY_QUEUES["loadtest"]) == 0
+    wait_for(lambda: client.llen(capabilities.queue("loadtest")) == 0
              and not (celery_app.control.inspect(destination=[NODE], timeout=1).active()
                       or {}).get(NODE), timeout=30, what="the worker to be idle")
-    runs = [r["summary"] for r in reports.history(names.LOADTEST_SHARD, last=20)
+    runs = [r["summary"] for r in reports.history(names.SHARD, last=20)
             if r["summary"] and r["summary"]["run_id"] == "e2e-twice-1"]
     assert sorted(r["state"] for r in runs if r["state"] != "duplicate") == [
         "finished", "finished"]
@@ -549,15 +549,15 @@ def test_refused_runs_start_nothing(stack: Stack, celery_app: Any) -> None:
          "thresholds": {"p95_ms": "low"}},
     ]
     for definition in bad:
-        result = celery_app.send_task(names.LOADTEST_RUN, kwargs={"test": definition})
+        result = celery_app.send_task(names.RUN, kwargs={"test": definition})
         with pytest.raises(InvalidArguments):
             result.get(timeout=60)
     # More shards than the worker has processes: refused with how many there are.
     too_many = {"name": "x", "target": "demo", "users": 3, "duration": 1, "shards": 3}
-    result = celery_app.send_task(names.LOADTEST_RUN, kwargs={"test": too_many})
+    result = celery_app.send_task(names.RUN, kwargs={"test": too_many})
     with pytest.raises(LoadTestRefused) as info:
         result.get(timeout=60)
-    assert "3 requested, but 2 free worker processes on 1 nodes" in str(info.value)
+    assert "3 requested, but 2 free worker processes on 1 node consuming" in str(info.value)
     out = CliRunner().invoke(cli, ["loadtest", "run", "--target", "demo", "--users", "3",
                                    "--duration", "1", "--shards", "3"])
     assert out.exit_code == 2
@@ -566,7 +566,7 @@ def test_refused_runs_start_nothing(stack: Stack, celery_app: Any) -> None:
     # Nothing was started: no run recorded, no shard published.
     assert keys.recent_runs() == []
     assert not list(client.scan_iter(match=keys.run_key("*")))
-    assert client.llen(names.CAPABILITY_QUEUES["loadtest"]) == 0
+    assert client.llen(capabilities.queue("loadtest")) == 0
     counts = Counter(r["outcome"] for r in _run_reports())
     assert counts["rejected"] == len(bad)
     assert counts["failure"] == 1
@@ -575,4 +575,4 @@ def test_refused_runs_start_nothing(stack: Stack, celery_app: Any) -> None:
 def _run_reports() -> list[dict[str, Any]]:
     from hms_tasks import reports
 
-    return [dict(r) for r in reports.history(names.LOADTEST_RUN, last=100)]
+    return [dict(r) for r in reports.history(names.RUN, last=100)]

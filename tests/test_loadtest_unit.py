@@ -3,11 +3,15 @@ regressions, the HTML report, and that nothing a worker imports pulls in Locust 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -17,10 +21,11 @@ import pytest
 from click.testing import CliRunner
 from django.test import override_settings
 
-from hms_tasks import conf, names, store
+from hms_tasks import capabilities, store
 from hms_tasks.errors import ConfigurationError, InvalidArguments
-from hms_tasks.loadtest import keys, orchestrate, report, spec, stats
+from hms_tasks.loadtest import keys, orchestrate, report, settings, spec, stats, text
 from hms_tasks.loadtest.stats import EndpointStats, RunData
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,7 +70,7 @@ def test_a_good_definition_parses_and_splits_users_and_rates(scenarios: Path) ->
     assert spec.parse(t.to_json()) == t  # the canonical form round-trips
     assert spec.parse(_ok(scenario={"locustfile": "mine.py"})).scenario.locustfile == "mine.py"
     # A trailing slash of a configured base URL is dropped (paths start with one).
-    assert conf.get().loadtest_targets["staging"] == "https://10.0.0.5:8443/hms"
+    assert settings.get().loadtest_targets["staging"] == "https://10.0.0.5:8443/hms"
 
 
 @pytest.mark.parametrize(("over", "field", "says"), [
@@ -130,18 +135,30 @@ def test_settings_are_validated_naming_the_setting() -> None:
          "HMS_TASKS_LOADTEST_TARGETS['demo']: scheme must be http or https"),
         ({"HMS_TASKS_LOADTEST_TARGETS": {"Demo": "http://x"}}, "target ids are 1 to 40"),
         ({"HMS_TASKS_LOADTEST_TARGETS": {"d": "http://u:p@x"}}, "must not carry credentials"),
+        ({"HMS_TASKS_LOADTEST_TARGETS": {"d": "http://x/?token=abc123"}},
+         "HMS_TASKS_LOADTEST_TARGETS['d']: a base URL has no query string"),
         ({"HMS_TASKS_LOADTEST_MAX_DURATION": 3600},
-         "HMS_TASKS_LOADTEST_MAX_DURATION must be an integer from 1 to 1800"),
-        ({"HMS_TASKS_LOADTEST_GRACE": 1}, "HMS_TASKS_LOADTEST_GRACE must be an integer"),
+         "HMS_TASKS_LOADTEST_MAX_DURATION: Input should be less than or equal to 1800"),
+        ({"HMS_TASKS_LOADTEST_MAX_USERS": "10"},
+         "HMS_TASKS_LOADTEST_MAX_USERS: Input should be a valid integer"),
+        ({"HMS_TASKS_LOADTEST_GRACE": 1},
+         "HMS_TASKS_LOADTEST_GRACE: Input should be greater than or equal to 5"),
         ({"HMS_TASKS_LOADTEST_REGRESSION_TOLERANCE": 0},
-         "HMS_TASKS_LOADTEST_REGRESSION_TOLERANCE must be a fraction"),
+         "HMS_TASKS_LOADTEST_REGRESSION_TOLERANCE: Input should be greater than 0"),
+        ({"HMS_TASKS_LOADTEST_KEEP_RAW": 1}, "HMS_TASKS_LOADTEST_KEEP_RAW: Input should be a"),
+        ({"HMS_TASKS_LOADTEST_TESTS": {"t": {"name": "other"}}},
+         "HMS_TASKS_LOADTEST_TESTS: a test's name is its key"),
         ({"HMS_TASKS_LOADTEST_NIGHTLY": "nope", "HMS_TASKS_LOADTEST_TESTS": {}},
-         "HMS_TASKS_LOADTEST_NIGHTLY must be None or the name of a test"),
+         "HMS_TASKS_LOADTEST_NIGHTLY: must be None or the name of a test"),
     ]
     for overrides, message in cases:
         with override_settings(**overrides), pytest.raises(ConfigurationError) as info:
-            conf.get()
+            settings.get()
         assert message in str(info.value)
+        # A URL could carry a token: it is never quoted back.
+        assert "abc123" not in str(info.value)
+    with override_settings(HMS_TASKS_LOADTEST_START_DELAY=2):
+        assert settings.get().loadtest_start_delay == 2.0
 
 
 def test_configured_tests_are_checked_at_start_up(scenarios: Path) -> None:
@@ -160,7 +177,7 @@ def test_demo_settings_enable_the_nightly_smoke_test_and_production_defaults_do_
     assert smoke is not None
     assert (smoke.name, smoke.target, smoke.scenario.kind) == ("smoke", "demo", "demo")
     # A production settings module that sets nothing: the entry runs nothing.
-    defaults = conf.HmsSettings()
+    defaults = settings.LoadtestSettings()
     assert defaults.loadtest_nightly is None
     assert defaults.loadtest_targets == {}
     with override_settings(HMS_TASKS_LOADTEST_NIGHTLY=None):
@@ -200,7 +217,7 @@ def test_definitions_from_yaml_or_json_files_and_flags(scenarios: Path, tmp_path
 
 
 def test_the_cli_refuses_bad_input_before_sending_anything(scenarios: Path) -> None:
-    from hms_tasks.cli import cli
+    from hms_tasks.loadtest.cli import loadtest
 
     client = store.client()
     cases = [
@@ -212,10 +229,10 @@ def test_the_cli_refuses_bad_input_before_sending_anything(scenarios: Path) -> N
         ["nosuchtest"],
     ]
     for args in cases:
-        result = CliRunner().invoke(cli, ["loadtest", "run", *args])
+        result = CliRunner().invoke(loadtest, ["run", *args])
         assert result.exit_code == 2, (args, result.output)
         assert "error:" in result.output
-    assert client.llen(names.CAPABILITY_QUEUES["loadtest"]) == 0
+    assert client.llen(capabilities.queue("loadtest")) == 0
     assert keys.recent_runs() == []
 
 
@@ -433,6 +450,94 @@ def test_html_report_is_self_contained_with_chart_data(scenarios: Path) -> None:
     assert parsed.polylines["chart-latency"] == {"p50_ms": 10, "p95_ms": 10, "p99_ms": 10}
     assert parsed.polylines["chart-rps"] == {"rps": 10, "users": 10}
     assert "<script>alert(1)</script>" not in page.split('id="hms-loadtest-report"')[0]
+
+
+def test_html_environment_is_a_readable_table_and_counts_agree_in_number() -> None:
+    doc = _doc(_summary(), "r10")
+    doc["definition"].update(users=1, shards=1)
+    doc.update(shards=[{"index": 0, "state": "finished", "node": "w@h", "requests": 1}],
+               regression={"compared": False, "note": "first"}, window_s=10.0, errors=[],
+               environment={"shards": 1, "nodes": ["w1@h", "w2@h"], "orchestrator": "o@h",
+                            "start_skew_ms": 1.5, "versions": {"celery": "5.5.3",
+                                                               "locust": None}})
+    page = report.render_html(doc)
+    env = page.split("<h2>Environment</h2>")[1].split("<script")[0]
+    cells = re.findall(r"<td>(.*?)</td>", env)
+    assert cells == ["shards", "1", "nodes", "w1@h, w2@h", "orchestrator", "o@h",
+                     "start skew ms", "1.5", "versions", "celery 5.5.3, locust -"]
+    assert "1 user over 1 shard" in page
+    assert text.count(1, "shard") == "1 shard"
+    assert text.count(2, "node") == "2 nodes"
+    assert text.count(1, "process", "processes") == "1 process"
+    assert text.count(0, "process", "processes") == "0 processes"
+
+
+def _stored_run(run_id: str, test: str) -> None:
+    """A finished one-shard run in Redis, as its shard would have left it."""
+    now = time.time()
+    definition = {"name": test, "target": "demo", "users": 1, "duration": 5, "shards": 1}
+    keys.create_run(run_id, {
+        "id": run_id, "test": test, "target": "demo", "status": "running",
+        "spec": json.dumps(spec.parse(definition).to_json()), "created_at": now - 20,
+        "start_at": now - 15, "end_at": now - 10, "deadline": now - 5, "shards": 1, "users": 1,
+        "node": "o@h",
+        "done": 1, "abort": "0"}, created_at=now - 20)
+    data = RunData(started_at=now - 15, stopped_at=now - 10)
+    for t in range(int(now) - 15, int(now) - 10):
+        data.add_tick({"t": t, "u": 1, "e": {"GET /a": [10, 0, 500.0, 40.0, 60.0, 0,
+                                                        {"50": 10}]}, "x": {}, "b": 0})
+    keys.claim_shard(run_id, 0, node="w@h", now=now - 15)
+    store.client().hset(keys.shard_key(run_id, 0), mapping={
+        "state": "finished", "users": 1, "reason": "ran its duration",
+        "result": json.dumps({**data.to_json(), "check": "ok"})})
+
+
+def test_regression_series_is_written_on_a_first_run_too(scenarios: Path) -> None:
+    from hms_tasks.metrics import store as ts
+
+    sid = ts.series_id("loadtest.regression", {"test": "first-run"})
+    assert sid not in ts.latest()
+    _stored_run("first-run-1", "first-run")
+    doc = orchestrate.merge_run("first-run-1")
+    assert keys.report("first-run-1")["regression"]["compared"] is False, doc
+    assert ts.latest()[sid].value == 0.0
+    # The second run of the same test is compared, and written as well.
+    _stored_run("first-run-2", "first-run")
+    orchestrate.merge_run("first-run-2")
+    assert keys.report("first-run-2")["regression"]["compared"] is True
+    assert ts.latest()[sid].value == 0.0
+
+
+class _Lines(io.StringIO):
+    """An output that is no terminal; a line-written event for the test to wait on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines = 0
+
+    def write(self, text: str) -> int:
+        self.lines += text.count("\n")
+        return super().write(text)
+
+
+def test_following_a_run_off_a_terminal_prints_a_line_per_interval(scenarios: Path) -> None:
+    from hms_tasks.loadtest.cli import follow
+
+    _stored_run("follow-1", "follow")
+    out = _Lines()
+    result: dict[str, Any] = {}
+    follower = threading.Thread(target=lambda: result.update(
+        doc=follow("follow-1", timeout=60, out=out, interval=0.05)))
+    follower.start()
+    # Progress shows while the run is not over yet: lines before the report exists.
+    wait_for(lambda: out.lines >= 3, timeout=30, what="progress lines before the report")
+    assert keys.report("follow-1") is None
+    orchestrate.merge_run("follow-1")
+    follower.join(timeout=30)
+    assert result["doc"]["run_id"] == "follow-1"
+    lines = out.getvalue().splitlines()
+    assert all(line.startswith("[") and "requests" in line for line in lines), lines
+    assert "\r" not in out.getvalue()  # no progress bar redraws off a terminal
 
 
 # -- never Locust in a worker --------------------------------------------------------------------

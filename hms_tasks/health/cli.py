@@ -12,10 +12,8 @@ import sys
 
 import click
 
-from hms_tasks.console import fail as _fail
+from hms_tasks.console import fail, setup, table
 from hms_tasks.console import fmt_time as _time
-from hms_tasks.console import setup as _setup
-from hms_tasks.console import table as _table
 
 __all__ = ["commands", "health"]
 
@@ -38,7 +36,7 @@ def health(as_json: bool, sweep_first: bool, selected: tuple[str, ...]) -> None:
 
     Reads what the sweeps stored; exit code 1 when a service is down or its breaker open.
     """
-    _setup()
+    setup()
     from hms_tasks.errors import UnknownService
     from hms_tasks.health import registry, report, sweep
 
@@ -54,13 +52,13 @@ def health(as_json: bool, sweep_first: bool, selected: tuple[str, ...]) -> None:
                 sweep.sweep()
         rows = report.status(names_given)
     except UnknownService as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         click.echo(json.dumps(rows, indent=2, sort_keys=True))
     elif not rows:
         click.echo("no services in HMS_TASKS_SERVICES (docs/health.md says how to add them)")
     else:
-        table = [
+        cells = [
             [r["service"], r["status"], r["breaker"],
              f"{sum(i['status'] in ('up', 'degraded') for i in r['instances'])}"
              f"/{len(r['instances'])}",
@@ -70,7 +68,7 @@ def health(as_json: bool, sweep_first: bool, selected: tuple[str, ...]) -> None:
              _time(r["checked_at"])]
             for r in rows
         ]
-        click.echo(_table(table, ["SERVICE", "STATUS", "BREAKER", "INSTANCES", "LAST_MS",
+        click.echo(table(cells, ["SERVICE", "STATUS", "BREAKER", "INSTANCES", "LAST_MS",
                                   "AVAIL_5M", "AVAIL_1H", "AVAIL_24H", "P95_1H_MS", "CHECKED"]))
     if any(r["status"] == "down" or r["breaker"] == "open" for r in rows):
         sys.exit(1)

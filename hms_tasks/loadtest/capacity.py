@@ -19,11 +19,12 @@ from typing import Any
 
 from celery.signals import worker_init
 
-from hms_tasks import conf, names
+from hms_tasks import capabilities, conf
+from hms_tasks.loadtest.text import count
 
 __all__ = ["Capacity", "NodeCapacity", "free_processes"]
 
-QUEUE = names.CAPABILITY_QUEUES["loadtest"]
+QUEUE = capabilities.queue("loadtest")
 
 #: (node name, pool processes) of this worker, noted at start-up.
 _me: dict[str, Any] = {}
@@ -62,10 +63,10 @@ class Capacity:
     def describe(self) -> str:
         if not self.nodes:
             return f"no live worker consumes the {QUEUE} queue"
-        parts = ", ".join(f"{n.node} ({n.processes} processes, {n.busy} busy)"
-                          for n in self.nodes)
-        return (f"{self.free} free worker processes on {len(self.nodes)} nodes consuming"
-                f" {QUEUE}: {parts}")
+        parts = ", ".join(f"{n.node} ({count(n.processes, 'process', 'processes')}, {n.busy}"
+                          " busy)" for n in self.nodes)
+        return (f"{count(self.free, 'free worker process', 'free worker processes')} on"
+                f" {count(len(self.nodes), 'node')} consuming {QUEUE}: {parts}")
 
 
 def free_processes(*, timeout: float | None = None) -> Capacity:

@@ -30,7 +30,8 @@ import json
 import time
 from typing import Any, Literal, TypedDict, cast
 
-from hms_tasks import conf, store
+from hms_tasks import store
+from hms_tasks.loadtest import settings
 
 __all__ = [
     "FINAL_SHARD_STATES",
@@ -81,7 +82,7 @@ class ShardProgress(TypedDict):
 
 
 def ttl() -> int:
-    return conf.get().loadtest_keep_days * 86400
+    return settings.get().loadtest_keep_days * 86400
 
 
 def run_key(run_id: str) -> str:
@@ -198,7 +199,7 @@ def save_progress(run_id: str, index: int, *, progress: ShardProgress | None,
                   tick_lines: list[str], fields: dict[str, Any] | None = None) -> bool:
     """Checkpoint a shard (its progress and the runner's new tick lines, in one MULTI); returns
     whether the run was asked to stop."""
-    s = conf.get()
+    s = settings.get()
     pipe = store.client().pipeline(transaction=True)
     skey = shard_key(run_id, index)
     mapping: dict[str, Any] = dict(fields or {})

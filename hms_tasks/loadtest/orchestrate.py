@@ -29,9 +29,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from hms_tasks import conf, names, nodes
+from hms_tasks import names as hms_names
+from hms_tasks import nodes
 from hms_tasks.errors import InvalidArguments, LoadTestRefused
-from hms_tasks.loadtest import capacity, keys, report, spec, stats
+from hms_tasks.loadtest import capacity, keys, names, report, settings, spec, stats, text
 
 __all__ = [
     "abort_run",
@@ -55,14 +56,14 @@ def valid_run_id(run_id: str) -> bool:
 
 
 def resolve(test: str | dict[str, Any] | None, *, nightly: bool = False,
-            task: str = names.LOADTEST_RUN) -> spec.LoadTestSpec | None:
+            task: str = names.RUN) -> spec.LoadTestSpec | None:
     """The spec to run: a test of HMS_TASKS_LOADTEST_TESTS by name, or a definition; with
     ``nightly`` the one HMS_TASKS_LOADTEST_NIGHTLY names (None when it is not set)."""
     if nightly:
         if test is not None:
             raise InvalidArguments(task, ["nightly: runs the HMS_TASKS_LOADTEST_NIGHTLY test;"
                                           " give no test with it"])
-        name = conf.get().loadtest_nightly
+        name = settings.get().loadtest_nightly
         return None if name is None else spec.configured(name, task=task)
     if isinstance(test, str):
         return spec.configured(test, task=task)
@@ -89,8 +90,8 @@ def start_run(test: spec.LoadTestSpec, *, run_id: str | None = None,
     merge is idempotent) but covers a first call that died half-way through publishing."""
     run_id = run_id or str(uuid.uuid4())
     if not valid_run_id(run_id):
-        raise InvalidArguments(names.LOADTEST_RUN, ["run id: letters, digits, '-', '_', '.'"])
-    s = conf.get()
+        raise InvalidArguments(names.RUN, ["run id: letters, digits, '-', '_', '.'"])
+    s = settings.get()
     existing = keys.run(run_id)
     if existing:
         # A redelivered message (the first delivery's worker died): it may have died before
@@ -116,8 +117,9 @@ def start_run(test: spec.LoadTestSpec, *, run_id: str | None = None,
     if not created:
         return {"run_id": run_id, "test": test.name, "redelivered": True}
     _publish(run_id, shard_ids, end_at=end_at, deadline=deadline, now=now)
-    logger.info("load test %s (%s): %d users over %d shards from %.3f for %g s", run_id,
-                test.name, test.users, test.shards, start_at, test.duration)
+    logger.info("load test %s (%s): %s over %s from %.3f for %g s", run_id, test.name,
+                text.count(test.users, "user"), text.count(test.shards, "shard"), start_at,
+                test.duration)
     return {"run_id": run_id, "test": test.name, "target": test.target, "users": test.users,
             "shards": test.shards, "start_at": round(start_at, 3), "end_at": round(end_at, 3),
             "deadline": round(deadline, 3), "free_processes": cap.free,
@@ -132,9 +134,9 @@ def _publish(run_id: str, shard_ids: list[str], *, end_at: float, deadline: floa
     now = time.time() if now is None else now
     for i, task_id in enumerate(shard_ids):
         # A shard message nobody took before the run's end is worthless: it expires.
-        app.send_task(names.LOADTEST_SHARD, kwargs={"run_id": run_id, "index": i},
+        app.send_task(names.SHARD, kwargs={"run_id": run_id, "index": i},
                       task_id=task_id, expires=max(1.0, end_at - now))
-    app.send_task(names.LOADTEST_MERGE, kwargs={"run_id": run_id},
+    app.send_task(names.MERGE, kwargs={"run_id": run_id},
                   task_id=f"{run_id}-merge-final", ignore_result=True,
                   countdown=max(0.0, deadline + FINAL_MERGE_DELAY - now))
 
@@ -182,7 +184,7 @@ def status(run_id: str, *, now: float | None = None) -> dict[str, Any] | None:
 
 
 def html_path(run_id: str) -> Path:
-    return Path(conf.get().loadtest_reports_dir) / f"{run_id}.html"
+    return Path(settings.get().loadtest_reports_dir) / f"{run_id}.html"
 
 
 def _shard_data(run_id: str, index: int, meta: dict[str, str]) -> tuple[stats.RunData,
@@ -254,7 +256,7 @@ def merge_run(run_id: str, *, now: float | None = None) -> dict[str, Any]:
     summary = stats.summarize(merged)
     definition = json.loads(rec["spec"])
     try:
-        test = spec.parse(definition, task=names.LOADTEST_MERGE, check_files=False)
+        test = spec.parse(definition, task=names.MERGE, check_files=False)
         judged = report.verdict(test, summary, rows, aborted=rec.get("abort") == "1")
     except InvalidArguments as exc:
         judged = {"status": "failed", "thresholds": [],
@@ -275,7 +277,7 @@ def merge_run(run_id: str, *, now: float | None = None) -> dict[str, Any]:
     }
     previous = _previous_report(str(rec["test"]), run_id)
     doc["regression"] = report.regression(doc, previous,
-                                          tolerance=conf.get().loadtest_regression_tolerance)
+                                          tolerance=settings.get().loadtest_regression_tolerance)
     status_ = judged["status"]
     keys.record_report(run_id, str(rec["test"]), doc, status=status_)
     html_file = _write_html(run_id, doc)
@@ -325,9 +327,10 @@ def _write_html(run_id: str, doc: dict[str, Any]) -> Path | None:
 
 
 def _signal_regression(test: str, doc: dict[str, Any], *, now: float) -> None:
-    """Feed the alerting: ``loadtest.regression{test=...}`` (1 or 0), ``loadtest.p95_ms`` and
-    ``loadtest.rps``, then an alert evaluation, so the ``loadtest_regression`` rule fires (or
-    resolves) now rather than at the next minute."""
+    """Feed the alerting: ``loadtest.regression{test=...}`` (1 when the run regressed against
+    the previous one, else 0: also on a test's first run and when the runs cannot be compared),
+    ``loadtest.p95_ms`` and ``loadtest.rps``, then an alert evaluation, so the
+    ``loadtest_regression`` rule fires (or resolves) now rather than at the next minute."""
     reg = doc["regression"]
     if reg["regressed"]:
         logger.warning("load test %s regressed against run %s: %s", test, reg["previous_run"],
@@ -337,19 +340,15 @@ def _signal_regression(test: str, doc: dict[str, Any], *, now: float) -> None:
         from hms_tasks.metrics import store as ts
 
         labels = {"test": test}
-        points: list[tuple[str, float, float]] = []
-        if reg["compared"]:
-            points.append((ts.series_id("loadtest.regression", labels), now,
-                           1.0 if reg["regressed"] else 0.0))
+        points: list[tuple[str, float, float]] = [
+            (ts.series_id("loadtest.regression", labels), now, 1.0 if reg["regressed"] else 0.0)]
         if doc["total"]["requests"] and doc["verdict"]["status"] != "aborted":
             points.append((ts.series_id("loadtest.rps", labels), now, float(doc["total"]["rps"])))
             if doc["total"].get("p95_ms") is not None:
                 points.append((ts.series_id("loadtest.p95_ms", labels), now,
                                float(doc["total"]["p95_ms"])))
-        if points:
-            ts.write(points, now=now)
-        if reg["compared"]:
-            app.send_task(names.METRICS_EVALUATE_ALERTS, ignore_result=True)
+        ts.write(points, now=now)
+        app.send_task(hms_names.METRICS_EVALUATE_ALERTS, ignore_result=True)
     except Exception:
         # The report is stored; a metrics store or broker hiccup must not fail the merge.
         logger.warning("could not feed load test %s into the metrics store", test,

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hms_tasks.loadtest.spec import LoadTestSpec, Thresholds
+from hms_tasks.loadtest.text import count
 
 __all__ = ["REPORT_VERSION", "regression", "render_html", "verdict"]
 
@@ -134,6 +135,17 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _plain(value: Any) -> str:
+    """A value of the environment as text: lists joined, mappings as ``key value`` pairs."""
+    if value is None or value == [] or value == {}:
+        return "-"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {_plain(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value)
+    return _fmt(value) if isinstance(value, float) else str(value)
+
+
 def _chart(chart_id: str, title: str, timeline: Sequence[Mapping[str, Any]],
            series: Sequence[tuple[str, str]], unit: str) -> str:
     """An inline SVG line chart of ``series`` (field, label) over the timeline's seconds."""
@@ -192,7 +204,7 @@ def render_html(doc: Mapping[str, Any]) -> str:
         f"<h1>Load test <code>{e(doc['test'])}</code>: <span class=\"{e(status)}\">"
         f"{e(status.upper())}</span></h1>",
         f"<p class=\"muted\">run {e(doc['run_id'])} &middot; target <code>{e(d['target'])}"
-        f"</code> &middot; {d['users']} users over {d['shards']} shards &middot;"
+        f"</code> &middot; {count(d['users'], 'user')} over {count(d['shards'], 'shard')} &middot;"
         f" {d['duration']:g} s &middot; load window {doc['window_s']:g} s</p>",
     ]
     summary = _table(["requests", "failures", "error rate", "req/s", "p50 ms", "p95 ms",
@@ -232,9 +244,8 @@ def render_html(doc: Mapping[str, Any]) -> str:
         [str(s["index"]), e(str(s.get("node") or "-")), e(str(s.get("state") or "-")),
          _fmt(s.get("users")), _fmt(s.get("requests")), _fmt(s.get("failures")),
          e(str(s.get("reason") or "-"))] for s in doc["shards"]])
-    env = doc["environment"]
-    env_html = _table(["", ""], [[e(str(k)), e(json.dumps(v) if not isinstance(v, str) else v)]
-                                 for k, v in env.items()])
+    env_html = _table(["", ""], [[e(k.replace("_", " ")), e(_plain(v))]
+                                 for k, v in doc["environment"].items()])
     timeline = doc["timeline"]
     charts = [
         _chart("chart-latency", "Latency percentiles per second", timeline,

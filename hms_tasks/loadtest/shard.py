@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import hms_tasks
-from hms_tasks import conf, names, nodes
+from hms_tasks import nodes
 from hms_tasks.errors import ConfigurationError, InvalidArguments
-from hms_tasks.loadtest import keys, spec
+from hms_tasks.loadtest import keys, names, settings, spec
 from hms_tasks.loadtest.stats import RunData
 
 __all__ = ["run_shard", "runner_env"]
@@ -87,12 +87,13 @@ def run_shard(run_id: str, index: int, *,
     record = keys.run(run_id)
     try:
         definition = json.loads(record["spec"])
-        test = spec.parse(definition, task=names.LOADTEST_SHARD)
+        test = spec.parse(definition, task=names.SHARD)
         plan = test.plan()[index]
         base_url = spec.target_url(test.target)
-        locustfile = (str(spec.DEMO_LOCUSTFILE) if test.scenario.kind == "demo"
-                      else str(spec.resolve_locustfile(test.scenario.locustfile or ""))
-                      if test.scenario.kind == "locustfile" else None)
+        scenario = test.scenario
+        locustfile = (str(spec.DEMO_LOCUSTFILE) if isinstance(scenario, spec.DemoScenario)
+                      else str(spec.resolve_locustfile(scenario.locustfile))
+                      if isinstance(scenario, spec.LocustfileScenario) else None)
     except (InvalidArguments, ConfigurationError, ValueError, KeyError, IndexError) as exc:
         reason = (f"this node's settings refuse the run: {exc}"
                   if isinstance(exc, (InvalidArguments, ConfigurationError))
@@ -100,22 +101,24 @@ def run_shard(run_id: str, index: int, *,
         return _end(run_id, index, state="failed", data=RunData(), reason=reason, node=node)
     start_at = float(record["start_at"])
     end_at = float(record["end_at"])
-    deadline = end_at + conf.get().loadtest_grace
+    deadline = end_at + settings.get().loadtest_grace
     if now >= end_at:
         return _end(run_id, index, state="missed", data=RunData(), node=node,
                     reason="its message reached a worker after the run's end (every loadtest"
                            " worker process was busy)")
     raw_path: str | None = None
-    if conf.get().loadtest_keep_raw:
-        workdir = Path(conf.get().loadtest_reports_dir) / run_id
+    if settings.get().loadtest_keep_raw:
+        workdir = Path(settings.get().loadtest_reports_dir) / run_id
         workdir.mkdir(parents=True, exist_ok=True)
         raw_path = str(workdir / f"shard-{index}.raw")
     config: dict[str, Any] = {
         "run_id": run_id, "shard": index, "host": base_url,
-        "scenario": {"kind": test.scenario.kind, **_endpoints_json(test.scenario)},
+        "scenario": {"kind": test.scenario.kind, **(
+            test.scenario.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if isinstance(test.scenario, spec.EndpointsScenario) else {})},
         "locustfile": locustfile, "users": plan.users, "spawn_rate": plan.spawn_rate,
         "start_at": start_at, "end_at": end_at, "hard_deadline": deadline,
-        "stop_timeout": min(10.0, conf.get().loadtest_grace / 2), "raw_path": raw_path,
+        "stop_timeout": min(10.0, settings.get().loadtest_grace / 2), "raw_path": raw_path,
     }
     return _supervise(run_id, index, config=config, node=node, users=plan.users,
                       start_at=start_at, end_at=end_at, deadline=deadline,
@@ -257,7 +260,7 @@ def _supervise(run_id: str, index: int, *, config: dict[str, Any], node: str, us
     elif final is not None and final.get("reason") == "done" and code == 0:
         state, reason = "finished", "ran its duration"
     elif stop_reason == "deadline":
-        state, reason = "failed", (f"still running {conf.get().loadtest_grace} s after the"
+        state, reason = "failed", (f"still running {settings.get().loadtest_grace} s after the"
                                    " run's end (HMS_TASKS_LOADTEST_GRACE): stopped")
     elif code < 0:
         load = max(0.0, stopped_at - max(start_at, data.started_at or start_at))
@@ -272,11 +275,6 @@ def _supervise(run_id: str, index: int, *, config: dict[str, Any], node: str, us
     extra = {"stop_requested_at": term_at, "locust": locust_version}
     return _end(run_id, index, state=state, data=data, reason=reason, node=node,
                 check=check, stopped_at=stopped_at, **extra)
-
-
-def _endpoints_json(scenario: spec.Scenario) -> dict[str, Any]:
-    doc = scenario.to_json()
-    return doc if isinstance(doc, dict) and scenario.kind == "endpoints" else {}
 
 
 def _send(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -332,4 +330,4 @@ def _end(run_id: str, index: int, *, state: keys.ShardState, data: RunData, reas
 def _queue_merge(run_id: str) -> None:
     from hms_tasks.celery import app
 
-    app.send_task(names.LOADTEST_MERGE, kwargs={"run_id": run_id}, ignore_result=True)
+    app.send_task(names.MERGE, kwargs={"run_id": run_id}, ignore_result=True)

@@ -20,30 +20,50 @@ flags)::
                        "endpoints": {"GET /api/patients/": {"p99_ms": 800}}},
     }
 
-Users, duration and shards are bounded by ``HMS_TASKS_LOADTEST_MAX_USERS``,
-``HMS_TASKS_LOADTEST_MAX_DURATION`` and ``HMS_TASKS_LOADTEST_MAX_SHARDS``. Every problem is
-reported at once, naming the field and what it accepts, never quoting the value.
+The definition is a pydantic model (the one validation layer of hms-tasks): values are strictly
+typed (``"10"`` is not a number of users), unknown fields are refused, and users, duration and
+shards are bounded by ``HMS_TASKS_LOADTEST_MAX_USERS``, ``..._MAX_DURATION`` and
+``..._MAX_SHARDS``. Every problem is reported at once, one line each, naming the field and what
+it accepts (``test.scenario.endpoints[0].path: expected ...``), never quoting the value.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from hms_tasks import conf, names
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
 from hms_tasks.errors import ConfigurationError, InvalidArguments
+from hms_tasks.loadtest import names, settings
+from hms_tasks.validation import problems
 
 __all__ = [
     "DEMO_LOCUSTFILE",
-    "MAX_DURATION_CAP",
     "METHODS",
     "THRESHOLD_KEYS",
+    "DemoScenario",
     "Endpoint",
+    "EndpointsScenario",
     "LoadTestSpec",
+    "LocustfileScenario",
     "Scenario",
     "ShardPlan",
     "Thresholds",
@@ -55,9 +75,6 @@ __all__ = [
     "target_url",
 ]
 
-#: The highest HMS_TASKS_LOADTEST_MAX_DURATION may go: the shard task's hard time limit is
-#: derived from it and must stay below the visibility timeout.
-MAX_DURATION_CAP = conf.LOADTEST_MAX_DURATION_CAP
 #: The locustfile shipped for the demo HMS API (scenario ``"demo"``).
 DEMO_LOCUSTFILE = Path(__file__).resolve().parent / "locustfiles" / "demo_api.py"
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
@@ -66,23 +83,94 @@ MAX_ENDPOINTS = 100
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_FIELDS = {"name", "target", "scenario", "users", "spawn_rate", "ramp_up", "duration", "shards",
-           "thresholds"}
-_SCENARIO_FIELDS = {"endpoints", "wait", "user_class", "locustfile"}
-_ENDPOINT_FIELDS = {"path", "method", "weight", "name", "json"}
+_BAD_PATH_CHARS = set("\\@# \t\r\n\x00")
 
 
-@dataclass(frozen=True, kw_only=True)
-class Thresholds:
+# -- the checks: strict type first (pydantic), then our rule; one message naming what is allowed
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    return {int: "int", float: "float", str: "str", list: "list", dict: "object"}.get(
+        type(value), "other")
+
+
+def _expect(what: str | Callable[[], str], ok: Callable[[Any], bool] = lambda _: True) -> Any:
+    """Annotation: the strictly typed value when ``ok(value)``, else the error ``expected
+    <what>`` (with the input's type, never its value, when the type was wrong)."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            result = handler(value)
+        except ValidationError:
+            got = f", got {_kind(value)}"
+        else:
+            if result is None or ok(result):
+                return result
+            got = ""
+        raise ValueError(f"expected {what if isinstance(what, str) else what()}{got}")
+
+    return WrapValidator(check)
+
+
+def _within(low: float, high: float, *, above: bool = False) -> Callable[[Any], bool]:
+    return lambda v: math.isfinite(v) and (low < v if above else low <= v) and v <= high
+
+
+def _limit(name: str) -> int:
+    return int(getattr(settings.get(), f"loadtest_{name}"))
+
+
+def _path_ok(path: str) -> bool:
+    return (path.startswith("/") and not path.startswith("//") and len(path) <= 2000
+            and "://" not in path and not _BAD_PATH_CHARS & set(path))
+
+
+class _Model(BaseModel):
+    """Strict, frozen, and every unknown field named at once with the allowed ones."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid", populate_by_name=True)
+    #: What an object of this model is, for "expected an object (...)".
+    what: ClassVar[str] = "an object"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, raw: Any) -> Any:
+        if isinstance(raw, cls):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"expected {cls.what}, got {_kind(raw)}")
+        allowed = {f.alias or n for n, f in cls.model_fields.items()}
+        unknown = [k for k in raw if k not in allowed]
+        if unknown:
+            shown = sorted(k if isinstance(k, str) and _IDENT_RE.match(k) else "(a field name)"
+                           for k in unknown)
+            raise ValueError(f"unknown fields {shown}; allowed: {sorted(allowed)}")
+        return raw
+
+
+# -- thresholds ----------------------------------------------------------------------------------
+
+_Ms = Annotated[float | None, _expect("milliseconds above 0", _within(0, 3_600_000, above=True))]
+
+
+class Thresholds(_Model):
     """Service-level objectives of a whole run or of one endpoint; None means not judged."""
 
-    p50_ms: float | None = None
-    p95_ms: float | None = None
-    p99_ms: float | None = None
+    what: ClassVar[str] = f"an object of {', '.join(THRESHOLD_KEYS)}"
+
+    p50_ms: _Ms = None
+    p95_ms: _Ms = None
+    p99_ms: _Ms = None
     #: Failed requests / requests, from 0 to 1 (0.01 is 1 %).
-    error_rate: float | None = None
+    error_rate: Annotated[float | None, _expect("a fraction from 0 to 1 (0.01 is 1 %)",
+                                                _within(0, 1))] = None
     #: Requests per second over the run's duration.
-    min_rps: float | None = None
+    min_rps: Annotated[float | None, _expect("requests per second from 0",
+                                             _within(0, 1e9))] = None
 
     def items(self) -> list[tuple[str, float]]:
         return [(k, v) for k in THRESHOLD_KEYS if (v := getattr(self, k)) is not None]
@@ -91,72 +179,232 @@ class Thresholds:
         return dict(self.items())
 
 
-@dataclass(frozen=True, kw_only=True)
-class Endpoint:
-    method: str
+def _endpoint_key(key: str) -> bool:
+    return 3 <= len(key) <= 210 and " " in key and key.split(" ", 1)[0] in METHODS
+
+
+class RunThresholds(Thresholds):
+    """The run's thresholds, and per endpoint (``"METHOD name"``, the statistics' key)."""
+
+    what: ClassVar[str] = f"an object of {', '.join(THRESHOLD_KEYS)}, endpoints"
+
+    endpoints: Annotated[
+        dict[Annotated[str, _expect('"METHOD name" (for example "GET /api/patients/")',
+                                    _endpoint_key)], Thresholds],
+        Field(max_length=MAX_ENDPOINTS)] = {}
+
+
+# -- scenarios -----------------------------------------------------------------------------------
+
+
+class Endpoint(_Model):
+    what: ClassVar[str] = "an object with path, method, weight, name"
+
     #: Path (and query) under the target's base URL: always starts with a single '/'.
-    path: str
-    #: Name in the statistics (Locust's request name); defaults to the path.
-    name: str
-    weight: int = 1
+    path: Annotated[str, _expect("a path under the target such as /api/patients/?limit=50"
+                                 " (starting with one '/', no scheme, host, '@', '#' or spaces)",
+                                 _path_ok)]
+    method: Annotated[str, _expect(f"one of {', '.join(METHODS)}", lambda m: m in METHODS)] = "GET"
+    weight: Annotated[int, _expect("an integer from 1 to 1000", _within(1, 1000))] = 1
+    #: Name in the statistics (Locust's request name); defaults to the path without its query.
+    name: Annotated[str, _expect("1 to 200 printable characters",
+                                 lambda n: 1 <= len(n) <= 200 and n.isprintable())] = Field(
+        default=None, validate_default=True)
     #: JSON body (POST, PUT, PATCH), or None.
-    json: Any = None
+    body: Any = Field(default=None, alias="json")
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name_defaults_to_path(cls, name: Any, info: ValidationInfo) -> Any:
+        # Without a valid path (already reported) any name will do.
+        return str(info.data.get("path", "/")).split("?", 1)[0] if name is None else name
+
+    @field_validator("body")
+    @classmethod
+    def _body_needs_a_method_that_sends_one(cls, body: Any, info: ValidationInfo) -> Any:
+        if body is not None and info.data.get("method", "GET") not in ("POST", "PUT", "PATCH"):
+            raise ValueError("only POST, PUT and PATCH send a body")
+        return body
 
     @property
     def key(self) -> str:
         return f"{self.method} {self.name}"
 
 
-@dataclass(frozen=True, kw_only=True)
-class Scenario:
-    kind: Literal["demo", "endpoints", "locustfile"]
-    endpoints: tuple[Endpoint, ...] = ()
+class DemoScenario(_Model):
+    """``"demo"``: the shipped locustfile of the demo HMS API."""
+
+    kind: ClassVar[Literal["demo"]] = "demo"
+
+    @model_serializer
+    def _as_name(self) -> str:
+        return "demo"
+
+
+def _wait_ok(wait: list[float]) -> bool:
+    return len(wait) == 2 and all(math.isfinite(w) for w in wait) and 0 <= wait[0] <= wait[1] <= 60
+
+
+class EndpointsScenario(_Model):
+    """Weighted endpoints of the target, each user waiting between requests."""
+
+    kind: ClassVar[Literal["endpoints"]] = "endpoints"
+    what: ClassVar[str] = 'an object with endpoints'
+
+    endpoints: Annotated[list[Endpoint], Field(min_length=1, max_length=MAX_ENDPOINTS)]
     #: Seconds each user waits between requests: uniform between the two.
-    wait: tuple[float, float] = (0.5, 1.5)
-    user_class: Literal["fast", "http"] = "fast"
-    #: Path relative to HMS_TASKS_LOADTEST_SCENARIOS_DIR (kind "locustfile").
-    locustfile: str | None = None
+    wait: Annotated[list[float], _expect("[min, max] seconds, 0 <= min <= max <= 60",
+                                         _wait_ok)] = [0.5, 1.5]
+    user_class: Annotated[str, _expect('"fast" (FastHttpUser) or "http" (HttpUser)',
+                                       lambda c: c in ("fast", "http"))] = "fast"
 
-    def to_json(self) -> str | dict[str, Any]:
-        if self.kind == "demo":
-            return "demo"
-        if self.kind == "locustfile":
-            return {"locustfile": self.locustfile}
-        return {
-            "endpoints": [{"method": e.method, "path": e.path, "name": e.name,
-                           "weight": e.weight, **({"json": e.json} if e.json is not None
-                                                  else {})} for e in self.endpoints],
-            "wait": list(self.wait), "user_class": self.user_class,
-        }
+    @field_validator("endpoints")
+    @classmethod
+    def _distinct(cls, endpoints: list[Endpoint]) -> list[Endpoint]:
+        if len({e.key for e in endpoints}) != len(endpoints):
+            raise ValueError("two endpoints share a method and name")
+        return endpoints
 
 
-@dataclass(frozen=True, kw_only=True)
-class ShardPlan:
+class LocustfileScenario(_Model):
+    """A locustfile of the scenarios directory (its own users set their wait times and
+    clients)."""
+
+    kind: ClassVar[Literal["locustfile"]] = "locustfile"
+    what: ClassVar[str] = 'an object with locustfile'
+
+    #: Path relative to HMS_TASKS_LOADTEST_SCENARIOS_DIR.
+    locustfile: Annotated[str, _expect("a path inside HMS_TASKS_LOADTEST_SCENARIOS_DIR",
+                                       lambda p: 0 < len(p) <= 500 and "\x00" not in p)]
+
+    @field_validator("locustfile")
+    @classmethod
+    def _inside_the_scenarios_dir(cls, path: str, info: ValidationInfo) -> str:
+        check_files = (info.context or {}).get("check_files", True)
+        full = resolve_locustfile(path, must_exist=check_files)
+        return str(full.relative_to(scenarios_dir()))
+
+
+def _scenario_kind(raw: Any) -> str | None:
+    if raw == "demo" or isinstance(raw, DemoScenario):
+        return "demo"
+    if isinstance(raw, BaseModel):
+        return str(getattr(raw, "kind", None))
+    if isinstance(raw, Mapping) and ("locustfile" in raw) != ("endpoints" in raw):
+        return "locustfile" if "locustfile" in raw else "endpoints"
+    return None
+
+
+Scenario = Annotated[
+    Annotated[DemoScenario, BeforeValidator(lambda _: {}), Tag("demo")]
+    | Annotated[EndpointsScenario, Tag("endpoints")]
+    | Annotated[LocustfileScenario, Tag("locustfile")],
+    Discriminator(_scenario_kind, custom_error_type="scenario", custom_error_message=(
+        'expected "demo", {"endpoints": [...]} or {"locustfile": "path.py"}'
+        " (endpoints or locustfile, not both)")),
+]
+
+
+# -- the definition ------------------------------------------------------------------------------
+
+
+def _targets() -> str:
+    return ", ".join(sorted(settings.get().loadtest_targets)) or "none configured"
+
+
+def _target(value: Any, handler: ValidatorFunctionWrapHandler) -> str:
+    try:
+        target: str = handler(value)
+    except ValidationError:
+        raise ValueError("expected a target id from HMS_TASKS_LOADTEST_TARGETS (allowed:"
+                         f" {_targets()}), got {_kind(value)}") from None
+    if target in settings.get().loadtest_targets:
+        return target
+    if any(c in target for c in ":/.@[]\\") or target.lower().startswith(("http", "www")):
+        raise ValueError("expected a target id from HMS_TASKS_LOADTEST_TARGETS, not a URL or an"
+                         f" address (allowed: {_targets()})")
+    raise ValueError(f"unknown target id (allowed: {_targets()})")
+
+
+class ShardPlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     index: int
     users: int
     spawn_rate: float
 
 
-@dataclass(frozen=True, kw_only=True)
-class LoadTestSpec:
-    name: str
-    target: str
-    scenario: Scenario
-    users: int
-    spawn_rate: float
-    duration: float
-    shards: int
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    endpoint_thresholds: dict[str, Thresholds] = field(default_factory=dict)
+class LoadTestSpec(_Model):
+    """A checked load-test definition (see the module docstring)."""
+
+    what: ClassVar[str] = "an object (a load test definition)"
+
+    name: Annotated[str, _expect("1 to 64 of a-z 0-9 '_' '-' (starting with a letter or digit)",
+                                 lambda n: bool(_NAME_RE.match(n)))]
+    target: Annotated[str, WrapValidator(_target)]
+    scenario: Scenario = DemoScenario()
+    users: Annotated[int, _expect(
+        lambda: f"an integer from 1 to {_limit('max_users')} (HMS_TASKS_LOADTEST_MAX_USERS)",
+        lambda u: 1 <= u <= _limit("max_users"))]
+    duration: Annotated[float, _expect(
+        lambda: f"seconds above 0 and at most {_limit('max_duration')}"
+                " (HMS_TASKS_LOADTEST_MAX_DURATION)",
+        lambda d: _within(0, _limit("max_duration"), above=True)(d))]
+    shards: Annotated[int, _expect(
+        lambda: f"an integer from 1 to {_limit('max_shards')} (HMS_TASKS_LOADTEST_MAX_SHARDS)",
+        lambda n: 1 <= n <= _limit("max_shards"))] = 1
+    #: Users started per second (ramp_up or every user at once when not given).
+    spawn_rate: Annotated[float, _expect("users per second above 0 and at most 10000",
+                                         _within(0, 10_000, above=True))] = 0.0
+    #: Seconds to start every user: turned into spawn_rate (never stored).
+    ramp_up: Annotated[float | None, _expect("seconds from 0 to the duration",
+                                             _within(0, math.inf))] = Field(None, exclude=True)
+    thresholds: RunThresholds = RunThresholds()
+
+    @field_validator("shards")
+    @classmethod
+    def _one_user_per_shard_at_least(cls, shards: int, info: ValidationInfo) -> int:
+        users = info.data.get("users")
+        if users is not None and shards > users:
+            raise ValueError(f"at most one shard per user ({users} user{'s' * (users != 1)})")
+        return shards
+
+    @field_validator("ramp_up")
+    @classmethod
+    def _ramp_up_within_the_duration(cls, ramp: float | None, info: ValidationInfo) -> Any:
+        if ramp is not None and ramp > info.data.get("duration", math.inf):
+            raise ValueError("expected seconds from 0 to the duration")
+        return ramp
+
+    @field_validator("thresholds")
+    @classmethod
+    def _endpoint_thresholds_name_endpoints(cls, th: RunThresholds,
+                                            info: ValidationInfo) -> RunThresholds:
+        scenario = info.data.get("scenario")
+        if isinstance(scenario, EndpointsScenario):
+            known = {e.key for e in scenario.endpoints}
+            if set(th.endpoints) - known:
+                raise ValueError("endpoints: a key names no endpoint of the scenario"
+                                 f" (endpoints: {', '.join(sorted(known))})")
+        return th
+
+    @model_validator(mode="after")
+    def _spawn_rate(self) -> LoadTestSpec:
+        given = "spawn_rate" in self.model_fields_set
+        if self.ramp_up is None:
+            return self if given else self.model_copy(update={"spawn_rate": float(self.users)})
+        if given:
+            raise ValueError("give spawn_rate or ramp_up, not both")
+        rate = float(self.users) if self.ramp_up == 0 else self.users / self.ramp_up
+        return self.model_copy(update={"spawn_rate": rate, "ramp_up": None})
+
+    @property
+    def endpoint_thresholds(self) -> dict[str, Thresholds]:
+        return self.thresholds.endpoints
 
     def to_json(self) -> dict[str, Any]:
         """The definition in its canonical form (``parse`` of it gives the same spec)."""
-        thresholds: dict[str, Any] = self.thresholds.to_json()
-        if self.endpoint_thresholds:
-            thresholds["endpoints"] = {k: t.to_json() for k, t in self.endpoint_thresholds.items()}
-        return {"name": self.name, "target": self.target, "scenario": self.scenario.to_json(),
-                "users": self.users, "spawn_rate": self.spawn_rate, "duration": self.duration,
-                "shards": self.shards, "thresholds": thresholds}
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
     def plan(self) -> list[ShardPlan]:
         """Users split over the shards (the first ones take the remainder); each shard's spawn
@@ -170,30 +418,12 @@ class LoadTestSpec:
         return out
 
 
-# -- helpers -------------------------------------------------------------------------------------
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    return {int: "int", float: "float", str: "str", list: "list", dict: "object"}.get(
-        type(value), "other")
-
-
-def _shown(key: Any) -> str:
-    # A key that is no identifier could be data pasted in the wrong place: do not echo it.
-    return str(key) if isinstance(key, str) and _IDENT_RE.match(key) else "(a field name)"
+# -- files and targets of this node --------------------------------------------------------------
 
 
 def scenarios_dir() -> Path:
     """The directory user locustfiles must live in (HMS_TASKS_LOADTEST_SCENARIOS_DIR)."""
-    return Path(conf.get().loadtest_scenarios_dir).resolve()
+    return Path(settings.get().loadtest_scenarios_dir).resolve()
 
 
 def resolve_locustfile(relative: str, *, must_exist: bool = True) -> Path:
@@ -214,7 +444,7 @@ def resolve_locustfile(relative: str, *, must_exist: bool = True) -> Path:
 def target_url(target: str) -> str:
     """The base URL of target id ``target`` from this process's settings; ConfigurationError
     when it has none (a node whose settings differ from the orchestrator's)."""
-    targets = conf.get().loadtest_targets
+    targets = settings.get().loadtest_targets
     if target not in targets:
         raise ConfigurationError(
             f"HMS_TASKS_LOADTEST_TARGETS has no target {target!r} on this node; configured:"
@@ -225,279 +455,46 @@ def target_url(target: str) -> str:
 # -- parsing -------------------------------------------------------------------------------------
 
 
-def parse(raw: Any, *, where: str = "test", task: str = names.LOADTEST_RUN,
+def _located(where: str, loc: tuple[Any, ...]) -> str:
+    """``('scenario', 'endpoints', 'endpoints', 0, 'path')`` -> ``test.scenario.endpoints[0]
+    .path``: the scenario's kind (pydantic's union tag) and dict-key markers left out, keys
+    that are no identifier hidden."""
+    out, previous = where, None
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part == "[key]" or (previous == "scenario" and part in ("demo", "endpoints",
+                                                                       "locustfile")):
+            pass
+        elif isinstance(part, str) and _IDENT_RE.match(part):
+            out += f".{part}"
+        else:
+            out += "[…]"
+        previous = part
+    return out
+
+
+def parse(raw: Any, *, where: str = "test", task: str = names.RUN,
           check_files: bool = True) -> LoadTestSpec:
     """Check a definition against the settings; return the spec or raise
     :class:`InvalidArguments` listing every problem (``where`` prefixes the field names)."""
-    problems: list[str] = []
-    spec = _parse(raw, where, problems, check_files=check_files)
-    if problems or spec is None:
-        raise InvalidArguments(task, problems or [f"{where}: not a load test definition"])
-    return spec
+    try:
+        return LoadTestSpec.model_validate(raw, context={"check_files": check_files})
+    except ValidationError as exc:
+        raise InvalidArguments(task, problems(exc, name=lambda loc: _located(where, loc))
+                               ) from None
 
 
-def _parse(raw: Any, where: str, problems: list[str], *,
-           check_files: bool) -> LoadTestSpec | None:
-    s = conf.get()
-    if not isinstance(raw, Mapping):
-        problems.append(f"{where}: expected an object (a load test definition), got {_kind(raw)}")
-        return None
-    unknown = [k for k in raw if k not in _FIELDS]
-    if unknown:
-        problems.append(f"{where}: unknown fields {sorted(map(_shown, unknown))}; allowed:"
-                        f" {sorted(_FIELDS)}")
-
-    name = raw.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        problems.append(f"{where}.name: expected 1 to 64 of a-z 0-9 '_' '-' (starting with a"
-                        " letter or digit)")
-
-    target = raw.get("target")
-    allowed = ", ".join(sorted(s.loadtest_targets)) or "none configured"
-    if not isinstance(target, str):
-        problems.append(f"{where}.target: expected a target id from HMS_TASKS_LOADTEST_TARGETS"
-                        f" (allowed: {allowed}), got {_kind(target)}")
-    elif target in s.loadtest_targets:
-        pass
-    elif any(c in target for c in ":/.@[]\\") or target.lower().startswith(("http", "www")):
-        problems.append(f"{where}.target: expected a target id from HMS_TASKS_LOADTEST_TARGETS,"
-                        f" not a URL or an address (allowed: {allowed})")
-    else:
-        problems.append(f"{where}.target: unknown target id (allowed: {allowed})")
-
-    scenario = _scenario(raw.get("scenario", "demo"), f"{where}.scenario", problems,
-                         check_files=check_files)
-
-    users = raw.get("users")
-    if type(users) is not int or not 1 <= users <= s.loadtest_max_users:
-        problems.append(f"{where}.users: expected an integer from 1 to {s.loadtest_max_users}"
-                        " (HMS_TASKS_LOADTEST_MAX_USERS)" + (
-                            f", got {_kind(users)}" if type(users) is not int else ""))
-        users = None
-
-    duration: Any = raw.get("duration")
-    if not _number(duration) or not 0 < duration <= s.loadtest_max_duration:
-        problems.append(f"{where}.duration: expected seconds above 0 and at most"
-                        f" {s.loadtest_max_duration} (HMS_TASKS_LOADTEST_MAX_DURATION)" + (
-                            f", got {_kind(duration)}" if not _number(duration) else ""))
-        duration = None
-
-    shards = raw.get("shards", 1)
-    if type(shards) is not int or not 1 <= shards <= s.loadtest_max_shards:
-        problems.append(f"{where}.shards: expected an integer from 1 to {s.loadtest_max_shards}"
-                        " (HMS_TASKS_LOADTEST_MAX_SHARDS)" + (
-                            f", got {_kind(shards)}" if type(shards) is not int else ""))
-        shards = None
-    elif users is not None and shards > users:
-        problems.append(f"{where}.shards: at most one shard per user ({users} users)")
-
-    spawn_rate: float | None = None
-    if "spawn_rate" in raw and "ramp_up" in raw:
-        problems.append(f"{where}: give spawn_rate or ramp_up, not both")
-    elif "ramp_up" in raw:
-        ramp = raw["ramp_up"]
-        if not _number(ramp) or ramp < 0 or (duration is not None and ramp > duration):
-            problems.append(f"{where}.ramp_up: expected seconds from 0 to the duration" + (
-                f", got {_kind(ramp)}" if not _number(ramp) else ""))
-        elif users is not None:
-            spawn_rate = float(users) if ramp == 0 else users / ramp
-    elif "spawn_rate" in raw:
-        rate = raw["spawn_rate"]
-        if not _number(rate) or not 0 < rate <= 10_000:
-            problems.append(f"{where}.spawn_rate: expected users per second above 0 and at most"
-                            " 10000" + (f", got {_kind(rate)}" if not _number(rate) else ""))
-        else:
-            spawn_rate = float(rate)
-    elif users is not None:
-        spawn_rate = float(users)  # every user at once
-
-    thresholds, per_endpoint = _thresholds(raw.get("thresholds", {}), f"{where}.thresholds",
-                                           problems)
-    if scenario is not None and scenario.kind == "endpoints":
-        known = {e.key for e in scenario.endpoints}
-        for key in per_endpoint:
-            if key not in known:
-                problems.append(f"{where}.thresholds.endpoints: a key names no endpoint of the"
-                                f" scenario (endpoints: {', '.join(sorted(known))})")
-                break
-
-    if problems or scenario is None or users is None or duration is None or shards is None \
-            or spawn_rate is None:
-        return None
-    assert isinstance(name, str)
-    assert isinstance(target, str)
-    return LoadTestSpec(name=name, target=target, scenario=scenario, users=users,
-                        spawn_rate=spawn_rate, duration=float(duration), shards=shards,
-                        thresholds=thresholds, endpoint_thresholds=per_endpoint)
-
-
-def _scenario(raw: Any, where: str, problems: list[str], *, check_files: bool) -> Scenario | None:
-    if raw == "demo":
-        return Scenario(kind="demo")
-    if not isinstance(raw, Mapping):
-        problems.append(f"{where}: expected \"demo\", {{\"endpoints\": [...]}} or"
-                        f" {{\"locustfile\": \"path.py\"}}, got {_kind(raw)}")
-        return None
-    unknown = [k for k in raw if k not in _SCENARIO_FIELDS]
-    if unknown:
-        problems.append(f"{where}: unknown fields {sorted(map(_shown, unknown))}; allowed:"
-                        f" {sorted(_SCENARIO_FIELDS)}")
-        return None
-    if ("locustfile" in raw) == ("endpoints" in raw):
-        problems.append(f"{where}: give either endpoints or locustfile")
-        return None
-    if "locustfile" in raw:
-        path = raw["locustfile"]
-        if set(raw) != {"locustfile"}:
-            problems.append(f"{where}: a locustfile scenario takes only locustfile (its own"
-                            " users set their wait times and clients)")
-            return None
-        if not isinstance(path, str) or not path or len(path) > 500 or "\x00" in path:
-            problems.append(f"{where}.locustfile: expected a path inside"
-                            " HMS_TASKS_LOADTEST_SCENARIOS_DIR")
-            return None
-        try:
-            full = resolve_locustfile(path, must_exist=check_files)
-        except ValueError as exc:
-            problems.append(f"{where}.locustfile: {exc}")
-            return None
-        return Scenario(kind="locustfile", locustfile=str(full.relative_to(scenarios_dir())))
-
-    endpoints_raw = raw["endpoints"]
-    if not isinstance(endpoints_raw, list) or not 1 <= len(endpoints_raw) <= MAX_ENDPOINTS:
-        problems.append(f"{where}.endpoints: expected a list of 1 to {MAX_ENDPOINTS} endpoints")
-        return None
-    endpoints: list[Endpoint] = []
-    ok = True
-    for i, e in enumerate(endpoints_raw):
-        ep = _endpoint(e, f"{where}.endpoints[{i}]", problems)
-        ok = ok and ep is not None
-        if ep is not None:
-            endpoints.append(ep)
-    keys = [e.key for e in endpoints]
-    if len(set(keys)) != len(keys):
-        problems.append(f"{where}.endpoints: two endpoints share a method and name")
-        ok = False
-    wait = raw.get("wait", [0.5, 1.5])
-    if not isinstance(wait, list) or len(wait) != 2 or not all(_number(w) for w in wait) \
-            or not 0 <= wait[0] <= wait[1] <= 60:
-        problems.append(f"{where}.wait: expected [min, max] seconds, 0 <= min <= max <= 60")
-        ok = False
-    user_class = raw.get("user_class", "fast")
-    if user_class not in ("fast", "http"):
-        problems.append(f"{where}.user_class: expected \"fast\" (FastHttpUser) or \"http\""
-                        " (HttpUser)")
-        ok = False
-    if not ok:
-        return None
-    return Scenario(kind="endpoints", endpoints=tuple(endpoints),
-                    wait=(float(wait[0]), float(wait[1])), user_class=user_class)
-
-
-def _endpoint(raw: Any, where: str, problems: list[str]) -> Endpoint | None:
-    if not isinstance(raw, Mapping):
-        problems.append(f"{where}: expected an object with path, method, weight, name")
-        return None
-    unknown = [k for k in raw if k not in _ENDPOINT_FIELDS]
-    if unknown:
-        problems.append(f"{where}: unknown fields {sorted(map(_shown, unknown))}; allowed:"
-                        f" {sorted(_ENDPOINT_FIELDS)}")
-        return None
-    path = raw.get("path")
-    if not isinstance(path, str) or not path.startswith("/") or path.startswith("//") \
-            or len(path) > 2000 or "://" in path or any(c in path for c in "\\@# \t\r\n\x00"):
-        problems.append(f"{where}.path: expected a path under the target such as"
-                        " /api/patients/?limit=50 (starting with one '/', no scheme, host,"
-                        " '@', '#' or spaces)")
-        return None
-    method = raw.get("method", "GET")
-    if method not in METHODS:
-        problems.append(f"{where}.method: expected one of {', '.join(METHODS)}")
-        return None
-    weight = raw.get("weight", 1)
-    if type(weight) is not int or not 1 <= weight <= 1000:
-        problems.append(f"{where}.weight: expected an integer from 1 to 1000")
-        return None
-    name = raw.get("name", path.split("?", 1)[0])
-    if not isinstance(name, str) or not 1 <= len(name) <= 200 or not name.isprintable():
-        problems.append(f"{where}.name: expected 1 to 200 printable characters")
-        return None
-    body = raw.get("json")
-    if body is not None and method not in ("POST", "PUT", "PATCH"):
-        problems.append(f"{where}.json: only POST, PUT and PATCH send a body")
-        return None
-    return Endpoint(method=method, path=path, name=name, weight=weight, json=body)
-
-
-_THRESHOLD_RULES: dict[str, tuple[float, float, bool, str]] = {
-    # key: (low, high, low is exclusive, what)
-    "p50_ms": (0.0, 3_600_000.0, True, "milliseconds above 0"),
-    "p95_ms": (0.0, 3_600_000.0, True, "milliseconds above 0"),
-    "p99_ms": (0.0, 3_600_000.0, True, "milliseconds above 0"),
-    "error_rate": (0.0, 1.0, False, "a fraction from 0 to 1 (0.01 is 1 %)"),
-    "min_rps": (0.0, 1e9, False, "requests per second from 0"),
-}
-
-
-def _one_thresholds(raw: Any, where: str, problems: list[str], *,
-                    allow_endpoints: bool) -> Thresholds:
-    if not isinstance(raw, Mapping):
-        problems.append(f"{where}: expected an object of {', '.join(THRESHOLD_KEYS)}")
-        return Thresholds()
-    allowed = set(THRESHOLD_KEYS) | ({"endpoints"} if allow_endpoints else set())
-    unknown = [k for k in raw if k not in allowed]
-    if unknown:
-        problems.append(f"{where}: unknown fields {sorted(map(_shown, unknown))}; allowed:"
-                        f" {sorted(allowed)}")
-    values: dict[str, float] = {}
-    for key, (low, high, exclusive, what) in _THRESHOLD_RULES.items():
-        if key not in raw or raw[key] is None:
-            continue
-        v = raw[key]
-        if not _number(v) or v > high or (v <= low if exclusive else v < low):
-            problems.append(f"{where}.{key}: expected {what}" + (
-                f", got {_kind(v)}" if not _number(v) else ""))
-            continue
-        values[key] = float(v)
-    return Thresholds(**values)
-
-
-def _thresholds(raw: Any, where: str,
-                problems: list[str]) -> tuple[Thresholds, dict[str, Thresholds]]:
-    total = _one_thresholds(raw, where, problems, allow_endpoints=True)
-    per: dict[str, Thresholds] = {}
-    if isinstance(raw, Mapping) and raw.get("endpoints") is not None:
-        eps = raw["endpoints"]
-        if not isinstance(eps, Mapping) or len(eps) > MAX_ENDPOINTS:
-            problems.append(f"{where}.endpoints: expected an object of endpoint keys (\"GET"
-                            f" /path\") to thresholds, at most {MAX_ENDPOINTS}")
-        else:
-            for i, (key, t) in enumerate(eps.items()):
-                if not isinstance(key, str) or not 3 <= len(key) <= 210 \
-                        or key.split(" ", 1)[0] not in METHODS or " " not in key:
-                    problems.append(f"{where}.endpoints: key #{i + 1} is not \"METHOD name\""
-                                    " (for example \"GET /api/patients/\")")
-                    continue
-                per[key] = _one_thresholds(t, f"{where}.endpoints[{i + 1}]", problems,
-                                           allow_endpoints=False)
-    return total, per
-
-
-# -- tests defined in settings ---------------------------------------------------------------
-
-
-def configured(name: str, *, task: str = names.LOADTEST_RUN,
-               check_files: bool = True) -> LoadTestSpec:
+def configured(name: str, *, task: str = names.RUN, check_files: bool = True) -> LoadTestSpec:
     """The test ``name`` of HMS_TASKS_LOADTEST_TESTS, checked; InvalidArguments for an unknown
     name or a definition that does not pass."""
-    tests = conf.get().loadtest_tests
+    tests = settings.get().loadtest_tests
     if name not in tests:
         raise InvalidArguments(task, [
             f"test: unknown test name (defined in HMS_TASKS_LOADTEST_TESTS:"
             f" {', '.join(sorted(tests)) or 'none'})"])
-    definition = {"name": name, **tests[name]}
-    return parse(definition, where=f"HMS_TASKS_LOADTEST_TESTS[{name!r}]", task=task,
-                 check_files=check_files)
+    return parse({"name": name, **tests[name]}, where=f"HMS_TASKS_LOADTEST_TESTS[{name!r}]",
+                 task=task, check_files=check_files)
 
 
 def configured_problems() -> list[str]:
@@ -505,7 +502,7 @@ def configured_problems() -> list[str]:
     Locustfiles need not exist on every node (only loadtest workers run them): a shard checks
     that on its own node."""
     out: list[str] = []
-    for name in sorted(conf.get().loadtest_tests):
+    for name in sorted(settings.get().loadtest_tests):
         try:
             configured(name, check_files=False)
         except InvalidArguments as exc:

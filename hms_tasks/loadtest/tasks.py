@@ -20,10 +20,9 @@ import redis
 from celery import current_task
 from pydantic import Field
 
-from hms_tasks import conf, names
 from hms_tasks.base import Capability
 from hms_tasks.celery import STARTUP_CHECKS
-from hms_tasks.loadtest import keys, orchestrate, spec
+from hms_tasks.loadtest import keys, names, orchestrate, settings, spec
 from hms_tasks.loadtest import shard as shards
 from hms_tasks.params import checked_by, satisfies
 
@@ -31,8 +30,8 @@ __all__ = ["loadtest", "merge", "run", "shard"]
 
 #: The shard's hard time limit covers the longest run: start delay, duration, grace, the kill
 #: and a margin (1,953 s), below the default visibility timeout (checked at start-up).
-SHARD_TIME_LIMIT = (conf.LOADTEST_MAX_START_DELAY + conf.LOADTEST_MAX_DURATION_CAP
-                    + conf.LOADTEST_MAX_GRACE + 63)
+SHARD_TIME_LIMIT = (settings.MAX_START_DELAY + settings.MAX_DURATION_CAP
+                    + settings.MAX_GRACE + 63)
 
 loadtest = Capability(name="loadtest", soft_time_limit=SHARD_TIME_LIMIT - 30,
                       time_limit=SHARD_TIME_LIMIT,
@@ -41,7 +40,7 @@ loadtest = Capability(name="loadtest", soft_time_limit=SHARD_TIME_LIMIT - 30,
 STARTUP_CHECKS.append(spec.configured_problems)
 
 
-@loadtest.task(names.LOADTEST_RUN, soft_time_limit=50, time_limit=60)
+@loadtest.task(names.RUN, soft_time_limit=50, time_limit=60)
 def run(test: Annotated[str | dict[str, Any], checked_by(orchestrate.resolve)] | None = None,
         nightly: bool = False) -> dict[str, Any]:
     """Start a distributed load test: ``test`` is a test name of HMS_TASKS_LOADTEST_TESTS or a
@@ -66,7 +65,7 @@ def run(test: Annotated[str | dict[str, Any], checked_by(orchestrate.resolve)] |
     return orchestrate.start_run(test_spec, run_id=task_id)
 
 
-@loadtest.task(names.LOADTEST_SHARD, autoretry_for=())
+@loadtest.task(names.SHARD, autoretry_for=())
 def shard(run_id: Annotated[str, satisfies(orchestrate.valid_run_id, "a run id")],
           index: Annotated[int, Field(ge=0, le=999)]) -> dict[str, Any]:
     """Generate one shard's share of a run's load: a Locust subprocess (FastHttpUser by
@@ -84,7 +83,7 @@ def shard(run_id: Annotated[str, satisfies(orchestrate.valid_run_id, "a run id")
     if not orchestrate.valid_run_id(run_id) or not 0 <= index < 1000:
         from hms_tasks.errors import InvalidArguments
 
-        raise InvalidArguments(names.LOADTEST_SHARD, ["run_id or index: not a shard of a run"])
+        raise InvalidArguments(names.SHARD, ["run_id or index: not a shard of a run"])
 
     def progress(p: keys.ShardProgress) -> None:
         task = current_task
@@ -98,7 +97,7 @@ def shard(run_id: Annotated[str, satisfies(orchestrate.valid_run_id, "a run id")
     return shards.run_shard(run_id, index, on_progress=progress)
 
 
-@loadtest.task(names.LOADTEST_MERGE, soft_time_limit=100, time_limit=120)
+@loadtest.task(names.MERGE, soft_time_limit=100, time_limit=120)
 def merge(run_id: Annotated[str, satisfies(orchestrate.valid_run_id, "a run id")]
           ) -> dict[str, Any]:
     """Merge a run's shards into its report: totals, per-endpoint table and per-second
@@ -117,5 +116,5 @@ def merge(run_id: Annotated[str, satisfies(orchestrate.valid_run_id, "a run id")
     if not orchestrate.valid_run_id(run_id):
         from hms_tasks.errors import InvalidArguments
 
-        raise InvalidArguments(names.LOADTEST_MERGE, ["run_id: not a run id"])
+        raise InvalidArguments(names.MERGE, ["run_id: not a run id"])
     return orchestrate.merge_run(run_id)

@@ -10,8 +10,13 @@ from typing import Any
 
 from hms_tasks.loadtest.spec import METHODS
 
-__all__ = ["bar", "definition_from", "fraction_done", "progress_line", "progress_stats",
+__all__ = ["bar", "count", "definition_from", "fraction_done", "progress_line", "progress_stats",
            "report_text"]
+
+
+def count(n: int, singular: str, plural: str | None = None) -> str:
+    """``1 shard``, ``2 shards``, ``0 processes`` (``plural`` when adding an s is wrong)."""
+    return f"{n:,} {singular if n == 1 else plural or singular + 's'}"
 
 
 def _number(text: str) -> Any:

@@ -14,10 +14,7 @@ from contextlib import contextmanager
 
 import click
 
-from hms_tasks.console import fail as _fail
-from hms_tasks.console import fmt_time as _fmt_time
-from hms_tasks.console import setup as _setup
-from hms_tasks.console import table as _table
+from hms_tasks.console import fail, fmt_time, setup, table
 
 __all__ = ["commands", "memory"]
 
@@ -30,7 +27,7 @@ def redis_needed() -> Iterator[None]:
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        _fail(f"Redis is unreachable ({type(exc).__name__}); check REDIS_URL", 1)
+        fail(f"Redis is unreachable ({type(exc).__name__}); check REDIS_URL", 1)
 
 
 @click.command()
@@ -42,7 +39,7 @@ def redis_needed() -> Iterator[None]:
 def memory(last: int, snapshot_id: str | None, as_json: bool) -> None:
     """Show what the memory tiers did (RSS before and after, objects collected, pause), or the
     results of a tracemalloc comparison started with hms.memory.snapshot."""
-    _setup()
+    setup()
     with redis_needed():
         if snapshot_id is not None:
             _snapshot(snapshot_id, as_json)
@@ -54,22 +51,22 @@ def _snapshot(snapshot_id: str, as_json: bool) -> None:
     from hms_tasks.memory import snapshot
 
     if not snapshot.ID_RE.match(snapshot_id):
-        _fail("--snapshot: expected the id hms.memory.snapshot returned (8 to 32 lower-case"
+        fail("--snapshot: expected the id hms.memory.snapshot returned (8 to 32 lower-case"
               " hex digits)")
     results = snapshot.results(snapshot_id)
     if not results:
         asked = snapshot.meta(snapshot_id)
         if asked is None:
-            _fail("--snapshot: no tracemalloc comparison has that id (results are kept 7"
+            fail("--snapshot: no tracemalloc comparison has that id (results are kept 7"
                   " days; start one with hms.memory.snapshot)")
         if time.time() > asked["finish_at"] + snapshot.GRACE:
-            _fail(f"comparison {snapshot_id} on {asked['node']} ended without results (no"
+            fail(f"comparison {snapshot_id} on {asked['node']} ended without results (no"
                   " pool child of the node reported: was it restarted?)", 1)
         if as_json:
             click.echo("[]")
         else:
             click.echo(f"comparison {snapshot_id} on {asked['node']} is running; results are"
-                       f" due at {_fmt_time(asked['finish_at'])}")
+                       f" due at {fmt_time(asked['finish_at'])}")
         return
     if as_json:
         click.echo(json.dumps(results, indent=2))
@@ -77,7 +74,7 @@ def _snapshot(snapshot_id: str, as_json: bool) -> None:
     for r in results:
         click.echo(f"pid {r['pid']} on {r['node']}: traced {r['traced_before']:,} ->"
                    f" {r['traced_after']:,} bytes over {r['seconds']:g} s")
-        click.echo(_table([[s["site"], f"{s['size_diff']:+,}", f"{s['count_diff']:+,}"]
+        click.echo(table([[s["site"], f"{s['size_diff']:+,}", f"{s['count_diff']:+,}"]
                            for s in r["top"]], ["SITE", "BYTES", "BLOCKS"]))
 
 
@@ -92,7 +89,7 @@ def _events(last: int, as_json: bool) -> None:
         click.echo("no memory events yet")
         return
     mib = 1024 * 1024
-    click.echo(_table([[_fmt_time(e["at"]), e["node"], str(e["pid"]), e["tier"], e["action"],
+    click.echo(table([[fmt_time(e["at"]), e["node"], str(e["pid"]), e["tier"], e["action"],
                         f"{e['rss_before'] / mib:.1f}", f"{e['rss_after'] / mib:.1f}",
                         f"{e['budget'] / mib:.0f}", str(e["collected"]), f"{e['pause_ms']:.1f}"]
                        for e in events],

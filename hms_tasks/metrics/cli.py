@@ -17,10 +17,7 @@ from typing import Any
 
 import click
 
-from hms_tasks.console import fail as _fail
-from hms_tasks.console import fmt_time as _fmt_time
-from hms_tasks.console import setup as _setup
-from hms_tasks.console import table as _table
+from hms_tasks.console import fail, fmt_time, setup, table
 
 __all__ = ["alerts", "commands", "exporter", "metrics"]
 
@@ -33,7 +30,7 @@ def redis_needed() -> Iterator[None]:
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        _fail(f"Redis is unreachable ({type(exc).__name__}); check REDIS_URL", 1)
+        fail(f"Redis is unreachable ({type(exc).__name__}); check REDIS_URL", 1)
 
 
 def _age(ts: float, now: float) -> str:
@@ -56,7 +53,7 @@ def metrics(series: str | None, node: str | None, since: str, resolution: str,
             as_json: bool) -> None:
     """List the series in the metrics store, or show the points of SERIES (a name such as
     host.cpu.percent, or a full id such as host.cpu.percent{node=w1@h})."""
-    _setup()
+    setup()
     with redis_needed():
         _metrics(series, node, since, resolution, as_json)
 
@@ -87,10 +84,10 @@ def _metrics(series: str | None, node: str | None, since: str, resolution: str,
     try:
         seconds = ts.parse_duration(since)
     except ValueError as exc:
-        _fail(f"--since: {exc}")
+        fail(f"--since: {exc}")
     longest = settings.get().metrics_retention.longest
     if seconds > longest:
-        _fail(f"--since: at most the longest retention, {longest // 86400} days")
+        fail(f"--since: at most the longest retention, {longest // 86400} days")
     now = time.time()
     latest = ts.latest(now=now)
     wanted = {"node": node} if node else {}
@@ -103,16 +100,16 @@ def _metrics(series: str | None, node: str | None, since: str, resolution: str,
         elif not rows:
             click.echo("no series yet" + (f" for node {node}" if node else ""))
         else:
-            click.echo(_table([[sid, f"{p.value:g}", _age(p.ts, now)] for sid, p in rows],
+            click.echo(table([[sid, f"{p.value:g}", _age(p.ts, now)] for sid, p in rows],
                               ["SERIES", "LAST", "AGE"]))
         return
     try:
         name, labels = ts.parse_series(series)
     except ValueError as exc:
-        _fail(f"SERIES: {exc}")
+        fail(f"SERIES: {exc}")
     ids = ts.matching(name, {**dict(labels), **wanted}, among=list(latest))
     if not ids:
-        _fail(unknown_series_message(series, name, node, list(latest)))
+        fail(unknown_series_message(series, name, node, list(latest)))
     out: dict[str, Any] = {}
     for sid in ids:
         used, points = ts.query(sid, since=now - seconds, now=now,
@@ -124,12 +121,12 @@ def _metrics(series: str | None, node: str | None, since: str, resolution: str,
     for sid, body in out.items():
         click.echo(f"{sid}  ({body['resolution']}, {len(body['points'])} points)")
         if body["resolution"] == "raw":
-            cells = [[_fmt_time(p["ts"]), f"{p['value']:g}"] for p in body["points"]]
-            click.echo(_table(cells, ["TIME", "VALUE"]) if cells else "  no points")
+            cells = [[fmt_time(p["ts"]), f"{p['value']:g}"] for p in body["points"]]
+            click.echo(table(cells, ["TIME", "VALUE"]) if cells else "  no points")
         else:
-            cells = [[_fmt_time(p["ts"]), f"{p['min']:g}", f"{p['max']:g}", f"{p['mean']:g}",
+            cells = [[fmt_time(p["ts"]), f"{p['min']:g}", f"{p['max']:g}", f"{p['mean']:g}",
                       str(p["n"])] for p in body["points"]]
-            click.echo(_table(cells, ["TIME", "MIN", "MAX", "MEAN", "COUNT"]) if cells
+            click.echo(table(cells, ["TIME", "MIN", "MAX", "MEAN", "COUNT"]) if cells
                        else "  no points (rolled up every minute)")
 
 
@@ -141,7 +138,7 @@ def _metrics(series: str | None, node: str | None, since: str, resolution: str,
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def alerts(show_all: bool, last: int, show_rules: bool, as_json: bool) -> None:
     """List the alerts that are pending or firing (with --all, resolved ones too)."""
-    _setup()
+    setup()
     with redis_needed():
         _alerts(show_all, last, show_rules, as_json)
 
@@ -154,7 +151,7 @@ def _alerts(show_all: bool, last: int, show_rules: bool, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps([r.__dict__ for r in rules], indent=2, default=list))
             return
-        click.echo(_table([[r.name, r.series, f"{r.op} {r.threshold:g}", f"{r.clear:g}",
+        click.echo(table([[r.name, r.series, f"{r.op} {r.threshold:g}", f"{r.clear:g}",
                             f"{r.for_s}s", f"{r.clear_for_s}s", r.severity] for r in rules],
                           ["RULE", "SERIES", "FIRES", "CLEARS AT", "FOR", "CLEAR FOR",
                            "SEVERITY"]))
@@ -167,14 +164,14 @@ def _alerts(show_all: bool, last: int, show_rules: bool, as_json: bool) -> None:
         click.echo(json.dumps({"alerts": states, "events": recent}, indent=2))
         return
     if states:
-        click.echo(_table([[st["rule"], st["series"], st["state"], _fmt_time(st["since"]),
+        click.echo(table([[st["rule"], st["series"], st["state"], fmt_time(st["since"]),
                             "-" if st["value"] is None else f"{st['value']:g}"]
                            for st in states], ["RULE", "SERIES", "STATE", "SINCE", "VALUE"]))
     else:
         click.echo("no alerts" + ("" if show_all else " pending or firing"))
     if recent:
         click.echo("")
-        click.echo(_table([[_fmt_time(e["at"]), e["rule"], e["series"],
+        click.echo(table([[fmt_time(e["at"]), e["rule"], e["series"],
                             f"{e['old']} -> {e['new']}",
                             "-" if e["value"] is None else f"{e['value']:g}"] for e in recent],
                           ["AT", "RULE", "SERIES", "TRANSITION", "VALUE"]))
@@ -187,15 +184,15 @@ def _alerts(show_all: bool, last: int, show_rules: bool, as_json: bool) -> None:
               help="Port to listen on.")
 def exporter(host: str, port: int) -> None:
     """Serve the metrics store in Prometheus text format at http://HOST:PORT/metrics."""
-    _setup()
+    setup()
     from hms_tasks.metrics.prometheus import ExporterServer
 
     try:
         server = ExporterServer(host, port)
     except ValueError:
-        _fail("--host: expected an IP address such as 127.0.0.1 or ::1")
+        fail("--host: expected an IP address such as 127.0.0.1 or ::1")
     except OSError as exc:
-        _fail(f"cannot listen on {host}:{port} ({exc.strerror or type(exc).__name__})", 1)
+        fail(f"cannot listen on {host}:{port} ({exc.strerror or type(exc).__name__})", 1)
     signal.signal(signal.SIGTERM,
                   lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     shown = f"[{host}]" if ":" in host else host
