@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -99,3 +100,26 @@ def test_bad_entry_stops_worker_and_beat(command: list[str], bad_schedule_env: d
     assert proc.returncode != 0
     assert "beat schedule entry 'cache-warm-ghost': task 'hms.cache.warm_ghost' is not" \
            " registered" in proc.stderr + proc.stdout
+
+
+def test_beat_loads_the_schedule_into_redbeat_and_drops_removed_entries() -> None:
+    from hms_tasks import store
+    from hms_tasks.celery import CheckedScheduler
+
+    client = store.client()
+    prefix = store.key("redbeat") + ":"
+    assert app.conf.redbeat_key_prefix == prefix
+    # An entry a previous schedule had, and this one does not.
+    client.sadd(prefix + ":statics", "cache-warm-gone")
+    client.hset(prefix + "cache-warm-gone", "definition", "{}")
+    client.zadd(prefix + ":schedule", {prefix + "cache-warm-gone": 1})
+
+    CheckedScheduler(app=app)
+
+    stored = set(client.zrange(prefix + ":schedule", 0, -1))
+    assert stored == {prefix + key for key in beat_schedule.BEAT_SCHEDULE}
+    assert not client.exists(prefix + "cache-warm-gone")
+    assert set(client.smembers(prefix + ":statics")) == set(beat_schedule.BEAT_SCHEDULE)
+    entry = json.loads(client.hget(prefix + "health-sweep", "definition"))
+    assert entry["task"] == "hms.health.sweep"
+    assert entry["options"] == {"expires": 25}

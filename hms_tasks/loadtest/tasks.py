@@ -63,7 +63,11 @@ def run(test: str | dict[str, Any] | None = None, nightly: bool = False) -> dict
     return orchestrate.start_run(test_spec, run_id=task_id)
 
 
-@loadtest.task(names.LOADTEST_SHARD, autoretry_for=())
+# Acked at its start, not at its end: a shard whose worker died is not redelivered (load
+# cannot be replayed, and the run's merge reports the shard with what it checkpointed), so
+# its 1,953 s limit does not hold every other queue's redelivery back to half an hour.
+@loadtest.task(names.LOADTEST_SHARD, autoretry_for=(), acks_late=False,
+               reject_on_worker_lost=False)
 def shard(run_id: str, index: int) -> dict[str, Any]:
     """Generate one shard's share of a run's load: a Locust subprocess (FastHttpUser by
     default) hitting only the run's target, from the run's common start instant for its
