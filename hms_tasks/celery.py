@@ -25,6 +25,7 @@ from hms_tasks.errors import ConfigurationError
 __all__ = [
     "STARTUP_CHECKS",
     "app",
+    "beat_lag",
     "celery_defaults",
     "load_tasks",
     "route",
@@ -274,6 +275,21 @@ class CheckedScheduler(RedBeatScheduler):  # type: ignore[misc]
             logger.warning("beat: Redis unreachable (%s); retrying in %d s",
                            type(exc).__name__, BEAT_MAX_LOOP_INTERVAL)
             return float(BEAT_MAX_LOOP_INTERVAL)
+
+
+def beat_lag(celery_app: Celery | None = None) -> float:
+    """Seconds by which the most overdue entry of the beat schedule in Redis is late (0 when
+    none is): above a few loop intervals, no beat holds the lock and publishes. A health check
+    of the beat deployment as a whole (a standby beat is healthy while it waits)."""
+    import time
+
+    c = (celery_app or app).conf
+    client = store.client(url=c.redbeat_redis_url)
+    now = time.time()
+    # Scores are due instants; redbeat gives disabled entries -1 (hence from 0).
+    due: list[tuple[str, float]] = client.zrange(  # type: ignore[assignment]
+        c.redbeat_key_prefix + ":schedule", 0, now, byscore=True, withscores=True)
+    return max((now - float(score) for _, score in due), default=0.0)
 
 
 app.steps["worker"].add(StartupChecks)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -102,10 +103,16 @@ def test_bad_entry_stops_worker_and_beat(command: list[str], bad_schedule_env: d
            " registered" in proc.stderr + proc.stdout
 
 
-def test_beat_loads_the_schedule_into_redbeat_and_drops_removed_entries() -> None:
-    from hms_tasks import store
+def test_beat_loads_the_schedule_into_redbeat_and_drops_removed_entries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from hms_tasks import conf, store
     from hms_tasks.celery import CheckedScheduler
 
+    # The app's configuration may have been read before the session's Redis existed: point
+    # redbeat at it (and drop the client redbeat caches on the app).
+    monkeypatch.setitem(app.conf, "redbeat_redis_url", conf.get().redis_url)
+    for cached in ("redbeat_conf", "redbeat_redis"):
+        monkeypatch.delattr(app, cached, raising=False)
     client = store.client()
     prefix = store.key("redbeat") + ":"
     assert app.conf.redbeat_key_prefix == prefix
@@ -123,3 +130,12 @@ def test_beat_loads_the_schedule_into_redbeat_and_drops_removed_entries() -> Non
     entry = json.loads(client.hget(prefix + "health-sweep", "definition"))
     assert entry["task"] == "hms.health.sweep"
     assert entry["options"] == {"expires": 25}
+
+    # The compose health check: how late the most overdue slot is (no beat publishing).
+    from hms_tasks.celery import beat_lag
+
+    client.zadd(prefix + ":schedule", {prefix + "health-sweep": time.time() - 300})
+    assert beat_lag(app) >= 300
+    client.zadd(prefix + ":schedule", {prefix + "health-sweep": time.time() + 30})
+    client.delete(prefix + ":schedule")
+    assert beat_lag(app) == 0
