@@ -12,7 +12,8 @@ A capability declares its defaults once::
 Tasks are idempotent by default, so they get ``acks_late`` and ``reject_on_worker_lost``: a worker
 that dies mid-task leaves the message to be redelivered, not lost. A message whose worker died
 ``HMS_TASKS_MAX_REDELIVERIES`` times is dropped as ``poisoned`` (the OOM killer will strike
-again). The queue comes from the task name (``hms.<capability>.*`` → ``hms.<capability>``).
+again): its result is a FAILURE with :class:`~hms_tasks.errors.Poisoned`. The queue comes
+from the task name (``hms.<capability>.*`` → ``hms.<capability>``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from celery.exceptions import Ignore, Retry
 from celery.signals import worker_init
 
 from hms_tasks import conf, reports, store
-from hms_tasks.errors import HmsTasksError, InvalidArguments, TaskFailed
+from hms_tasks.errors import HmsTasksError, InvalidArguments, Poisoned, TaskFailed
 from hms_tasks.params import Signature, signature_of
 
 __all__ = ["Capability", "HmsTask"]
@@ -79,7 +80,8 @@ class HmsTask(Task[Any, Any]):
             self.hms_signature.check(args, kwargs)
             if self._poisoned():
                 outcome = "poisoned"
-                return None
+                raise Poisoned(f"{self.name}: its worker died more than"
+                               " HMS_TASKS_MAX_REDELIVERIES times; dropped without running")
             result = self.run(*args, **kwargs)
             outcome = "success"
             summary = result if isinstance(result, dict) else {"result": result}
@@ -104,6 +106,10 @@ class HmsTask(Task[Any, Any]):
             raise TaskFailed(f"{error} (traceback in the worker log)") from None
         except BaseException as exc:
             error = type(exc).__name__
+            if isinstance(exc, SystemExit) and self._past_hard_limit(t0):
+                # billiard ends a child past its hard time limit with SIGTERM, which Python
+                # raises here as SystemExit; the result says TimeLimitExceeded, so must this.
+                error = "TimeLimitExceeded"
             raise
         finally:
             self._report(started, t0, outcome, summary, error)
@@ -130,6 +136,12 @@ class HmsTask(Task[Any, Any]):
             # Monitoring only: the rejection itself is recorded either way.
             logger.debug("could not send the task-invalid event of %s", self.name, exc_info=True)
         raise Ignore()
+
+    def _past_hard_limit(self, t0: float) -> bool:
+        limits = self.request.timelimit or (None, None)
+        hard = limits[0] or self.time_limit or self.app.conf.task_time_limit
+        # billiard counts from the moment the child took the job, a moment before t0.
+        return bool(hard) and time.perf_counter() - t0 >= float(hard) - 0.5
 
     def _poisoned(self) -> bool:
         info = self.request.delivery_info or {}

@@ -13,16 +13,19 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import redis
 from celery import Celery, bootsteps
-from celery.beat import PersistentScheduler
+from celery.utils.log import get_logger
 from kombu import Queue
+from redbeat import RedBeatScheduler  # type: ignore[import-untyped]
 
-from hms_tasks import broker, capabilities, conf, names, schedule
+from hms_tasks import broker, capabilities, conf, names, schedule, store
 from hms_tasks.errors import ConfigurationError
 
 __all__ = [
     "STARTUP_CHECKS",
     "app",
+    "beat_lag",
     "celery_defaults",
     "load_tasks",
     "route",
@@ -41,6 +44,23 @@ DEFAULT_TIME_LIMIT = 300
 #: Extra start-up checks capabilities register from their task modules (each returns problems,
 #: one line each), so the core runs them without knowing the capabilities.
 STARTUP_CHECKS: list[Callable[[], list[str]]] = []
+
+#: Seconds between kombu's sweeps for unacknowledged messages older than the visibility
+#: timeout (a worker died holding them). kombu's defaults (10 s, but a real sweep only every
+#: 10th time) add up to 100 s to every redelivery; with these, a message whose worker was
+#: SIGKILLed is back on its queue within the visibility timeout plus 10 s.
+RESTORE_INTERVAL = 10
+
+#: Beat wakes at least this often (seconds): the standby beats' lock poll and the holder's
+#: lock extension. Celery's default of 300 s would let a takeover take over five minutes.
+BEAT_MAX_LOOP_INTERVAL = 5
+#: Seconds the beat lock lives without an extension: six of the holder's ticks, so a holder
+#: slowed by a Redis blip or a long publish keeps it, while a holder that was killed is
+#: replaced within BEAT_LOCK_TIMEOUT + BEAT_MAX_LOOP_INTERVAL (35 s): at most one missed
+#: health sweep (every 30 s), and nothing else in the schedule runs more often than a minute.
+BEAT_LOCK_TIMEOUT = 30
+
+logger = get_logger(__name__)
 
 
 def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> Any:
@@ -62,6 +82,11 @@ def celery_defaults() -> dict[str, Any]:
         "socket_keepalive": True,
         "health_check_interval": 25,
     }
+    broker_transport = {
+        **transport,
+        "unacked_restore_interval": RESTORE_INTERVAL,
+        "unacked_restore_throttle": 1,  # a sweep every interval, not every 10th
+    }
     options = {
         "broker_url": redis_url,
         "result_backend": redis_url,
@@ -70,12 +95,16 @@ def celery_defaults() -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": ["json"],
         "result_accept_content": ["json"],
-        "broker_transport_options": transport,
+        "broker_transport_options": broker_transport,
         "result_backend_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         # Prefetched messages are unacked too, and age toward the visibility timeout.
         "worker_prefetch_multiplier": 1,
+        # And a message must not wait in a worker behind a long task either (a load-test
+        # shard acks at its start, which frees its prefetch slot): a worker takes a message
+        # only when a pool process is free for it, so an unacked message is a running one.
+        "worker_disable_prefetch": True,
         # Otherwise late-ack tasks can run twice after a connection loss (celery#4671).
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         # Malformed messages are dead-lettered, not crash the worker (hms_tasks.worker_guard).
@@ -94,6 +123,20 @@ def celery_defaults() -> dict[str, Any]:
         "task_routes": (route,),
         "beat_schedule": schedule.load(hms.beat_schedule),
         "beat_scheduler": "hms_tasks.celery:CheckedScheduler",
+        # Any number of beats may run: one holds redbeat's lock and publishes, the others wait.
+        "beat_max_loop_interval": BEAT_MAX_LOOP_INTERVAL,
+        "redbeat_redis_url": hms.redis_url,
+        # <prefix>:redbeat::schedule, <prefix>:redbeat::lock, <prefix>:redbeat:<entry key>
+        "redbeat_key_prefix": store.key("redbeat") + ":",
+        "redbeat_lock_timeout": BEAT_LOCK_TIMEOUT,
+        # The options of every hms-tasks Redis client (hms_tasks.store), and no retry proxy:
+        # CheckedScheduler.tick rides out connection errors itself.
+        "redbeat_redis_options": {
+            "socket_timeout": store.SOCKET_TIMEOUT,
+            "socket_connect_timeout": store.CONNECT_TIMEOUT,
+            "socket_keepalive": True,
+            "health_check_interval": store.HEALTH_CHECK_INTERVAL,
+        },
         "timezone": settings.TIME_ZONE,
         "enable_utc": True,
         # Every node also consumes its own queue (<node>.dq2): metric samples and memory
@@ -180,7 +223,9 @@ def startup_problems(celery_app: Celery) -> list[str]:
         problems += check()
     default_limit = c.task_time_limit
     for name, task in sorted(celery_app.tasks.items()):
-        if name.startswith("celery."):
+        # A task acked early (at its start) is never redelivered while it runs; an acks_late
+        # one is, once it has run for the visibility timeout.
+        if name.startswith("celery.") or not task.acks_late:
             continue
         limit = task.time_limit or default_limit
         if limit is None or limit >= vt:
@@ -208,12 +253,47 @@ class StartupChecks(bootsteps.Step):
         super().__init__(parent, **kwargs)
 
 
-class CheckedScheduler(PersistentScheduler):
-    """Celery beat's default scheduler, after the same start-up checks as the worker."""
+class CheckedScheduler(RedBeatScheduler):  # type: ignore[misc]
+    """celery-redbeat's scheduler, after the same start-up checks as the worker.
+
+    The schedule lives in Redis under ``<prefix>:redbeat:``; every beat loads
+    ``HMS_TASKS_BEAT_SCHEDULE`` into it at start (entries no longer there are deleted, and an
+    entry's last run is kept). Only the beat that holds the lock ``<prefix>:redbeat::lock``
+    publishes; the others poll for it every ``BEAT_MAX_LOOP_INTERVAL`` seconds. A slot is
+    recorded as run before its message is sent, so a holder killed in between loses that
+    slot rather than have its successor send it again.
+    """
 
     def setup_schedule(self) -> None:
         run_startup_checks(self.app)
         super().setup_schedule()
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        # redbeat extends its lock through a plain client at every tick: a Redis blip would
+        # end beat (and with it `hms-tasks run`). Nothing is sent in a tick whose lock
+        # extension failed; the next one extends again, or ends beat with LockNotOwnedError
+        # if the lock expired meanwhile (another beat may hold it now).
+        try:
+            return float(super().tick(*args, **kwargs))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            logger.warning("beat: Redis unreachable (%s); retrying in %d s",
+                           type(exc).__name__, BEAT_MAX_LOOP_INTERVAL)
+            return float(BEAT_MAX_LOOP_INTERVAL)
+
+
+def beat_lag(celery_app: Celery | None = None) -> float:
+    """Seconds by which the most overdue entry of the beat schedule in Redis is late (0 when
+    none is): above a few loop intervals, no beat holds the lock and publishes. A health check
+    of the beat deployment as a whole (a standby beat is healthy while it waits)."""
+    import time
+
+    c = (celery_app or app).conf
+    client = store.client(url=c.redbeat_redis_url)
+    now = time.time()
+    # Scores are due instants; redbeat gives disabled entries -1 (hence from 0).
+    due: list[tuple[str, float]] = client.zrange(  # type: ignore[assignment]
+        c.redbeat_key_prefix + ":schedule", 0, now, byscore=True, withscores=True)
+    return max((now - float(score) for _, score in due), default=0.0)
 
 
 app.steps["worker"].add(StartupChecks)

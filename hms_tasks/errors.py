@@ -14,6 +14,8 @@
     │                           (the allowlist of health checks and breakers); a ValueError too
     ├── LoadTestRefused         a load test that cannot start now (more shards than free
     │                           loadtest worker processes); nothing was started
+    ├── Poisoned                a message whose worker died HMS_TASKS_MAX_REDELIVERIES times
+    │                           was dropped without running (the task's result is a FAILURE)
     └── TransientError          a dependency is briefly unavailable; tasks retry these only
         └── ServiceUnavailable  a guarded service's circuit breaker is open (or its half-open
                                 trials are taken): raised before any network call
@@ -31,6 +33,7 @@ __all__ = [
     "HmsTasksError",
     "InvalidArguments",
     "LoadTestRefused",
+    "Poisoned",
     "ServiceUnavailable",
     "TaskFailed",
     "TransientError",
@@ -74,6 +77,11 @@ class UnknownService(HmsTasksError, ValueError):
 class LoadTestRefused(HmsTasksError):
     """A load test that will not start now (for example more shards than live loadtest
     worker processes); the message says how many there are. Nothing was started."""
+
+
+class Poisoned(HmsTasksError):
+    """A message redelivered more often than HMS_TASKS_MAX_REDELIVERIES (its worker died each
+    time, as the OOM killer would kill it again) was dropped without running."""
 
 
 class ServiceUnavailable(TransientError):

@@ -32,7 +32,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         settings.CACHES[alias]["LOCATION"] = server.url
     conf.reset()
     store.reset()
-    app.conf.update(broker_url=server.url, result_backend=server.url)
+    app.conf.update(broker_url=server.url, result_backend=server.url, redbeat_redis_url=server.url)
     yield server
     # Unsubscribe the result listener first: it would otherwise retry against the stopped
     # server and log "the Celery application must be restarted" after the session.

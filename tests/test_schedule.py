@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -99,3 +101,41 @@ def test_bad_entry_stops_worker_and_beat(command: list[str], bad_schedule_env: d
     assert proc.returncode != 0
     assert "beat schedule entry 'cache-warm-ghost': task 'hms.cache.warm_ghost' is not" \
            " registered" in proc.stderr + proc.stdout
+
+
+def test_beat_loads_the_schedule_into_redbeat_and_drops_removed_entries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from hms_tasks import conf, store
+    from hms_tasks.celery import CheckedScheduler
+
+    # The app's configuration may have been read before the session's Redis existed: point
+    # redbeat at it (and drop the client redbeat caches on the app).
+    monkeypatch.setitem(app.conf, "redbeat_redis_url", conf.get().redis_url)
+    for cached in ("redbeat_conf", "redbeat_redis"):
+        monkeypatch.delattr(app, cached, raising=False)
+    client = store.client()
+    prefix = store.key("redbeat") + ":"
+    assert app.conf.redbeat_key_prefix == prefix
+    # An entry a previous schedule had, and this one does not.
+    client.sadd(prefix + ":statics", "cache-warm-gone")
+    client.hset(prefix + "cache-warm-gone", "definition", "{}")
+    client.zadd(prefix + ":schedule", {prefix + "cache-warm-gone": 1})
+
+    CheckedScheduler(app=app)
+
+    stored = set(client.zrange(prefix + ":schedule", 0, -1))
+    assert stored == {prefix + key for key in beat_schedule.BEAT_SCHEDULE}
+    assert not client.exists(prefix + "cache-warm-gone")
+    assert set(client.smembers(prefix + ":statics")) == set(beat_schedule.BEAT_SCHEDULE)
+    entry = json.loads(client.hget(prefix + "health-sweep", "definition"))
+    assert entry["task"] == "hms.health.sweep"
+    assert entry["options"] == {"expires": 25}
+
+    # The compose health check: how late the most overdue slot is (no beat publishing).
+    from hms_tasks.celery import beat_lag
+
+    client.zadd(prefix + ":schedule", {prefix + "health-sweep": time.time() - 300})
+    assert beat_lag(app) >= 300
+    client.zadd(prefix + ":schedule", {prefix + "health-sweep": time.time() + 30})
+    client.delete(prefix + ":schedule")
+    assert beat_lag(app) == 0

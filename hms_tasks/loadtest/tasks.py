@@ -65,7 +65,11 @@ def run(test: Annotated[str | dict[str, Any], checked_by(orchestrate.resolve)] |
     return orchestrate.start_run(test_spec, run_id=task_id)
 
 
-@loadtest.task(names.SHARD, autoretry_for=())
+# Acked at its start, not at its end: a shard whose worker died is not redelivered (load
+# cannot be replayed, and the run's merge reports the shard with what it checkpointed), so
+# its 1,953 s limit does not hold every other queue's redelivery back to half an hour.
+@loadtest.task(names.SHARD, autoretry_for=(), acks_late=False,
+               reject_on_worker_lost=False)
 def shard(run_id: Annotated[str, satisfies(orchestrate.valid_run_id, "a run id")],
           index: Annotated[int, Field(ge=0, le=999)]) -> dict[str, Any]:
     """Generate one shard's share of a run's load: a Locust subprocess (FastHttpUser by
