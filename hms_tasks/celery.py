@@ -17,7 +17,7 @@ from celery import Celery, bootsteps
 from celery.beat import PersistentScheduler
 from kombu import Queue
 
-from hms_tasks import broker, capabilities, conf, names, schedule
+from hms_tasks import broker, capabilities, conf, flower, names, schedule
 from hms_tasks.errors import ConfigurationError
 
 __all__ = [
@@ -217,3 +217,5 @@ class CheckedScheduler(PersistentScheduler):
 
 
 app.steps["worker"].add(StartupChecks)
+# `celery -A hms_tasks flower`: auth off loopback, read-only by default (hms_tasks.flower).
+flower.connect(app)
