@@ -16,10 +16,11 @@ binds a port:
   argument (``celery call`` could send the same message).
 - **``/metrics`` needs the same auth as the pages** (Flower serves it to anyone);
   ``/healthcheck`` stays open for probes (it says ``OK`` and nothing else).
-- **No cross-site API calls.** ``/api/`` requests a browser marks as coming from another site
-  (``Sec-Fetch-Site``, or an ``Origin`` that is not Flower's host) are refused. With
-  ``FLOWER_UNAUTHENTICATED_API`` (the demo stack on loopback) Flower answers the API with CORS
-  ``*``, so any page open in a local browser could otherwise run tasks through it.
+- **No cross-site requests.** Requests a browser marks as coming from another site
+  (``Sec-Fetch-Site``, or an ``Origin`` that is not Flower's host) are refused, except a
+  followed link (a top-level GET navigation). With ``FLOWER_UNAUTHENTICATED_API`` (the demo
+  stack on loopback) Flower answers with CORS ``*``, so any page open in a local browser could
+  otherwise read task arguments and results and run tasks through it.
 
 How it hooks in: Celery's ``import_modules`` signal, which Flower's application sends from its
 constructor (``capp.loader.import_default_modules()``), after Flower has read its options
@@ -102,11 +103,11 @@ def start_problems(options: Any) -> list[str]:
     return problems
 
 
-def _pattern(handler: Any) -> tuple[str, Any]:
-    """(regex, handler class) of one entry of Flower's route table (a ``url`` or a tuple)."""
+def _route(handler: Any) -> tuple[str, Any, dict[str, Any]]:
+    """(regex, handler class, kwargs) of one entry of Flower's route table."""
     if isinstance(handler, tuple):
-        return handler[0], handler[1]
-    return handler.regex.pattern, handler.handler_class
+        return handler[0], handler[1], (handler[2] if len(handler) > 2 else {})
+    return handler.regex.pattern, handler.handler_class, handler.kwargs
 
 
 def _changing_methods(handler_class: Any) -> list[str]:
@@ -117,26 +118,35 @@ def _changing_methods(handler_class: Any) -> list[str]:
             if getattr(handler_class, m) is not getattr(RequestHandler, m)]
 
 
-def _routes(control: bool) -> list[tuple[str, Any]]:
-    """The routes laid over Flower's: every ``/api/`` route same-site only, and refused if it
-    changes the cluster in read-only mode; ``/metrics`` behind auth."""
+def _routes(control: bool) -> list[tuple[str, Any, dict[str, Any]]]:
+    """Flower's routes again, each behind the same-site check; in read-only mode the
+    state-changing ``/api/`` ones refused; ``/metrics`` behind auth."""
     from flower import urls
+    from flower.views.error import NotFoundErrorHandler
     from flower.views.monitor import Metrics
     from tornado import web
 
     class SameSiteOnly:
-        """Refuses an API request a browser sent from another site (CSRF, CORS ``*``)."""
+        """Refuses what a browser sent from another site (CSRF, and reads through CORS ``*``),
+        except following a link (a top-level GET navigation, as an OAuth callback is)."""
 
         request: Any
 
         def prepare(self) -> None:
             super().prepare()  # type: ignore[misc]  # Flower's: the unauthenticated-API rule
-            site = self.request.headers.get("Sec-Fetch-Site")
-            origin = self.request.headers.get("Origin")
-            if site and site not in ("same-origin", "none"):
-                raise web.HTTPError(403, "cross-site requests to the API are refused")
+            headers = self.request.headers
+            site, origin = headers.get("Sec-Fetch-Site"), headers.get("Origin")
+            followed_link = headers.get("Sec-Fetch-Mode") == "navigate" and (
+                self.request.method == "GET")
+            if site and site not in ("same-origin", "none") and not followed_link:
+                raise web.HTTPError(403, "cross-site requests are refused")
             if not site and origin and urlparse(origin).netloc != self.request.host:
-                raise web.HTTPError(403, "cross-origin requests to the API are refused")
+                raise web.HTTPError(403, "cross-origin requests are refused")
+
+    class AuthenticatedMetrics(Metrics):  # type: ignore[misc]
+        @web.authenticated
+        async def get(self) -> None:
+            await super().get()
 
     def refuse(self: Any, *args: Any, **kwargs: Any) -> None:
         raise web.HTTPError(
@@ -144,33 +154,32 @@ def _routes(control: bool) -> list[tuple[str, Any]]:
                  " in the Django settings to allow control endpoints"
         )
 
-    out: list[tuple[str, Any]] = []
+    out: list[tuple[str, Any, dict[str, Any]]] = []
     for entry in urls.handlers:
-        pattern, handler_class = _pattern(entry)
-        if not pattern.startswith("/api/"):
+        pattern, handler_class, kwargs = _route(entry)
+        if issubclass(handler_class, web.StaticFileHandler | NotFoundErrorHandler):
+            # Flower's CSS and scripts, and its catch-all 404: ours would shadow Tornado's
+            # own static routes (favicon.ico) that come after it.
             continue
+        if handler_class is Metrics:
+            handler_class = AuthenticatedMetrics
         attrs: dict[str, Any] = {}
-        if not control and not pattern.startswith(RUN_TASK_ENDPOINTS):
+        if not control and pattern.startswith("/api/") and not pattern.startswith(
+            RUN_TASK_ENDPOINTS
+        ):
             # Authenticated first, so an anonymous caller learns nothing more than a 401.
             attrs = {m: web.authenticated(refuse) for m in _changing_methods(handler_class)}
         name = f"HmsTasks{handler_class.__name__}"
-        out.append((pattern, type(name, (SameSiteOnly, handler_class), attrs)))
-
-    class AuthenticatedMetrics(Metrics):  # type: ignore[misc]
-        @web.authenticated
-        async def get(self) -> None:
-            await super().get()
-
-    out.append((r"/metrics", AuthenticatedMetrics))
+        out.append((pattern, type(name, (SameSiteOnly, handler_class), attrs), kwargs))
     return out
 
 
-def install(flower_app: Any, *, control: bool) -> list[tuple[str, Any]]:
+def install(flower_app: Any, *, control: bool) -> list[tuple[str, Any, dict[str, Any]]]:
     """Lay hms-tasks' routes over a Flower application (before it serves); returns them."""
     routes = _routes(control)
     prefix = (flower_app.options.url_prefix or "").strip("/")
     if prefix:  # as Flower itself prefixes its routes (flower.app.rewrite_handler)
-        routes = [(f"/{prefix}{pattern}", cls) for pattern, cls in routes]
+        routes = [(f"/{prefix}{pattern}", cls, kw) for pattern, cls, kw in routes]
     # add_handlers inserts before the rules the application was built with: ours win.
     flower_app.add_handlers(r".*", routes)
     return routes
