@@ -19,7 +19,7 @@ from celery.utils.log import get_logger
 from kombu import Queue
 from redbeat import RedBeatScheduler  # type: ignore[import-untyped]
 
-from hms_tasks import broker, capabilities, conf, names, schedule, store
+from hms_tasks import broker, capabilities, conf, flower, names, schedule, store
 from hms_tasks.errors import ConfigurationError
 
 __all__ = [
@@ -297,3 +297,5 @@ def beat_lag(celery_app: Celery | None = None) -> float:
 
 
 app.steps["worker"].add(StartupChecks)
+# `celery -A hms_tasks flower`: auth off loopback, read-only by default (hms_tasks.flower).
+flower.connect(app)

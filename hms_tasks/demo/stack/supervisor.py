@@ -31,7 +31,8 @@ exits 0, and make exits 0 with it (:func:`terminal_foreground`).
 
 Flower: bound to loopback, its REST API answers without a password (``FLOWER_UNAUTHENTICATED_API``
 in Flower's environment only), so tasks can be run from it; off loopback ``FLOWER_BASIC_AUTH`` is
-required and guards the pages and the API alike.
+required and guards the pages and the API alike. Either way Flower is read-only (no worker
+shutdown, pool change or revoke) and refuses cross-site requests (:mod:`hms_tasks.flower`).
 """
 
 from __future__ import annotations
