@@ -119,7 +119,7 @@ def build_kwargs(task: Any, pairs: Sequence[str], raw_json: str | None) -> dict[
 MAX_WAIT = 86_400
 
 
-class _Seconds(click.ParamType):
+class _Seconds(click.ParamType[float]):
     """A finite number of seconds: click's FLOAT takes ``nan`` and ``inf``, which pass every
     range check written as comparisons (``nan <= 0`` is False) and make no sense as a wait.
     The error names the option (click adds it) and never echoes the value."""
