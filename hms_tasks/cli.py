@@ -162,10 +162,13 @@ def dispatch(
 ) -> None:
     """Run TASK now (or after --countdown), with arguments checked before anything is sent."""
     _setup()
-    from hms_tasks import conf
+    from hms_tasks import conf, tls
     from hms_tasks.celery import app
     from hms_tasks.errors import InvalidArguments
 
+    # Publishing connects to the broker: not over a rediss:// URL that skips verification.
+    if problems := tls.problems(app.conf):
+        _fail("\n  ".join(["Redis TLS:", *problems]))
     tasks = hms_tasks_registry()
     if task_name not in tasks:
         _fail(f"unknown task {task_name!r}; known tasks:\n  " + "\n  ".join(sorted(tasks)))
