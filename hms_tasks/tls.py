@@ -207,6 +207,11 @@ def problems(celery_conf: Mapping[str, Any] | None = None) -> list[str]:
         for url in [location] if isinstance(location, str) else list(location or ()):
             if isinstance(url, str) and _is_tls(url):
                 opts = {**_ssl_query(url)[1]}
+                # Django hands the URL to redis-py as it is: only its spellings work there.
+                if opts.get("ssl_cert_reqs", "required") not in _CERT_REQS:
+                    found.append((f"CACHES[{alias!r}]['LOCATION']", _UNKNOWN +
+                                  " (in lower case: redis-py reads this URL)"))
+                    continue
                 for name in ("ssl_cert_reqs", "ssl_check_hostname"):
                     if name in (cache.get("OPTIONS") or {}):
                         opts.setdefault(name, cache["OPTIONS"][name])
@@ -216,7 +221,7 @@ def problems(celery_conf: Mapping[str, Any] | None = None) -> list[str]:
     for where, why in found:
         if why is None:
             continue
-        if why == _UNKNOWN:
+        if why.startswith(_UNKNOWN):
             out.append(f"{where}: {why}")
         elif not allowed:
             out.append(f"{where}: {why}; {_ALLOW}")

@@ -140,7 +140,9 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
         server.stop()
 
 
-def _env(tmp_path: Path, url: str, *, settings: str = "tests.minimal_settings") -> dict[str, str]:
+def _env(tmp_path: Path, url: str, *, settings: str = "hms_tasks.demo.settings"
+         ) -> dict[str, str]:
+    # The demo settings: their Django caches (the hms-tasks cache too) are on REDIS_URL.
     return {**os.environ, "DJANGO_SETTINGS_MODULE": settings, "REDIS_URL": url,
             "MINIMAL_DB": str(tmp_path / "db.sqlite3"), "HMS_TASKS_HOME": str(tmp_path),
             "PYTHONPATH": os.pathsep.join((str(tmp_path), str(REPO)))}
@@ -156,15 +158,18 @@ def test_worker_and_dispatch_over_verified_tls(tls_redis: TlsRedis, tmp_path: Pa
     env = _env(tmp_path, url)
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "hms_tasks", "worker", "--pool", "solo",
-         "-Q", "hms.metrics", "-n", "tls@%h", "--without-mingle", "--without-gossip",
+         "-Q", "hms.metrics,hms.cache", "-n", "tls@%h", "--without-mingle", "--without-gossip",
          "--loglevel", "INFO"],
         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    runs = 3
+    runs = 0
     try:
-        for _ in range(runs):
-            out = _cli(env, "dispatch", "hms.metrics.collect_host", "--wait", "--timeout", "120")
+        # Metrics (hms-tasks state through the store) and cache statistics (the Django cache
+        # backend), each a broker message, a run and a result over TLS.
+        for task in ("hms.metrics.collect_host", "hms.cache.stats") * 2:
+            out = _cli(env, "dispatch", task, "--wait", "--timeout", "120")
             assert out.returncode == 0, out.stderr
             assert '"' in out.stdout  # the task's JSON summary
+            runs += 1
         assert worker.poll() is None, "the worker exited"
     finally:
         stop(worker)
@@ -179,7 +184,7 @@ def test_worker_and_dispatch_over_verified_tls(tls_redis: TlsRedis, tmp_path: Pa
     with pytest.raises(redis.ConnectionError):
         redis.Redis(port=tls_redis.port, socket_timeout=2, socket_connect_timeout=2).ping()
     print(f"\nRedis TLS: {runs}/{runs} dispatch --wait runs over rediss:// with verification"
-          " (worker, broker, results, state), plain-text client refused")
+          " (broker, results, hms-tasks state, Django cache), plain-text client refused")
 
 
 def test_a_client_trusting_another_ca_is_refused(tls_redis: TlsRedis) -> None:
@@ -217,6 +222,7 @@ def test_insecure_tls_is_refused_at_start_up_unless_allowed(tls_redis: TlsRedis,
         assert out.returncode == 2, out.stderr
         assert "HMS_TASKS_REDIS_ALLOW_INSECURE_TLS" in out.stderr
         assert "CELERY_BROKER_URL" in out.stderr
+        assert "CACHES['hms']" in out.stderr
         assert "Traceback" not in out.stderr
         assert str(tls_redis.port) not in out.stderr  # the URL is never echoed
         refusals += 1
@@ -260,3 +266,10 @@ def test_celery_ssl_options_follow_the_url() -> None:
     assert tls.celery_ssl("redis://h/0") == ("redis://h/0", None)
     assert tls.normalized_url("rediss://h/0?ssl_cert_reqs=CERT_REQUIRED") == \
         "rediss://h/0?ssl_cert_reqs=required"
+
+
+def test_an_unknown_cert_reqs_spelling_is_named(tls_redis: TlsRedis, tmp_path: Path) -> None:
+    out = _cli(_env(tmp_path, tls_redis.url(ssl_cert_reqs="strict")), "check")
+    assert out.returncode == 2, out.stderr
+    assert "ssl_cert_reqs must be required, optional or none" in out.stderr
+    assert "strict" not in out.stderr
