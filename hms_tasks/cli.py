@@ -164,11 +164,15 @@ def dispatch(
     _setup()
     from hms_tasks import conf, tls
     from hms_tasks.celery import app
-    from hms_tasks.errors import InvalidArguments
+    from hms_tasks.errors import ConfigurationError, InvalidArguments
 
     # Publishing connects to the broker: not over a rediss:// URL that skips verification.
-    if problems := tls.problems(app.conf):
-        _fail("\n  ".join(["Redis TLS:", *problems]))
+    try:
+        problems = tls.problems(app.conf)
+    except ConfigurationError as exc:  # a setting out of range: `hms-tasks check` lists all
+        problems = str(exc).split("; ")
+    if problems:
+        _fail("\n  ".join(["configuration (see `hms-tasks check`):", *problems]))
     tasks = hms_tasks_registry()
     if task_name not in tasks:
         _fail(f"unknown task {task_name!r}; known tasks:\n  " + "\n  ".join(sorted(tasks)))
