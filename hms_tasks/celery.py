@@ -19,7 +19,7 @@ from celery.utils.log import get_logger
 from kombu import Queue
 from redbeat import RedBeatScheduler  # type: ignore[import-untyped]
 
-from hms_tasks import broker, capabilities, conf, flower, names, schedule, store
+from hms_tasks import broker, capabilities, conf, flower, names, schedule, store, tls
 from hms_tasks.errors import ConfigurationError
 
 __all__ = [
@@ -174,6 +174,14 @@ class _DjangoCeleryConfig(Mapping[str, Any]):
             })
             # The guarded Redis transport (hms_tasks.broker), unless the settings name one.
             data.setdefault("broker_transport", broker.transport_for(data["broker_url"]))
+            # rediss://: broker and backend verify the server alike, from the URL's ssl_*
+            # query (kombu alone would not verify at all), unless the settings say otherwise.
+            for url_option, ssl_option in (("broker_url", "broker_use_ssl"),
+                                           ("result_backend", "redis_backend_use_ssl")):
+                if isinstance(data.get(url_option), str) and ssl_option not in data:
+                    url, options = tls.celery_ssl(data[url_option])
+                    if options is not None:
+                        data[url_option], data[ssl_option] = url, options
             self._data = data
         return self._data
 
@@ -219,6 +227,7 @@ def startup_problems(celery_app: Celery) -> list[str]:
                 f"CELERY_{option.upper()}['visibility_timeout'] is {given}, but"
                 f" HMS_TASKS_VISIBILITY_TIMEOUT is {vt}: set them alike"
             )
+    problems += tls.problems(c)
     for check in STARTUP_CHECKS:
         problems += check()
     default_limit = c.task_time_limit

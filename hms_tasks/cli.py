@@ -7,13 +7,14 @@ Exit codes: 0 ok, 1 a task or service failed, 2 bad input (nothing was published
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import click
 
-from hms_tasks.console import fail, fmt_time, setup, table
+from hms_tasks.console import BAD_INPUT, fail, fmt_time, setup, table
 
 __all__ = ["main"]
 
@@ -97,14 +98,41 @@ def build_kwargs(task: Any, pairs: Sequence[str], raw_json: str | None) -> dict[
     return kwargs
 
 
+#: The longest ``dispatch --wait`` (a day): results expire after an hour by default anyway.
+MAX_WAIT = 86_400
+
+
+class _Seconds(click.ParamType[float]):
+    """A finite number of seconds: click's FLOAT takes ``nan`` and ``inf``, which pass every
+    range check written as comparisons (``nan <= 0`` is False) and make no sense as a wait.
+    The error names the option (click adds it) and never echoes the value."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            self.fail("expected a finite number of seconds", param, ctx)
+        return number
+
+
+_SECONDS = _Seconds()
+
+
 @cli.command()
 @click.argument("task_name", metavar="TASK")
 @click.option("--arg", "pairs", multiple=True, metavar="NAME=VALUE", help="A task argument.")
 @click.option("--json", "raw_json", metavar="OBJECT", help="Task arguments as a JSON object.")
 @click.option("--queue", help="Publish to this queue instead of the task's own.")
-@click.option("--countdown", type=float, help="Run no sooner than this many seconds from now.")
+@click.option("--countdown", type=_SECONDS, help="Run no sooner than this many seconds from now.")
 @click.option("--wait", is_flag=True, help="Wait for the result and print its summary.")
-@click.option("--timeout", type=float, default=60.0, show_default=True,
+@click.option("--timeout", type=_SECONDS, default=60.0, show_default=True,
               help="With --wait: give up after this many seconds.")
 def dispatch(
     task_name: str,
@@ -117,10 +145,17 @@ def dispatch(
 ) -> None:
     """Run TASK now (or after --countdown), with arguments checked before anything is sent."""
     setup()
-    from hms_tasks import conf
+    from hms_tasks import conf, tls
     from hms_tasks.celery import app
-    from hms_tasks.errors import InvalidArguments
+    from hms_tasks.errors import ConfigurationError, InvalidArguments
 
+    # Publishing connects to the broker: not over a rediss:// URL that skips verification.
+    try:
+        problems = tls.problems(app.conf)
+    except ConfigurationError as exc:  # a setting out of range: `hms-tasks check` lists all
+        problems = str(exc).split("; ")
+    if problems:
+        fail("\n  ".join(["configuration (see `hms-tasks check`):", *problems]))
     tasks = hms_tasks_registry()
     if task_name not in tasks:
         fail(f"unknown task {task_name!r}; known tasks:\n  " + "\n  ".join(sorted(tasks)))
@@ -137,8 +172,8 @@ def dispatch(
         vt = conf.get().visibility_timeout
         if not 0 <= countdown < vt:
             fail(f"--countdown: must be from 0 to below the visibility timeout ({vt} s)")
-    if timeout <= 0:
-        fail("--timeout: must be a positive number of seconds")
+    if not 0 < timeout <= MAX_WAIT:
+        fail(f"--timeout: must be a number of seconds above 0 and at most {MAX_WAIT}")
     options: dict[str, Any] = {}
     if queue:
         options["queue"] = queue
@@ -198,15 +233,28 @@ def report(task_name: str | None, as_json: bool, last: int) -> None:
 
 @cli.command()
 def check() -> None:
-    """Run the start-up checks a worker and beat run (schedule, time limits, serializers)."""
+    """Run the start-up checks a worker and beat run (settings, schedule, time limits,
+    serializers, Redis TLS): one line per problem, exit 2 if there is any."""
     setup()
-    from hms_tasks.celery import app, startup_problems
+    from hms_tasks import capabilities, conf
+    from hms_tasks.errors import ConfigurationError
 
-    problems = startup_problems(app)
+    # Settings first, every section (importing the settings modules registers them): the
+    # Celery configuration is built from them, so with one out of range nothing further can
+    # be checked; each problem is one line, never a traceback.
+    capabilities.modules("settings")
+    problems = conf.check_all()
+    if not problems:
+        from hms_tasks.celery import app, startup_problems
+
+        try:
+            problems = startup_problems(app)
+        except ConfigurationError as exc:  # a check that reads a section raises on its own
+            problems = str(exc).split("; ")
     for p in problems:
         click.echo(f"error: {p}", err=True)
     if problems:
-        sys.exit(1)
+        sys.exit(BAD_INPUT)
     click.echo("ok")
 
 

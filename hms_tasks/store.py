@@ -6,7 +6,9 @@ contracts (documented in ``docs/``); change them only with a migration note.
 
 Every Redis client of hms-tasks comes from :func:`client` (sync, ``decode`` to str or bytes) or
 :func:`async_client`: one place sets timeouts, keepalive and health checks, and the one place the
-coming Sentinel support plugs in.
+coming Sentinel support plugs in. A ``rediss://`` URL verifies the server's certificate
+(``ssl_ca_certs`` in its query names the CA); one that turns verification off is refused unless
+``HMS_TASKS_REDIS_ALLOW_INSECURE_TLS`` (:mod:`hms_tasks.tls`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from redis.backoff import NoBackoff
 from redis.lock import Lock
 from redis.retry import Retry
 
-from hms_tasks import conf
+from hms_tasks import conf, tls
 
 __all__ = ["async_client", "binary_client", "client", "key", "lock", "reset", "single_flight"]
 
@@ -43,6 +45,13 @@ def _options(socket_timeout: float | None) -> dict[str, Any]:
             "retry": Retry(NoBackoff(), 0)}
 
 
+def _checked(url: str) -> str:
+    # rediss:// verifies the server (redis-py's default); a URL that turns that off is
+    # refused unless HMS_TASKS_REDIS_ALLOW_INSECURE_TLS (hms_tasks.tls).
+    tls.refuse_insecure(url)
+    return tls.normalized_url(url)
+
+
 @cache
 def _client(url: str, decode: bool, socket_timeout: float | None) -> redis.Redis:
     # redis-py's pool notices a fork (pid check) and reconnects in the child, so one client per
@@ -60,7 +69,7 @@ def client(*, decode: bool = True, url: str | None = None,
     separate client for calls that must give up quickly: that timeout for connecting and for
     each answer, and no retries.
     """
-    return _client(url or conf.get().redis_url, decode, socket_timeout)
+    return _client(_checked(url or conf.get().redis_url), decode, socket_timeout)
 
 
 def binary_client() -> redis.Redis:
@@ -76,7 +85,7 @@ def async_client(*, url: str | None = None, decode: bool = True,
     if "retry" in options:
         options["retry"] = AsyncRetry(NoBackoff(), 0)
     return aredis.Redis.from_url(
-        url or conf.get().redis_url, decode_responses=decode, socket_keepalive=True,
+        _checked(url or conf.get().redis_url), decode_responses=decode, socket_keepalive=True,
         health_check_interval=HEALTH_CHECK_INTERVAL, **options)
 
 

@@ -40,6 +40,16 @@ def queued() -> int:
         (["hms.test.echo", "--arg", "count=1", "--arg", "ids=1", "--countdown", "99999"],
          "--countdown: must be from 0 to below the visibility timeout"),
         (["hms.test.echo", "--arg", "count"], "--arg: expected NAME=VALUE"),
+        *[(["hms.test.echo", "--arg", "count=1", "--arg", "ids=1", "--wait",
+            f"--timeout={value}"], "'--timeout'")
+          for value in ("nan", "NaN", "inf", "-inf", "ten")],
+        *[(["hms.test.echo", "--arg", "count=1", "--arg", "ids=1", "--wait",
+            f"--timeout={value}"], "--timeout: must be a number of seconds above 0")
+          for value in ("0", "-1", "1e9")],
+        *[(["hms.test.echo", "--arg", "count=1", "--arg", "ids=1", f"--countdown={value}"],
+           "'--countdown'") for value in ("nan", "inf", "-inf")],
+        (["hms.test.echo", "--arg", "count=1", "--arg", "ids=1", "--countdown=-1"],
+         "--countdown: must be from 0 to below the visibility timeout"),
     ],
 )
 def test_bad_input_exits_2_and_publishes_nothing(args: list[str], message: str) -> None:

@@ -7,6 +7,7 @@ process the supervisor started (its printed pids, and their own children) is gon
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import pty
@@ -212,6 +213,7 @@ def test_run_serves_everything_and_stops_cleanly_on_sigterm(stack: Stack) -> Non
 
     for queue in names.ALL_QUEUES:
         assert stack.has_line(f".> {queue} "), f"worker does not consume {queue}"
+    _long_and_malformed_requests_get_json_errors(stack)
     # Access log lines carry the path only, never the query string.
     assert stack.has_line('"GET /api/patients/"')
     assert not stack.has_line("limit=1")
@@ -224,6 +226,39 @@ def test_run_serves_everything_and_stops_cleanly_on_sigterm(stack: Stack) -> Non
     for name in ("worker", "beat", "flower", "api"):
         assert stack.has_line(f"supervisor | {name} (pid {pids[name]}) stopped"), stack.output()
     _assert_all_gone(stack, pids)
+
+
+CANARY = "Canary-Jane-Doe-1957"
+
+
+def _raw_request(api: str, request: bytes) -> tuple[int, str, bytes]:
+    """Send bytes as they are (urllib would refuse a malformed request line): status,
+    Content-Type, body."""
+    host, port = api.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, response.getheader("Content-Type") or "", response.read()
+
+
+def _long_and_malformed_requests_get_json_errors(stack: Stack) -> None:
+    """A query string of any length, and a request line gunicorn cannot parse, get the API's
+    JSON error (never gunicorn's HTML page), and nothing quotes them in the output."""
+    for size in (3_000, 5_000, 9_000, 100_000):
+        for path in ("/api/patients/?fields=", f"/api/patients/?name={CANARY}&x="):
+            request = f"GET {path}{'a' * size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            status, kind, body = _raw_request(stack.api, request.encode())
+            assert status == 400, (size, path, status, body[:200])
+            assert kind == "application/json", (size, path, kind)
+            assert "error" in json.loads(body)
+            assert CANARY.encode() not in body
+    bad_line = f"GET /api/patients/?name={CANARY} x y HTTP/1.1\r\nHost: x\r\n\r\n"
+    status, kind, body = _raw_request(stack.api, bad_line.encode())
+    assert (status, kind) == (400, "application/json"), body[:200]
+    assert json.loads(body)["error"] == "malformed request"
+    wait_for(lambda: stack.has_line("Invalid request from ip="), what="gunicorn's log line")
+    assert not stack.has_line(CANARY), stack.output()
 
 
 def test_a_child_that_dies_stops_the_rest_and_exits_1(stack: Stack) -> None:

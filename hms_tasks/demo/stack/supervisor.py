@@ -208,6 +208,9 @@ def child_commands(
             py, "-m", "gunicorn", "hms_tasks.demo.wsgi:application",
             "-b", _hostport(host, api_port),
             "-w", "2",
+            # gunicorn's own refusals (a query string over its 4094-byte request line, bad
+            # headers) answered as the API's JSON errors, never quoting the request line.
+            "--worker-class", "hms_tasks.demo.stack.http_errors.JsonErrorWorker",
             "--graceful-timeout", str(int(STOP_SECONDS) - 5),
             "--access-logfile", "-",
             # Path only (%(U)s), never the query string: searches can carry patient names.
