@@ -19,8 +19,9 @@ from typing import Any
 
 from celery.signals import worker_init
 
-from hms_tasks import capabilities, conf
+from hms_tasks import capabilities
 from hms_tasks.loadtest.text import count
+from hms_tasks.metrics import settings as metrics_settings
 
 __all__ = ["Capacity", "NodeCapacity", "free_processes"]
 
@@ -75,7 +76,7 @@ def free_processes(*, timeout: float | None = None) -> Capacity:
 
     from hms_tasks.celery import app
 
-    timeout = conf.get().metrics_ping_timeout if timeout is None else timeout
+    timeout = metrics_settings.get().metrics_ping_timeout if timeout is None else timeout
     queues: dict[str, Any] = app.control.inspect(timeout=timeout).active_queues() or {}
     nodes = sorted(n for n, qs in queues.items()
                    if any(isinstance(q, dict) and q.get("name") == QUEUE for q in qs or ()))
