@@ -183,3 +183,18 @@ def test_redis_stopped_gracefully_mid_stream_loses_no_task(tmp_path: Path) -> No
     assert outcome.worker_alive
     assert outcome.lost == []
     assert outcome.stranded == 0
+
+
+def test_a_run_report_redis_could_not_take_is_written_with_the_next(
+    redis_server: RedisServer,
+) -> None:
+    from hms_tasks import reports
+    from tests.tasks_for_tests import echo
+
+    redis_server.stop()
+    assert echo(1, [7]) == {"count": 1, "ids": 1, "mode": "fast", "noted": False}
+    redis_server.start()
+    echo(2, [])
+    summaries = [r["summary"] for r in reports.history("hms.test.echo")]
+    # Newest first: the run that Redis missed was written, before the next one.
+    assert [s and s["count"] for s in summaries] == [2, 1]
