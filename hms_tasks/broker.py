@@ -21,6 +21,8 @@ stopped the worker ("Unrecoverable error"). Here the tags that could not be rest
 *parked* in the process, and the next channel that connects to the same Redis restores them
 (they are still in Redis's ``unacked`` hash, which the AOF keeps); an ack or reject arriving
 later on the closed channel is dropped instead of deleting a message that is being restored.
+A message popped off its queue just as Redis died, before kombu recorded it in ``unacked``, is
+kept in the process the same way and pushed back onto its queue on reconnect.
 Every message whose task had started therefore runs again, at once after the reconnect rather
 than after the visibility timeout (all hms tasks are idempotent and ``acks_late``).
 
@@ -80,28 +82,36 @@ class Message(virtual.Message):
 
     #: Why the message cannot be delivered to Celery, or None.
     hms_problem: str | None = None
+    #: The queue entry (parsed), as kombu stores it in ``unacked``.
+    hms_payload: Any = None
 
     def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
         reason = deadletter.envelope_problem(payload)
         if reason is None:
             try:
                 super().__init__(payload, channel=channel, **kwargs)
+                self.hms_payload = payload
                 return
             except (ValueError, TypeError, binascii.Error):
                 reason = "body does not decode with its body_encoding"
-        super().__init__(_stub(payload), channel=channel, **kwargs)
+        self.hms_payload = _stub(payload)
+        super().__init__(self.hms_payload, channel=channel, **kwargs)
         self.hms_problem = reason
 
 
 #: Delivery tags whose restore failed when their channel closed, by (broker, unacked hash).
 _parked: dict[tuple[str, str], set[str]] = {}
+#: Messages popped off a queue whose entry in ``unacked`` Redis did not take: (payload,
+#: exchange, routing key), by broker. Only this process still has them.
+_popped: dict[tuple[str, str], list[tuple[Any, str, str]]] = {}
 _parked_lock = threading.Lock()
 
 
 def parked() -> int:
-    """How many delivery tags wait in this process for a connection to restore them."""
+    """How many messages wait in this process for a connection to restore them."""
     with _parked_lock:
-        return sum(len(tags) for tags in _parked.values())
+        return (sum(len(tags) for tags in _parked.values())
+                + sum(len(entries) for entries in _popped.values()))
 
 
 def _park(key: tuple[str, str], tags: list[str]) -> None:
@@ -123,6 +133,23 @@ class QoS(kombu_redis.QoS):
     """
 
     channel: Channel
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        # kombu pops the entry (BRPOP), then records it in ``unacked``: when Redis dies in
+        # between, the message exists only here. Keep it, to be pushed back on reconnect; the
+        # error still reaches Celery, which reconnects without delivering the message.
+        try:
+            super().append(message, delivery_tag)
+        except self.channel.hms_connection_errors:
+            info = message.delivery_info
+            if not isinstance(message, Message):
+                raise
+            with _parked_lock:
+                _popped.setdefault(self.channel.hms_broker, []).append(
+                    (message.hms_payload, info["exchange"], info["routing_key"]))
+            logger.warning("Redis unreachable: a message just taken off its queue will be "
+                           "pushed back when the worker reconnects")
+            raise
 
     def _connection_gone(self) -> bool:
         """True when the channel closed, or its kombu connection was released: no new Redis
@@ -184,6 +211,24 @@ class Channel(kombu_redis.Channel):
         Returns how many tags were handled; on a connection error the rest stay parked."""
         with _parked_lock:
             tags = sorted(_parked.pop(self.hms_broker, ()))
+            popped = _popped.pop(self.hms_broker, [])
+        if popped:
+            try:
+                # kombu's own restore step (QoS.restore_by_tag uses it too): marks the
+                # message redelivered and pushes it onto its queue at its priority.
+                this: Any = self
+                with this.conn_or_acquire() as client:
+                    pipe = client.pipeline()
+                    for payload, exchange, routing_key in popped:
+                        this._do_restore_message(payload, exchange, routing_key, pipe)
+                    pipe.execute()
+            except self.hms_connection_errors:
+                with _parked_lock:
+                    _popped.setdefault(self.hms_broker, []).extend(popped)
+                _park(self.hms_broker, tags)
+                return 0
+            logger.warning("pushed %d message(s) taken off their queue during a Redis "
+                           "failure back onto it", len(popped))
         qos: Any = self.qos
         for i, tag in enumerate(tags):
             try:
