@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -39,6 +40,11 @@ __all__ = ["Capability", "HmsTask"]
 logger = logging.getLogger(__name__)
 
 _worker_node: str | None = None
+
+#: Run reports this process could not write (Redis unreachable), oldest first: each later
+#: report writes them first. A task that failed because Redis died, and whose message was
+#: acked once Redis was back, so keeps its report. Bounded: a long outage keeps the newest.
+_unwritten: deque[reports.RunReport] = deque(maxlen=1000)
 
 
 @worker_init.connect
@@ -181,12 +187,16 @@ class HmsTask(Task[Any, Any]):
             "summary": summary,
             "error": error,
         }
+        _unwritten.append(report)
         try:
-            reports.record(report)
+            while _unwritten:
+                reports.record(_unwritten[0])
+                _unwritten.popleft()
         except Exception:
-            # The task's work is done; a report lost to a Redis blip must not fail (and so
-            # re-run) it. The worker log still has the run.
-            logger.warning("could not record the run report of %s", self.name, exc_info=True)
+            # The task's work is done; a report delayed by a Redis blip must not fail (and so
+            # re-run) it. It is written with the next one; the worker log has the run.
+            logger.warning("could not record the run report of %s yet (%d waiting)",
+                           self.name, len(_unwritten), exc_info=True)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,13 +12,29 @@ subclass (``CELERY_BROKER_TRANSPORT = "hms_tasks.broker:Transport"``, set by def
 - base64 bodies are decoded strictly (kombu's decoder skips invalid characters);
 - an entry that is not JSON at all is dead-lettered where kombu parses it.
 
-Everything else (publishing, acks, restores, visibility timeout) is kombu's own.
+It also keeps a Redis crash from stopping the worker or losing a message (:class:`QoS`). When
+the connection to Redis is lost, Celery closes it and kombu restores the channel's unacked
+messages to their queues, AMQP-style: the delivery tags of a closed channel cannot be acked any
+more. With Redis down that restore cannot run, and after Celery collected the connection kombu
+raised ``AttributeError: 'NoneType' object has no attribute 'hostname'`` (kombu#970), which
+stopped the worker ("Unrecoverable error"). Here the tags that could not be restored are
+*parked* in the process, and the next channel that connects to the same Redis restores them
+(they are still in Redis's ``unacked`` hash, which the AOF keeps); an ack or reject arriving
+later on the closed channel is dropped instead of deleting a message that is being restored.
+A message popped off its queue just as Redis died, before kombu recorded it in ``unacked``, is
+kept in the process the same way and pushed back onto its queue on reconnect.
+Every message whose task had started therefore runs again, at once after the reconnect rather
+than after the visibility timeout (all hms tasks are idempotent and ``acks_late``).
+
+Everything else (publishing, restores on a live connection, visibility timeout) is kombu's own.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
+import threading
 import uuid
 from queue import Empty
 from typing import Any
@@ -29,7 +45,9 @@ from kombu.transport import virtual
 
 from hms_tasks import deadletter
 
-__all__ = ["TRANSPORT", "Channel", "Message", "Transport", "transport_for"]
+__all__ = ["TRANSPORT", "Channel", "Message", "QoS", "Transport", "parked", "transport_for"]
+
+logger = logging.getLogger(__name__)
 
 #: The value of ``broker_transport`` that selects this transport.
 TRANSPORT = "hms_tasks.broker:Transport"
@@ -64,23 +82,164 @@ class Message(virtual.Message):
 
     #: Why the message cannot be delivered to Celery, or None.
     hms_problem: str | None = None
+    #: The queue entry (parsed), as kombu stores it in ``unacked``.
+    hms_payload: Any = None
 
     def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
         reason = deadletter.envelope_problem(payload)
         if reason is None:
             try:
                 super().__init__(payload, channel=channel, **kwargs)
+                self.hms_payload = payload
                 return
             except (ValueError, TypeError, binascii.Error):
                 reason = "body does not decode with its body_encoding"
-        super().__init__(_stub(payload), channel=channel, **kwargs)
+        self.hms_payload = _stub(payload)
+        super().__init__(self.hms_payload, channel=channel, **kwargs)
         self.hms_problem = reason
 
 
+#: Delivery tags whose restore failed when their channel closed, by (broker, unacked hash).
+_parked: dict[tuple[str, str], set[str]] = {}
+#: Messages popped off a queue whose entry in ``unacked`` Redis did not take: (payload,
+#: exchange, routing key), by broker. Only this process still has them.
+_popped: dict[tuple[str, str], list[tuple[Any, str, str]]] = {}
+_parked_lock = threading.Lock()
+
+
+def parked() -> int:
+    """How many messages wait in this process for a connection to restore them."""
+    with _parked_lock:
+        return (sum(len(tags) for tags in _parked.values())
+                + sum(len(entries) for entries in _popped.values()))
+
+
+def _park(key: tuple[str, str], tags: list[str]) -> None:
+    if tags:
+        with _parked_lock:
+            _parked.setdefault(key, set()).update(tags)
+        logger.warning("Redis unreachable: %d unacked message(s) will be restored to their "
+                       "queues when the worker reconnects", len(tags))
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis ack emulation, with restores that survive a Redis crash.
+
+    Overrides (kombu has no hook for this): :meth:`restore_unacked`, which kombu runs when the
+    channel closes and which raised on a connection lost to a Redis crash; :meth:`ack` and
+    :meth:`reject`, which raised the same way on a closed channel and, once Redis was back,
+    would delete a message that the restore needs. ``_delivered`` is the base class's record
+    of the channel's unacked tags, which kombu's own ``restore_unacked`` reads the same way.
+    """
+
+    channel: Channel
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        # kombu pops the entry (BRPOP), then records it in ``unacked``: when Redis dies in
+        # between, the message exists only here. Keep it, to be pushed back on reconnect; the
+        # error still reaches Celery, which reconnects without delivering the message.
+        try:
+            super().append(message, delivery_tag)
+        except self.channel.hms_connection_errors:
+            info = message.delivery_info
+            if not isinstance(message, Message):
+                raise
+            with _parked_lock:
+                _popped.setdefault(self.channel.hms_broker, []).append(
+                    (message.hms_payload, info["exchange"], info["routing_key"]))
+            logger.warning("Redis unreachable: a message just taken off its queue will be "
+                           "pushed back when the worker reconnects")
+            raise
+
+    def _connection_gone(self) -> bool:
+        """True when the channel closed, or its kombu connection was released: no new Redis
+        client can be made from it (kombu would fail in ``_connparams``)."""
+        transport = self.channel.connection
+        return bool(self.channel.closed) or transport is None or transport.client is None
+
+    def restore_unacked(self, client: Any = None) -> None:
+        delivered: Any = self._delivered
+        tags = [str(tag) for tag in delivered]
+        transport = self.channel.connection
+        if transport is None or transport.client is None:
+            delivered.clear()
+            _park(self.channel.hms_broker, tags)
+            return
+        try:
+            super().restore_unacked(client)
+        except self.channel.hms_connection_errors:
+            # restore_by_tag is one WATCH/MULTI transaction per tag: the tags already restored
+            # are gone from ``unacked`` and restoring them again does nothing.
+            delivered.clear()
+            _park(self.channel.hms_broker, tags)
+
+    def ack(self, delivery_tag: Any) -> None:
+        if self._connection_gone():
+            # The message was parked (or will be found by the visibility-timeout sweep):
+            # like an ack on a closed AMQP channel, this one cannot count.
+            logger.info("ack of a message from a lost Redis connection dropped: it is "
+                        "restored to its queue")
+            return
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if self._connection_gone():
+            return
+        super().reject(delivery_tag, requeue=requeue)
+
+
 class Channel(kombu_redis.Channel):
-    """kombu's Redis channel with :class:`Message` and a strict base64 decoder."""
+    """kombu's Redis channel with :class:`Message`, a strict base64 decoder, and the
+    :class:`QoS` that parks unacked messages a Redis crash kept it from restoring."""
 
     Message = Message
+    QoS = QoS
+
+    #: (broker URL without password, unacked hash): where parked tags belong.
+    hms_broker: tuple[str, str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # connects: Redis answered PING
+        this: Any = self  # attributes kombu sets that its type stubs do not declare
+        self.hms_connection_errors: tuple[type[BaseException], ...] = this.connection_errors
+        self.hms_broker = (this.connection.client.as_uri(), this.unacked_key)
+        self.restore_parked()
+
+    def restore_parked(self) -> int:
+        """Restore the messages parked for this channel's Redis to their queues (those still
+        in ``unacked``: a tag the visibility sweep or another worker restored is skipped).
+        Returns how many tags were handled; on a connection error the rest stay parked."""
+        with _parked_lock:
+            tags = sorted(_parked.pop(self.hms_broker, ()))
+            popped = _popped.pop(self.hms_broker, [])
+        if popped:
+            try:
+                # kombu's own restore step (QoS.restore_by_tag uses it too): marks the
+                # message redelivered and pushes it onto its queue at its priority.
+                this: Any = self
+                with this.conn_or_acquire() as client:
+                    pipe = client.pipeline()
+                    for payload, exchange, routing_key in popped:
+                        this._do_restore_message(payload, exchange, routing_key, pipe)
+                    pipe.execute()
+            except self.hms_connection_errors:
+                with _parked_lock:
+                    _popped.setdefault(self.hms_broker, []).extend(popped)
+                _park(self.hms_broker, tags)
+                return 0
+            logger.warning("pushed %d message(s) taken off their queue during a Redis "
+                           "failure back onto it", len(popped))
+        qos: Any = self.qos
+        for i, tag in enumerate(tags):
+            try:
+                qos.restore_by_tag(tag)
+            except self.hms_connection_errors:
+                _park(self.hms_broker, tags[i:])
+                return i
+        if tags:
+            logger.warning("restored %d unacked message(s) of a lost Redis connection to "
+                           "their queues", len(tags))
+        return len(tags)
 
     def decode_body(self, body: Any, encoding: str | None = None) -> Any:
         if encoding and encoding.lower() == "base64":

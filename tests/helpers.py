@@ -50,13 +50,16 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
 class RedisServer:
     """A private ``redis-server`` on a free loopback port, which tests may stop and restart."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, appendfsync: str = "everysec") -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH; `make test` installs it")
         self.binary = binary
         self.workdir = workdir
+        #: Kept across restarts: clients reconnect to the same address, as after a real outage.
         self.port = free_port()
+        #: ``everysec`` (the shipped broker setting) or ``always`` (no acknowledged write lost).
+        self.appendfsync = appendfsync
         self.proc: subprocess.Popen[bytes] | None = None
         #: How many times the server was started: a test that restarts it changes this.
         self.starts = 0
@@ -72,7 +75,7 @@ class RedisServer:
             # AOF, like a broker in production: a test that stops and restarts the server
             # finds its data again, as it would after a real outage.
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.workdir),
+             "--appendonly", "yes", "--appendfsync", self.appendfsync, "--dir", str(self.workdir),
              "--logfile", str(self.workdir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -97,6 +100,13 @@ class RedisServer:
     def resume(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a power cut would: only what the AOF holds survives."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc = None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
