@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from django.db import transaction
 
-from hms_tasks import names, reports
-from hms_tasks.cache import changes
-from hms_tasks.cache.core import backend, get_or_build
+from hms_tasks import reports
+from hms_tasks.cache import changes, get_or_build, names
+from hms_tasks.cache.core import backend
+from hms_tasks.cache.registry import get_kind
 from hms_tasks.demo.models import Appointment, Patient, Practitioner
 from hms_tasks.demo.seed import seed
 from tests.helpers import RedisServer, wait_for
@@ -29,8 +30,6 @@ def hospital() -> None:
 
 
 def cached(kind: str, id_: int) -> bool:
-    from hms_tasks.cache.registry import get_kind
-
     be = backend()
     return bool(be.has_key(get_kind(kind).key(id_)))
 
@@ -143,7 +142,7 @@ def test_only_hot_keys_are_rewarmed(worker: Any, hospital: None) -> None:
                       r["summary"]["rewarmed"] >= 1 and r, what="refresh-ahead")
     assert report["summary"]["hot"] == 1
     assert cached("patient", hot)  # re-warmed right away, with the new data
-    assert backend().get(f"patient:{hot}")["patient"]["allergies"] == "latex"
+    assert backend().get(get_kind("patient").key(hot))["patient"]["allergies"] == "latex"
     assert not cached("patient", cold)
 
 

@@ -37,7 +37,7 @@ def slow() -> Iterator[SlowBuilder]:
     registry.register_kind("slowkind", build_many=builder, tags=lambda i: [f"slowkind:{i}"])
     yield builder
     builder.release.set()
-    registry._kinds.pop("slowkind", None)
+    registry.unregister_kind("slowkind")
 
 
 def _misses(kind: str) -> int:

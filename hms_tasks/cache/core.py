@@ -16,7 +16,7 @@ import redis
 from django.core.cache import caches
 from django.db import connections
 
-from hms_tasks import conf
+from hms_tasks.cache import settings
 from hms_tasks.cache.backend import TaggedRedisCache
 from hms_tasks.cache.registry import Kind, get_kind
 from hms_tasks.cache.tags import ALL
@@ -49,24 +49,24 @@ _degraded_since: float | None = None
 
 def backend() -> TaggedRedisCache:
     """The tag-aware cache (``caches[HMS_TASKS_CACHE_ALIAS]``)."""
-    alias = conf.get().cache_alias
+    alias = settings.get().cache_alias
     try:
         cache = caches[alias]
     except Exception:
         raise ConfigurationError(
             f"HMS_TASKS_CACHE_ALIAS: no cache {alias!r} in CACHES; add one with BACKEND"
-            " 'hms_tasks.cache.backend.TaggedRedisCache'"
+            " 'hms_tasks.cache.TaggedRedisCache'"
         ) from None
     if not isinstance(cache, TaggedRedisCache):
         raise ConfigurationError(
-            f"CACHES[{alias!r}] must use BACKEND 'hms_tasks.cache.backend.TaggedRedisCache'"
+            f"CACHES[{alias!r}] must use BACKEND 'hms_tasks.cache.TaggedRedisCache'"
         )
     return cache
 
 
 def ttl_of(kind: str) -> int:
-    ttls = conf.get().cache_ttl
-    return ttls.get(kind, ttls["default"])
+    """Seconds a payload of ``kind`` lives (``HMS_TASKS_CACHE_TTL``)."""
+    return settings.get().ttl(kind)
 
 
 def check_ids(ids: object, *, argument: str = "ids", limit: int = MAX_WARM_IDS) -> list[int]:
@@ -127,7 +127,7 @@ def get_or_build(kind: str, id_: int) -> dict[str, Any] | None:
     tags = [ALL, *k.tags(id_)]
     lease = be.internal_key("lease", made)
     token = secrets.token_hex(8)
-    s = conf.get()
+    s = settings.get()
     try:
         out = be._scripts["READ"](keys=[made], args=[
             be.gen_prefix, lease, token, s.cache_lease_ms, secrets.token_hex(8),

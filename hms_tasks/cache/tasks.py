@@ -1,6 +1,6 @@
 """Cache tasks, on the ``hms.cache`` queue. The work is in plain functions
-(:mod:`~hms_tasks.cache.core`, :mod:`~hms_tasks.cache.changes`, :mod:`~hms_tasks.cache.warming`);
-these only adapt them to Celery.
+(:mod:`~hms_tasks.cache.core`, :mod:`~hms_tasks.cache.changes`, :mod:`~hms_tasks.cache.warming`,
+public through :mod:`hms_tasks.cache`); these only adapt them to Celery.
 
 How the capability splits its work: the HMS's processes only *record* what changed (a Lua call
 per 10 ms at most, not waited for); ``fanout_changes`` applies the change log and re-warms the
@@ -17,12 +17,17 @@ import redis
 from celery import group
 from celery.signals import worker_process_shutdown
 
-from hms_tasks import conf, names
 from hms_tasks.base import Capability
 from hms_tasks.cache import changes, core, warming
+from hms_tasks.cache.names import (
+    CACHE_FANOUT_CHANGES,
+    CACHE_INVALIDATE_TAGS,
+    CACHE_STATS,
+    CACHE_WARM_HOT,
+    CACHE_WARM_PATIENTS,
+)
 from hms_tasks.cache.registry import kinds
 from hms_tasks.cache.stats import cache_stats
-from hms_tasks.cache.tags import check_tags
 from hms_tasks.errors import InvalidArguments
 
 __all__ = ["cache", "fanout_changes", "invalidate_tags", "stats", "warm_hot", "warm_patients"]
@@ -46,7 +51,7 @@ def _write_recorded_changes(**_: Any) -> None:
     changes.flush(2.0)
 
 
-@cache.task(names.CACHE_WARM_PATIENTS)
+@cache.task(CACHE_WARM_PATIENTS)
 def warm_patients(ids: list[int]) -> dict[str, Any]:
     """Build and store the summaries of the given patients.
 
@@ -65,7 +70,7 @@ def warm_patients(ids: list[int]) -> dict[str, Any]:
     return dict(core.warm("patient", ids))
 
 
-@cache.task(names.CACHE_WARM_HOT)
+@cache.task(CACHE_WARM_HOT)
 def warm_hot(limit: int = 5000) -> dict[str, Any]:
     """Warm the hot set of every kind: what the HMS registered as hot (today's and tomorrow's
     appointments, admitted inpatients) and the most-read keys by decayed heat.
@@ -75,7 +80,7 @@ def warm_hot(limit: int = 5000) -> dict[str, Any]:
     chunks; other kinds warm inline. Seconds. Idempotent. Returns counts per kind.
     """
     if type(limit) is not int or not 1 <= limit <= 100_000:
-        raise InvalidArguments(names.CACHE_WARM_HOT, ["limit: expected int from 1 to 100000"])
+        raise InvalidArguments(CACHE_WARM_HOT, ["limit: expected int from 1 to 100000"])
     tracked = warming.decay_heat()
     summary: dict[str, Any] = {"heat_tracked": tracked}
     for kind in kinds():
@@ -95,7 +100,7 @@ def warm_hot(limit: int = 5000) -> dict[str, Any]:
     return summary
 
 
-@cache.task(names.CACHE_INVALIDATE_TAGS)
+@cache.task(CACHE_INVALIDATE_TAGS)
 def invalidate_tags(tags: list[str]) -> dict[str, Any]:
     """Invalidate every cached value carrying one of ``tags`` (``kind:id``, or ``all``), then
     re-warm those of them that were hot.
@@ -104,17 +109,10 @@ def invalidate_tags(tags: list[str]) -> dict[str, Any]:
     about 500,000 keys a second. Idempotent. Writes: new tag generations; unlinks the keys.
     Returns counts: tags, keys unlinked, hot keys re-warmed.
     """
-    tags = check_tags(tags)
-    if not tags:
-        raise InvalidArguments(names.CACHE_INVALIDATE_TAGS, ["tags: must not be empty"])
-    be = core.backend()
-    unlinked, hot = be.invalidate_tags(tags, heat_key=core.heat_key(be),
-                                       hot_score=conf.get().cache_hot_score)
-    rewarmed = sum(w["written"] for w in warming.refresh_ahead(hot))
-    return {"tags": len(tags), "unlinked": unlinked, "hot": len(hot), "rewarmed": rewarmed}
+    return dict(warming.invalidate_tags(tags))
 
 
-@cache.task(names.CACHE_FANOUT_CHANGES)
+@cache.task(CACHE_FANOUT_CHANGES)
 def fanout_changes() -> dict[str, Any]:
     """Apply the change log the HMS's processes recorded: each step takes up to 100 entries off
     it and invalidates their tags atomically; then re-warm the invalidated keys that were hot.
@@ -152,7 +150,7 @@ def fanout_changes() -> dict[str, Any]:
     return total
 
 
-@cache.task(names.CACHE_STATS, soft_time_limit=50, time_limit=60)
+@cache.task(CACHE_STATS, soft_time_limit=50, time_limit=60)
 def stats(window_minutes: int = 15) -> dict[str, Any]:
     """Hit rate per kind over the last ``window_minutes``, keys per kind, Redis memory and
     evictions, the change-log backlog.
@@ -161,5 +159,5 @@ def stats(window_minutes: int = 15) -> dict[str, Any]:
     idempotent. Returns those counts (also its run report).
     """
     if type(window_minutes) is not int or not 1 <= window_minutes <= 1440:
-        raise InvalidArguments(names.CACHE_STATS, ["window_minutes: expected int from 1 to 1440"])
+        raise InvalidArguments(CACHE_STATS, ["window_minutes: expected int from 1 to 1440"])
     return cache_stats(window_minutes=window_minutes)

@@ -22,7 +22,7 @@ from typing import Any
 
 from django.utils import timezone
 
-from hms_tasks.cache.registry import register_kind, register_model
+from hms_tasks.cache import register_kind, register_model
 from hms_tasks.demo import api
 from hms_tasks.demo.models import Appointment, Department, Encounter, Patient, Practitioner
 
