@@ -20,6 +20,7 @@ from hms_tasks.cache.registry import get_kind
 from hms_tasks.demo import api
 from hms_tasks.demo.models import Appointment, Patient
 from hms_tasks.demo.seed import seed
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -52,7 +53,8 @@ def test_a_summary_built_yesterday_is_not_served_today() -> None:
 
     with timezone.override(YESTERDAY):
         built_yesterday = get_or_build("patient", patient.pk)
-        assert backend().has_key(get_kind("patient").key(patient.pk))  # it was cached
+        key = get_kind("patient").key(patient.pk)
+        wait_for(lambda: backend().has_key(key), what="yesterday's summary to be stored")
     with timezone.override(TODAY):
         fresh = dict(api.patient_summary(patient.pk) or {})
         served_today = get_or_build("patient", patient.pk)

@@ -92,6 +92,8 @@ def test_invalidate_tags_task(worker: Any, ids: list[int]) -> None:
 
 def test_stats_reports_hit_rate_per_kind(worker: Any, ids: list[int]) -> None:
     get_or_build("patient", ids[0])  # miss
+    # The miss is stored by this process's filler thread just after it returned.
+    wait_for(lambda: cached_count(ids[:1]) == 1, what="the fill")
     get_or_build("patient", ids[0])  # hit
     get_or_build("patient", ids[0])  # hit
     out = stats.delay(window_minutes=5).get(timeout=60)
