@@ -4,8 +4,10 @@ call. See :mod:`hms_tasks.cache.lua` for the consistency protocol.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import queue
 import secrets
 import threading
 import time
@@ -50,6 +52,15 @@ _STATS_TTL = 2 * 86400
 #: reader then waits for it, instead of payloads piling up in memory).
 MAX_PENDING_FILLS = 64
 _degraded_since: float | None = None
+# Lease owners and new generations need tokens unique across processes, not secret ones: a
+# random prefix per process and a counter (a urandom call per read was a measurable part of
+# a miss). A forked child draws its own prefix (see _forked).
+_token_prefix = secrets.token_hex(8)
+_token_count = itertools.count()
+
+
+def _token() -> str:
+    return f"{_token_prefix}.{next(_token_count):x}"
 
 
 def backend() -> TaggedRedisCache:
@@ -133,11 +144,11 @@ def get_or_build(kind: str, id_: int) -> dict[str, Any] | None:
     made = be.make_key(k.key(id_))
     tags = [ALL, *k.tags(id_)]
     lease = be.internal_key("lease", made)
-    token = secrets.token_hex(8)
+    token = _token()
     s = settings.get()
     try:
         out = be._scripts["READ"](keys=[made], args=[
-            be.gen_prefix, lease, token, s.cache_lease_ms, secrets.token_hex(8),
+            be.gen_prefix, lease, token, s.cache_lease_ms, token,
             be.index_ttl(ttl_of(kind)), _stats_key(be), kind, heat_key(be), _STATS_TTL, *tags])
     except redis.RedisError as exc:
         _degraded(exc)
@@ -205,43 +216,47 @@ class _Filler:
     the read round trip and the build, not the fill's round trip as well (measured: the fill
     was about a third of a miss's overhead over a plain read; see ``bench/cache.py``, part
     ``miss``). Safe to defer: a fill is conditional on the generations read before the build,
-    so a late one is refused if a tag changed meanwhile; a lost one (the process killed) is a
-    miss later, and its lease expires."""
+    so a late one is refused if a tag changed meanwhile; a lost one (the process exits or is
+    killed first) is a miss later, and its lease expires."""
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.pool = ThreadPoolExecutor(1, "hms-cache-fill")
-        self.slots = threading.BoundedSemaphore(MAX_PENDING_FILLS)
+        # A SimpleQueue and a bare thread: a put costs the reader far less than an
+        # executor's Future; the reader needs no result.
+        self.queue: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="hms-cache-fill", daemon=True).start()
 
     def submit(self, fill: Callable[[], object]) -> None:
-        if not self.slots.acquire(blocking=False):
+        if self.queue.qsize() >= MAX_PENDING_FILLS:
             _fill_now(fill)
-            return
+        else:
+            self.queue.put(fill)
 
-        def run() -> None:
-            try:
-                _fill_now(fill)
-            finally:
-                self.slots.release()
-
-        try:
-            self.pool.submit(run)
-        except RuntimeError:  # the interpreter is shutting down
-            self.slots.release()
-            _fill_now(fill)
+    def _run(self) -> None:
+        while True:
+            _fill_now(self.queue.get())
 
 
 _filler: _Filler | None = None
 _filler_lock = threading.Lock()
 
 
+def _forked() -> None:
+    # Threads do not survive a fork (the prefork pool): a child starts its own filler, and
+    # must not hand out its parent's tokens.
+    global _filler, _filler_lock, _token_prefix
+    _filler, _filler_lock, _token_prefix = None, threading.Lock(), secrets.token_hex(8)
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def _fill_soon(fill: Callable[[], object]) -> None:
     """Run ``fill`` on this process's filler thread (a new one after a fork)."""
     global _filler
     filler = _filler
-    if filler is None or filler.pid != os.getpid():
+    if filler is None:
         with _filler_lock:
-            if _filler is None or _filler.pid != os.getpid():
+            if _filler is None:
                 _filler = _Filler()
             filler = _filler
     filler.submit(fill)
