@@ -338,7 +338,7 @@ def _populate(tags: list[str], keys_per_tag: int) -> None:
 
 
 def part_fanout() -> list[dict[str, Any]]:
-    from hms_tasks import names
+    from hms_tasks.cache import names
     from hms_tasks.cache.changes import _keys
     from hms_tasks.cache.core import backend
     from hms_tasks.celery import app
