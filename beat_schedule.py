@@ -1,8 +1,9 @@
 """The periodic schedule of hms-tasks, loaded by celery beat through ``HMS_TASKS_BEAT_SCHEDULE``.
 
-Keys are stable kebab-case names (they are contracts: beat keeps state under them). Each entry
-says its cadence and why. ``options["expires"]`` defaults to 1.5x the period, so a message that
-waited out a worker outage is dropped rather than run late; set it explicitly to differ.
+Tasks are named through each capability's ``names`` constants. Keys are stable kebab-case
+names (they are contracts: beat keeps state under them). Each entry says its cadence and why.
+``options["expires"]`` defaults to 1.5x the period, so a message that waited out a worker
+outage is dropped rather than run late; set it explicitly to differ.
 """
 
 from __future__ import annotations
@@ -11,17 +12,23 @@ from typing import Any
 
 from celery.schedules import crontab
 
+from hms_tasks.cache import names as cache_names
+from hms_tasks.health import names as health_names
+from hms_tasks.loadtest import names as loadtest_names
+from hms_tasks.memory import names as memory_names
+from hms_tasks.metrics import names as metrics_names
+
 BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     # Every 10 minutes: keep today's and tomorrow's patients, admitted inpatients and the
     # most-read keys warm (and halve every key's heat, so "most read" means recently).
     "cache-warm-hot": {
-        "task": "hms.cache.warm_hot",
+        "task": cache_names.CACHE_WARM_HOT,
         "schedule": 600.0,
         "kwargs": {"limit": 5000},
     },
     # 06:00 every day: a full hot warm before morning rounds, when the wards all read at once.
     "cache-warm-morning": {
-        "task": "hms.cache.warm_hot",
+        "task": cache_names.CACHE_WARM_HOT,
         "schedule": crontab(hour=6, minute=0),
         "kwargs": {"limit": 50000},
         # A morning warm that waited past 07:00 is no longer worth running.
@@ -30,49 +37,49 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     # Every minute: a safety net for the change log. Recording processes send fanout_changes
     # themselves; this drains whatever a lost task (or a broker outage) left behind.
     "cache-fanout-sweep": {
-        "task": "hms.cache.fanout_changes",
+        "task": cache_names.CACHE_FANOUT_CHANGES,
         "schedule": 60.0,
     },
     # Every 5 minutes: hit rate per kind, key counts and memory, into the run report.
     "cache-stats": {
-        "task": "hms.cache.stats",
+        "task": cache_names.CACHE_STATS,
         "schedule": 300.0,
     },
     # Every minute: one host snapshot of whichever node takes it, kept in its run report (the
     # per-node series in the metrics store come from metrics-collect).
     "metrics-collect-host": {
-        "task": "hms.metrics.collect_host",
+        "task": metrics_names.METRICS_COLLECT_HOST,
         "schedule": 60.0,
     },
     # Every minute: sample every live node (host, worker processes) and, from one of them,
     # Redis, the Celery queues and the database; nodes that stopped are reported missing.
     "metrics-collect": {
-        "task": "hms.metrics.collect",
+        "task": metrics_names.METRICS_COLLECT,
         "schedule": 60.0,
     },
     # Every minute: fold raw points into the 1-minute and 1-hour aggregates, prune what the
     # retention dropped, and turn the API's request timings into series.
     "metrics-rollup": {
-        "task": "hms.metrics.rollup",
+        "task": metrics_names.METRICS_ROLLUP,
         "schedule": 60.0,
     },
     # Every minute: the alert rules' "for" and "clear_for" durations count in evaluations, so
     # the cadence matches the samples'.
     "metrics-evaluate-alerts": {
-        "task": "hms.metrics.evaluate_alerts",
+        "task": metrics_names.METRICS_EVALUATE_ALERTS,
         "schedule": 60.0,
     },
     # Every 5 minutes: every process already checks its memory after each task; the sweep
     # catches pool children that sit idle above a tier.
     "memory-sweep": {
-        "task": "hms.memory.sweep",
+        "task": memory_names.MEMORY_SWEEP,
         "schedule": 300.0,
     },
     # Every 30 s: check every registered service at once and feed the circuit breakers, so a
     # dead service's breaker opens within about a minute even when no HMS call hits it.
     # Single-flight (a Redis lock); a sweep still queued when the next is due is stale.
     "health-sweep": {
-        "task": "hms.health.sweep",
+        "task": health_names.HEALTH_SWEEP,
         "schedule": 30.0,
         "options": {"expires": 25},
     },
@@ -82,7 +89,7 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     # default (production settings), so the entry does nothing; the demo settings set it. A
     # run that waited past 03:30 is no longer a night-time run: it expires.
     "loadtest-nightly": {
-        "task": "hms.loadtest.run",
+        "task": loadtest_names.RUN,
         "schedule": crontab(hour=2, minute=30),
         "kwargs": {"nightly": True},
         "options": {"expires": 3600},

@@ -217,6 +217,7 @@ def startup_problems(celery_app: Celery) -> list[str]:
     for option in ("accept_content", "result_accept_content"):
         if set(c[option] or ()) - {"json", "application/json"}:
             problems.append(f"CELERY_{option.upper()} must accept JSON only (pickle is refused)")
+    capabilities.modules("settings")  # importing a settings module registers its section
     problems += conf.check_all()
     problems += schedule.unregistered(c.beat_schedule or {}, set(celery_app.tasks))
     vt = conf.get().visibility_timeout

@@ -75,7 +75,7 @@ def checked_kind() -> Iterator[Delays]:
 
     registry.register_kind("chk", build_many=build_many, tags=lambda i: [f"patient:{i}"])
     yield delays
-    registry._kinds.pop("chk", None)
+    registry.unregister_kind("chk")
 
 
 def correct_fill(pid: int) -> None:

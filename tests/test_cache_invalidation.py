@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from django.db import transaction
 
-from hms_tasks import names, reports
-from hms_tasks.cache import changes
-from hms_tasks.cache.core import backend, get_or_build
+from hms_tasks import reports
+from hms_tasks.cache import changes, get_or_build, names
+from hms_tasks.cache.core import backend
+from hms_tasks.cache.registry import get_kind
 from hms_tasks.demo.models import Appointment, Patient, Practitioner
 from hms_tasks.demo.seed import seed
 from tests.helpers import RedisServer, wait_for
@@ -35,8 +36,6 @@ def hospital() -> None:
 
 
 def cached(kind: str, id_: int) -> bool:
-    from hms_tasks.cache.registry import get_kind
-
     be = backend()
     return bool(be.has_key(get_kind(kind).key(id_)))
 
@@ -163,7 +162,7 @@ def test_only_hot_keys_are_rewarmed(worker: Any, hospital: None) -> None:
                       r["summary"]["rewarmed"] >= 1 and r, what="refresh-ahead")
     assert report["summary"]["hot"] == 1
     assert cached("patient", hot)  # re-warmed right away, with the new data
-    assert backend().get(f"patient:{hot}")["patient"]["allergies"] == "latex"
+    assert backend().get(get_kind("patient").key(hot))["patient"]["allergies"] == "latex"
     assert not cached("patient", cold)
 
 
@@ -247,11 +246,12 @@ import sys
 import django
 django.setup()
 from django.core.cache import caches
-from hms_tasks import conf
-cache = caches[conf.get().cache_alias]
+from hms_tasks.cache import settings as cache_settings
+from hms_tasks.cache.registry import get_kind
+cache = caches[cache_settings.get().cache_alias]
 print("ready", flush=True)
 for line in sys.stdin:
-    value = cache.get(f"patient:{int(line)}")
+    value = cache.get(get_kind("patient").key(int(line)))
     print("miss" if value is None else value["patient"]["allergies"], flush=True)
 """
 
@@ -276,7 +276,8 @@ def stale_reads(reader: subprocess.Popen[str], pid: int, rounds: int) -> int:
     stale = 0
     for n in range(rounds):
         before = allergies(pid)
-        assert cached("patient", pid)
+        # A miss stores its payload on the process's filler thread, just after it returned.
+        wait_for(lambda: cached("patient", pid), what="the summary to be stored")
         save_allergies([pid], f"v{n}")
         reader.stdin.write(f"{pid}\n")
         reader.stdin.flush()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -37,7 +39,7 @@ def slow() -> Iterator[SlowBuilder]:
     registry.register_kind("slowkind", build_many=builder, tags=lambda i: [f"slowkind:{i}"])
     yield builder
     builder.release.set()
-    registry._kinds.pop("slowkind", None)
+    registry.unregister_kind("slowkind")
 
 
 def _misses(kind: str) -> int:
@@ -80,7 +82,32 @@ def test_waiters_fall_through_to_the_database_when_the_builder_is_slow(slow: Slo
     slow.release.set()
     holder.join(30)
     other.join(30)
-    assert backend().get("slowkind:8") == {"id": 8, "updated_at": "2026-01-01T00:00:00+00:00"}
+    # The lease holder's fill lands (on its process's filler thread).
+    assert wait_for(lambda: backend().get("slowkind:8"), what="the fill") == {
+        "id": 8, "updated_at": "2026-01-01T00:00:00+00:00"}
+
+
+def test_a_forked_process_fills_its_misses(slow: SlowBuilder) -> None:
+    # The prefork pool forks worker processes from a parent that may have read through the
+    # cache already: the child's misses must still be stored (threads do not survive a fork).
+    slow.release.set()
+    get_or_build("slowkind", 20)
+    wait_for(lambda: backend().get("slowkind:20"), what="the parent's fill")
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through its exit code)
+        code = 1
+        try:
+            get_or_build("slowkind", 21)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if backend().get("slowkind:21") is not None:
+                    code = 0
+                    break
+                time.sleep(0.01)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_missing_row_is_not_cached(slow: SlowBuilder) -> None:

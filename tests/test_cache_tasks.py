@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from hms_tasks import names, reports
-from hms_tasks.cache import changes
-from hms_tasks.cache.core import backend, get_or_build
+from hms_tasks import reports
+from hms_tasks.cache import changes, get_or_build, names
+from hms_tasks.cache.core import backend
+from hms_tasks.cache.registry import get_kind
 from hms_tasks.cache.tasks import invalidate_tags, stats, warm_hot, warm_patients
 from hms_tasks.cli import cli
 from hms_tasks.demo.cache import hot_patients
@@ -31,8 +32,13 @@ def ids() -> list[int]:
     return list(Patient.objects.order_by("id").values_list("id", flat=True))
 
 
+def key(id_: int) -> str:
+    """The patient summary's cache key (it carries today's date)."""
+    return get_kind("patient").key(id_)
+
+
 def cached_count(ids: list[int]) -> int:
-    return len(backend().get_many([f"patient:{i}" for i in ids]))
+    return len(backend().get_many([key(i) for i in ids]))
 
 
 def test_warm_patients_writes_with_constant_queries(worker: Any, ids: list[int]) -> None:
@@ -46,9 +52,9 @@ def test_warm_patients_writes_with_constant_queries(worker: Any, ids: list[int])
     assert report is not None
     assert report["summary"]["written"] == 800
     # Idempotent: again, same payloads.
-    before = backend().get(f"patient:{ids[0]}")
+    before = backend().get(key(ids[0]))
     assert warm_patients.delay(ids[:800]).get(timeout=60)["written"] == 800
-    assert backend().get(f"patient:{ids[0]}") == before
+    assert backend().get(key(ids[0])) == before
 
 
 def test_large_sets_are_split_across_tasks(worker: Any, ids: list[int]) -> None:
@@ -65,14 +71,14 @@ def test_warm_hot_warms_the_hot_set_and_decays_heat(worker: Any, ids: list[int])
     for _ in range(4):
         get_or_build("patient", ids[-1])  # a read-hot key outside the domain hot set
     heat = backend().client().zscore(backend().internal_key("heat"),
-                                     backend().make_key(f"patient:{ids[-1]}"))
+                                     backend().make_key(key(ids[-1])))
     assert heat == 4
     summary = warm_hot.delay(limit=5000).get(timeout=60)
     assert summary["patient_hot"] >= len(set(hot[:5000]))
     wait_for(lambda: cached_count(hot[:2000]) == len(hot[:2000]), timeout=60,
              what="the hot patients to be warm")
     assert backend().client().zscore(backend().internal_key("heat"),
-                                     backend().make_key(f"patient:{ids[-1]}")) == 2
+                                     backend().make_key(key(ids[-1]))) == 2
     assert summary["census_hot"] > 0
     assert summary.get("census_written", 0) == summary["census_hot"]
 
@@ -86,6 +92,8 @@ def test_invalidate_tags_task(worker: Any, ids: list[int]) -> None:
 
 def test_stats_reports_hit_rate_per_kind(worker: Any, ids: list[int]) -> None:
     get_or_build("patient", ids[0])  # miss
+    # The miss is stored by this process's filler thread just after it returned.
+    wait_for(lambda: cached_count(ids[:1]) == 1, what="the fill")
     get_or_build("patient", ids[0])  # hit
     get_or_build("patient", ids[0])  # hit
     out = stats.delay(window_minutes=5).get(timeout=60)

@@ -15,6 +15,7 @@ import pytest
 
 import hms_tasks
 from hms_tasks import names
+from hms_tasks.metrics import names as metrics_names
 
 # Renaming or removing a task breaks queued messages and beat entries: update the README's
 # migration notes before changing this list.
@@ -113,7 +114,7 @@ def test_safe_celery_defaults() -> None:
     vt = conf.get().visibility_timeout
     assert c.broker_transport_options["visibility_timeout"] == vt
     assert c.result_backend_transport_options["visibility_timeout"] == vt
-    task = app.tasks[names.METRICS_COLLECT_HOST]
+    task = app.tasks[metrics_names.METRICS_COLLECT_HOST]
     assert task.acks_late is True
     assert task.reject_on_worker_lost is True
     assert task.time_limit < vt

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from hms_tasks import names, store
 from hms_tasks.cli import cli
+from hms_tasks.metrics import names as metrics_names
 from tests import tasks_for_tests  # noqa: F401  (registers hms.test.*)
 
 
@@ -62,7 +63,7 @@ def test_bad_input_exits_2_and_publishes_nothing(args: list[str], message: str) 
 def test_unknown_task_lists_known_tasks() -> None:
     result = run("dispatch", "hms.metrics.collect_everything")
     assert result.exit_code == 2
-    assert names.METRICS_COLLECT_HOST in result.output
+    assert metrics_names.METRICS_COLLECT_HOST in result.output
 
 
 def test_valid_dispatch_publishes_one_message() -> None:

@@ -18,6 +18,7 @@ from hms_tasks import names, reports, store
 from hms_tasks.cli import cli
 from hms_tasks.errors import InvalidArguments
 from hms_tasks.health import checks, history, keys, registry, report, sweep
+from hms_tasks.health import names as health_names
 from hms_tasks.health import tasks as health_tasks
 from tests.health_servers import ServiceServer, only
 from tests.helpers import RedisServer, wait_for
@@ -219,16 +220,16 @@ def test_tasks_run_on_a_worker_and_refuse_unknown_services(
                                                    b=_entry(servers["error"].url))):
         summary = health_tasks.sweep.delay().get(timeout=30)
         assert (summary["up"], summary["down"]) == (1, 1)
-        assert reports.latest(names.HEALTH_SWEEP)["summary"] == summary  # type: ignore[index]
+        assert reports.latest(health_names.HEALTH_SWEEP)["summary"] == summary  # type: ignore[index]
         one = health_tasks.check_service.delay("a").get(timeout=30)
         assert (one["services"], one["up"]) == (1, 1)
         before = servers["fast"].requests + servers["error"].requests
         with pytest.raises(InvalidArguments) as info:
             health_tasks.check_service.delay("radiology").get(timeout=30)
         assert "name: unknown service (allowed: a, b)" in str(info.value)
-        assert reports.latest(names.HEALTH_CHECK_SERVICE)["outcome"] == "rejected"  # type: ignore[index]
+        assert reports.latest(health_names.HEALTH_CHECK_SERVICE)["outcome"] == "rejected"  # type: ignore[index]
         assert servers["fast"].requests + servers["error"].requests == before
-    assert names.queue_for(names.HEALTH_SWEEP) == "hms.health"
+    assert names.queue_for(health_names.HEALTH_SWEEP) == "hms.health"
 
 
 def test_cli_health_prints_state_breaker_latency_and_availability(

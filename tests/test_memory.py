@@ -17,7 +17,8 @@ import pytest
 from django.test import override_settings
 
 from hms_tasks import names as queues
-from hms_tasks.memory import hooks, names, settings, snapshot, tiers
+from hms_tasks.memory import hooks, settings, snapshot, tiers
+from hms_tasks.memory import names as memory_names
 from hms_tasks.memory import sweep as sweeping
 from tests.helpers import RedisServer, stop, wait_for
 
@@ -77,7 +78,7 @@ def test_leaking_task_drives_its_child_through_the_tiers_and_is_recycled(
     assert warning["collected"] >= 0
 
     # The sweep measures the (only) child, finds it over a tier and has it check again.
-    swept = _run(celery_app, names.MEMORY_SWEEP)
+    swept = _run(celery_app, memory_names.MEMORY_SWEEP)
     assert swept["nodes"] == [NODE]
     assert swept["missing"] == []
     row = wait_for(lambda: _sweep_row(swept["sweep"]), what="the node's sweep row")
@@ -116,7 +117,7 @@ def test_leaking_task_drives_its_child_through_the_tiers_and_is_recycled(
     assert prefork_worker.poll() is None  # the worker itself kept serving
 
     # A tracemalloc comparison on the node finds the line that leaks.
-    started = _run(celery_app, names.MEMORY_SNAPSHOT, node=NODE, seconds=2, top=5)
+    started = _run(celery_app, memory_names.MEMORY_SNAPSHOT, node=NODE, seconds=2, top=5)
     assert started["node"] == NODE
     assert started["processes_asked"] == 1
     for step in range(1, 4):

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from hms_tasks import names, reports
 from hms_tasks.cli import cli
 from hms_tasks.errors import InvalidArguments
+from hms_tasks.memory import names as memory_names
 from tests import tasks_for_tests  # noqa: F401  (registers hms.test.*)
 from tests.helpers import wait_for
 
@@ -139,11 +140,11 @@ def test_a_rejected_message_is_not_redelivered(events_worker: Any, celery_app: A
 def test_dispatch_wait_exits_1_with_the_problems_of_a_rejection(events_worker: Any) -> None:
     # Whether a node is live is known only when the task runs: the CLI's check passes, the
     # worker rejects the call, and --wait prints the problems and exits 1.
-    result = CliRunner().invoke(cli, ["dispatch", names.MEMORY_SNAPSHOT, "--arg",
+    result = CliRunner().invoke(cli, ["dispatch", memory_names.MEMORY_SNAPSHOT, "--arg",
                                       "node=ghost@nowhere", "--wait", "--timeout", "30"])
     assert result.exit_code == 1, result.output
     (error,) = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
     assert "failed: InvalidArguments" in error
     assert "node: not a live worker (live: " in error
-    wait_for(lambda: (reports.latest(names.MEMORY_SNAPSHOT) or {}).get("outcome") == "rejected",
-             what="the rejected run report")
+    wait_for(lambda: (reports.latest(memory_names.MEMORY_SNAPSHOT) or {}).get("outcome")
+             == "rejected", what="the rejected run report")

@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 from hms_tasks import names
+from hms_tasks.metrics import names as metrics_names
 from tests.helpers import RedisServer, free_port, stop, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -193,7 +194,7 @@ def test_run_serves_everything_and_stops_cleanly_on_sigterm(stack: Stack) -> Non
     # The worker consumes every hms queue and runs a task sent from another process.
     done = subprocess.run(
         [
-            sys.executable, "-m", "hms_tasks", "dispatch", names.METRICS_COLLECT_HOST,
+            sys.executable, "-m", "hms_tasks", "dispatch", metrics_names.METRICS_COLLECT_HOST,
             "--wait", "--timeout", "60",
         ],
         env=stack.env, capture_output=True, text=True, timeout=120, check=False,

@@ -1,1 +1,96 @@
-"""The tag-aware cache: a Redis cache the HMS reads from, kept warm and correct by hms-tasks."""
+"""The tag-aware cache: a Redis cache the HMS reads from, kept warm and correct by hms-tasks.
+
+The HMS registers what it caches, once, from its ``AppConfig.ready``::
+
+    from hms_tasks.cache import register_kind, register_model
+
+    register_kind("patient", build_many=build_patients, tags=lambda i: [f"patient:{i}"])
+    register_model(Patient, tags=lambda p: [f"patient:{p.pk}"])
+
+and reads through it in its views::
+
+    from hms_tasks.cache import get_or_build
+
+    summary = get_or_build("patient", 42)     # from Redis, or built, stored and returned
+
+Saves and deletes of registered models invalidate the payloads they touch after the commit;
+bulk changes go through :class:`InvalidatingQuerySet` or :func:`changed`; data changed behind
+the ORM's back is invalidated with :func:`invalidate_tags`. The manual is ``docs/cache.md``.
+
+The names below are the public API (``__all__``); the modules behind them are not. They are
+imported on first use, so that ``hms_tasks.cache.names`` (task names, for clients and beat)
+stays free of Django, Redis and Celery. The cache backend itself is
+``django.core.cache.caches[HMS_TASKS_CACHE_ALIAS]``, a :class:`TaggedRedisCache`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hms_tasks.cache.backend import TaggedRedisCache
+    from hms_tasks.cache.changes import InvalidatingQuerySet, changed, changed_everything, flush
+    from hms_tasks.cache.core import WarmSummary, get_or_build, get_or_build_many, warm
+    from hms_tasks.cache.registry import Kind, TrackedModel, kinds, register_kind
+    from hms_tasks.cache.settings import CacheSettings
+    from hms_tasks.cache.tags import ALL
+    from hms_tasks.cache.tracking import register_model
+    from hms_tasks.cache.warming import Invalidated, invalidate_tags
+
+__all__ = [
+    "ALL",
+    "CacheSettings",
+    "Invalidated",
+    "InvalidatingQuerySet",
+    "Kind",
+    "TaggedRedisCache",
+    "TrackedModel",
+    "WarmSummary",
+    "changed",
+    "changed_everything",
+    "flush",
+    "get_or_build",
+    "get_or_build_many",
+    "invalidate_tags",
+    "kinds",
+    "register_kind",
+    "register_model",
+    "warm",
+]
+
+#: The module each public name lives in.
+_HOME = {
+    "ALL": "tags",
+    "CacheSettings": "settings",
+    "Invalidated": "warming",
+    "InvalidatingQuerySet": "changes",
+    "Kind": "registry",
+    "TaggedRedisCache": "backend",
+    "TrackedModel": "registry",
+    "WarmSummary": "core",
+    "changed": "changes",
+    "changed_everything": "changes",
+    "flush": "changes",
+    "get_or_build": "core",
+    "get_or_build_many": "core",
+    "invalidate_tags": "warming",
+    "kinds": "registry",
+    "register_kind": "registry",
+    "register_model": "tracking",
+    "warm": "core",
+}
+
+
+def __getattr__(name: str) -> object:
+    # PEP 562: a public name is imported from its module on first use, then kept here.
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value: object = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -3,7 +3,7 @@
 Configure it as the ``hms`` cache (``HMS_TASKS_CACHE_ALIAS``)::
 
     CACHES["hms"] = {
-        "BACKEND": "hms_tasks.cache.backend.TaggedRedisCache",
+        "BACKEND": "hms_tasks.cache.TaggedRedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "hms-cache",
     }
@@ -34,8 +34,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.cache.backends.redis import RedisCache
 
-from hms_tasks import conf
-from hms_tasks.cache import lua
+from hms_tasks.cache import lua, settings
 from hms_tasks.cache.tags import ALL, check_tags
 
 __all__ = ["HmsSerializer", "TaggedRedisCache", "Undecryptable"]
@@ -89,7 +88,7 @@ class TaggedRedisCache(RedisCache):
 
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         super().__init__(server, params)
-        keys = conf.get().cache_encryption_keys
+        keys = settings.get().cache_encryption_keys
         options: dict[str, Any] = getattr(self, "_options", {})
         self._options = {**options, "serializer": HmsSerializer(keys)}
 

@@ -52,8 +52,10 @@ from django.db import models, transaction
 from django.db.models.signals import post_delete, post_init, post_save
 from redis.commands.core import Script
 
-from hms_tasks import conf, names, store
+from hms_tasks import store
 from hms_tasks.cache import lua
+from hms_tasks.cache import names as cache_names
+from hms_tasks.cache import settings as cache_settings
 from hms_tasks.cache.backend import GENERATION_TTL
 from hms_tasks.cache.core import backend, heat_key
 from hms_tasks.cache.registry import TrackedModel, tracked_models
@@ -220,7 +222,7 @@ class InvalidatingQuerySet(models.QuerySet[Any]):
 def _cache_url() -> str:
     """The cache's Redis: the first server of its ``LOCATION``, the one Django's backend
     writes to."""
-    location = settings.CACHES[conf.get().cache_alias]["LOCATION"]
+    location = settings.CACHES[cache_settings.get().cache_alias]["LOCATION"]
     servers = location if isinstance(location, (list, tuple)) else re.split("[;,]", location)
     return str(servers[0]).strip()
 
@@ -272,7 +274,7 @@ class Recorder:
         self._busy = False
         self._failing_since: float | None = None  # Redis calls failing: commits buffer
         self._dispatch_failing_since: float | None = None
-        self._max_pending = conf.get().cache_max_pending_tags
+        self._max_pending = cache_settings.get().cache_max_pending_tags
 
     def add(self, tags: frozenset[str]) -> None:
         """Record committed ``tags`` (the ``on_commit`` hook): returns within
@@ -403,7 +405,7 @@ class Recorder:
         from hms_tasks.celery import app
 
         # retry=False: a broker outage must fail fast here, the courier retries itself.
-        app.send_task(names.CACHE_FANOUT_CHANGES, retry=False)
+        app.send_task(cache_names.CACHE_FANOUT_CHANGES, retry=False)
         with self._cond:
             self.stats["dispatched"] += 1
 
@@ -458,7 +460,7 @@ def apply_changes(*, max_entries: int = 100, clear_if_empty: bool) -> Applied:
     be = backend()
     out = be._scripts["APPLY_CHANGES"](keys=list(_keys()), args=[
         max_entries, be.gen_prefix, be.index_prefix, secrets.token_hex(8), GENERATION_TTL,
-        heat_key(be), conf.get().cache_hot_score, "1" if clear_if_empty else "0"])
+        heat_key(be), cache_settings.get().cache_hot_score, "1" if clear_if_empty else "0"])
     return Applied(entries=int(out[0]), tags=int(out[1]), unlinked=int(out[2]),
                    hot=[k.decode() for k in out[3:]])
 

@@ -1,6 +1,7 @@
 """What the cache knows about the HMS: payload kinds with their builders, and the models whose
-changes invalidate them. The HMS registers both (the demo HMS does it in its ``AppConfig.ready``);
-nothing here imports an HMS."""
+changes invalidate them. The HMS registers both (the demo HMS does it in its ``AppConfig.ready``)
+through :func:`register_kind` and :func:`hms_tasks.cache.register_model`; nothing here imports
+an HMS, and nothing here imports the rest of the cache (it sits below it)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ __all__ = [
     "get_kind",
     "kinds",
     "register_kind",
-    "register_model",
+    "track",
     "tracked_models",
+    "unregister_kind",
 ]
 
 #: Builds payloads for many ids with a constant number of queries; ids without a row are left
@@ -36,8 +38,9 @@ class Kind:
     tags: Callable[[int], list[str]]
     #: Ids worth having warm (for example, patients with appointments today), at most ``limit``.
     hot_ids: Callable[[int], list[int]] | None = None
-    #: Cache key of an id; default ``<kind>:<id>``. A kind whose payload depends on the day
-    #: puts the day in the key.
+    #: Cache key of an id; default ``<kind>:<id>``. A kind whose payload depends on the date
+    #: (today's appointments) must put the date in its key (``<kind>:<id>:<date>``), or a
+    #: payload built before midnight would be served after it until its TTL.
     key_of: Callable[[int], str] | None = None
 
     def key(self, id_: int) -> str:
@@ -87,16 +90,16 @@ def kinds() -> list[str]:
     return sorted(_kinds)
 
 
-def register_model(model: type[Any], *, tags: Callable[[Any], Iterable[str]],
-                   fields: Sequence[str] = ()) -> TrackedModel:
-    """Invalidate the tags ``tags(instance)`` names whenever an instance of ``model`` is saved
-    or deleted (after the transaction commits). ``fields``: see :class:`TrackedModel`."""
-    from hms_tasks.cache.changes import connect
-
-    tracked = TrackedModel(model=model, tags=tags, fields=tuple(fields))
-    _models[model] = tracked
-    connect(tracked)
+def track(tracked: TrackedModel) -> TrackedModel:
+    """Record ``tracked`` (replacing an earlier entry of its model). Only records: connecting
+    its signals is :func:`hms_tasks.cache.tracking.register_model`'s part."""
+    _models[tracked.model] = tracked
     return tracked
+
+
+def unregister_kind(name: str) -> None:
+    """Forget the kind ``name`` if registered (tests register kinds of their own)."""
+    _kinds.pop(name, None)
 
 
 def tracked_models() -> Mapping[type[Any], TrackedModel]:

@@ -1,6 +1,6 @@
 """Cache tasks, on the ``hms.cache`` queue. The work is in plain functions
-(:mod:`~hms_tasks.cache.core`, :mod:`~hms_tasks.cache.changes`, :mod:`~hms_tasks.cache.warming`);
-these only adapt them to Celery.
+(:mod:`~hms_tasks.cache.core`, :mod:`~hms_tasks.cache.changes`, :mod:`~hms_tasks.cache.warming`,
+public through :mod:`hms_tasks.cache`); these only adapt them to Celery.
 
 How the capability splits its work: the HMS's processes only *record* what changed (a Lua call
 per 10 ms at most, not waited for); ``fanout_changes`` applies the change log and re-warms the
@@ -18,9 +18,15 @@ from celery import group
 from celery.signals import worker_process_shutdown
 from pydantic import Field
 
-from hms_tasks import conf, names
 from hms_tasks.base import Capability
 from hms_tasks.cache import changes, core, warming
+from hms_tasks.cache.names import (
+    CACHE_FANOUT_CHANGES,
+    CACHE_INVALIDATE_TAGS,
+    CACHE_STATS,
+    CACHE_WARM_HOT,
+    CACHE_WARM_PATIENTS,
+)
 from hms_tasks.cache.registry import kinds
 from hms_tasks.cache.stats import cache_stats
 from hms_tasks.cache.tags import MAX_TAGS, check_tags
@@ -48,7 +54,7 @@ def _write_recorded_changes(**_: Any) -> None:
     changes.flush(2.0)
 
 
-@cache.task(names.CACHE_WARM_PATIENTS)
+@cache.task(CACHE_WARM_PATIENTS)
 def warm_patients(ids: Annotated[list[int], checked_by(core.check_ids)]) -> dict[str, Any]:
     """Build and store the summaries of the given patients.
 
@@ -67,7 +73,7 @@ def warm_patients(ids: Annotated[list[int], checked_by(core.check_ids)]) -> dict
     return dict(core.warm("patient", ids))
 
 
-@cache.task(names.CACHE_WARM_HOT)
+@cache.task(CACHE_WARM_HOT)
 def warm_hot(limit: Annotated[int, Field(ge=1, le=100_000)] = 5000) -> dict[str, Any]:
     """Warm the hot set of every kind: what the HMS registered as hot (today's and tomorrow's
     appointments, admitted inpatients) and the most-read keys by decayed heat.
@@ -77,7 +83,7 @@ def warm_hot(limit: Annotated[int, Field(ge=1, le=100_000)] = 5000) -> dict[str,
     chunks; other kinds warm inline. Seconds. Idempotent. Returns counts per kind.
     """
     if type(limit) is not int or not 1 <= limit <= 100_000:
-        raise InvalidArguments(names.CACHE_WARM_HOT, ["limit: expected int from 1 to 100000"])
+        raise InvalidArguments(CACHE_WARM_HOT, ["limit: expected int from 1 to 100000"])
     tracked = warming.decay_heat()
     summary: dict[str, Any] = {"heat_tracked": tracked}
     for kind in kinds():
@@ -97,7 +103,7 @@ def warm_hot(limit: Annotated[int, Field(ge=1, le=100_000)] = 5000) -> dict[str,
     return summary
 
 
-@cache.task(names.CACHE_INVALIDATE_TAGS)
+@cache.task(CACHE_INVALIDATE_TAGS)
 def invalidate_tags(
         tags: Annotated[list[str], Field(min_length=1, max_length=MAX_TAGS),
                         checked_by(check_tags)],
@@ -109,17 +115,10 @@ def invalidate_tags(
     about 500,000 keys a second. Idempotent. Writes: new tag generations; unlinks the keys.
     Returns counts: tags, keys unlinked, hot keys re-warmed.
     """
-    tags = check_tags(tags)
-    if not tags:
-        raise InvalidArguments(names.CACHE_INVALIDATE_TAGS, ["tags: must not be empty"])
-    be = core.backend()
-    unlinked, hot = be.invalidate_tags(tags, heat_key=core.heat_key(be),
-                                       hot_score=conf.get().cache_hot_score)
-    rewarmed = sum(w["written"] for w in warming.refresh_ahead(hot))
-    return {"tags": len(tags), "unlinked": unlinked, "hot": len(hot), "rewarmed": rewarmed}
+    return dict(warming.invalidate_tags(tags))
 
 
-@cache.task(names.CACHE_FANOUT_CHANGES)
+@cache.task(CACHE_FANOUT_CHANGES)
 def fanout_changes() -> dict[str, Any]:
     """Apply the change log the HMS's processes recorded: each step takes up to 100 entries off
     it and invalidates their tags atomically; then re-warm the invalidated keys that were hot.
@@ -157,7 +156,7 @@ def fanout_changes() -> dict[str, Any]:
     return total
 
 
-@cache.task(names.CACHE_STATS, soft_time_limit=50, time_limit=60)
+@cache.task(CACHE_STATS, soft_time_limit=50, time_limit=60)
 def stats(window_minutes: Annotated[int, Field(ge=1, le=1440)] = 15) -> dict[str, Any]:
     """Hit rate per kind over the last ``window_minutes``, keys per kind, Redis memory and
     evictions, the change-log backlog.
@@ -166,5 +165,5 @@ def stats(window_minutes: Annotated[int, Field(ge=1, le=1440)] = 15) -> dict[str
     idempotent. Returns those counts (also its run report).
     """
     if type(window_minutes) is not int or not 1 <= window_minutes <= 1440:
-        raise InvalidArguments(names.CACHE_STATS, ["window_minutes: expected int from 1 to 1440"])
+        raise InvalidArguments(CACHE_STATS, ["window_minutes: expected int from 1 to 1440"])
     return cache_stats(window_minutes=window_minutes)

@@ -1,14 +1,19 @@
-"""The hot set and refresh-ahead: which keys deserve to be warm before anyone asks."""
+"""The hot set and refresh-ahead: which keys deserve to be warm before anyone asks, and
+invalidating tags now (re-warming what was hot)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import TypedDict
 
+from hms_tasks.cache import settings
 from hms_tasks.cache.core import MAX_WARM_IDS, WarmSummary, backend, heat_key, parse_key, warm
 from hms_tasks.cache.registry import get_kind, kinds
+from hms_tasks.cache.tags import check_tags
+from hms_tasks.errors import InvalidArguments
 
-__all__ = ["decay_heat", "hot_ids", "refresh_ahead"]
+__all__ = ["Invalidated", "decay_heat", "hot_ids", "invalidate_tags", "refresh_ahead"]
 
 #: Each warm_hot halves every key's heat, and forgets keys colder than this.
 HEAT_FLOOR = 0.25
@@ -55,3 +60,29 @@ def refresh_ahead(made_keys: Iterable[str]) -> list[WarmSummary]:
         for kind, ids in sorted(by_kind.items())
         for start in range(0, len(ids), MAX_WARM_IDS)
     ]
+
+
+class Invalidated(TypedDict):
+    tags: int
+    unlinked: int
+    hot: int
+    rewarmed: int
+
+
+def invalidate_tags(tags: Iterable[str]) -> Invalidated:
+    """Invalidate every cached value carrying one of ``tags`` (``kind:id``, or ``all``) now, in
+    this process, then re-warm those of them that were hot (``HMS_TASKS_CACHE_HOT_SCORE``).
+
+    For data changed behind the ORM's back (raw SQL, another application); changes made
+    through registered models are invalidated by the write path without this. Idempotent.
+    Tags are checked first (:class:`~hms_tasks.errors.InvalidArguments` naming ``tags``; the
+    message never quotes a tag). Returns counts: tags, keys unlinked, hot keys, re-warmed.
+    """
+    tags = check_tags(tags)
+    if not tags:
+        raise InvalidArguments("cache", ["tags: must not be empty"])
+    be = backend()
+    unlinked, hot = be.invalidate_tags(tags, heat_key=heat_key(be),
+                                       hot_score=settings.get().cache_hot_score)
+    rewarmed = sum(w["written"] for w in refresh_ahead(hot))
+    return {"tags": len(tags), "unlinked": unlinked, "hot": len(hot), "rewarmed": rewarmed}

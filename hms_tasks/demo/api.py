@@ -35,7 +35,7 @@ from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 
-from hms_tasks.cache.core import get_or_build, get_or_build_many
+from hms_tasks.cache import get_or_build, get_or_build_many
 from hms_tasks.demo.models import Appointment, Department, Encounter, Patient, Practitioner
 from hms_tasks.errors import HmsTasksError
 

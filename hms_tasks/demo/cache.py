@@ -3,11 +3,15 @@ whose changes invalidate them. A real HMS does the same from its own ``AppConfig
 
 Kinds (tags in brackets):
 
-``patient``   a patient summary: the patient, active encounters, upcoming appointments
-              [``patient:<id>``]
+``patient``   a patient summary: the patient, active encounters, appointments from today on
+              (key ``patient:<id>:<date>``) [``patient:<id>``]
 ``schedule``  a practitioner's appointments today (key ``schedule:<id>:<date>``)
               [``practitioner:<id>``]
 ``census``    a department's census [``department:<id>``]
+
+A payload that depends on the date carries it in its key (``timezone.localdate()``, the same
+"today" its builder uses): after midnight a read asks for a new key and misses, instead of
+being served yesterday's list of appointments until the TTL.
 
 A payload embeds only columns whose changes reach its tags: the schedule names patients by id,
 not by name, because renaming a patient invalidates ``patient:<id>``, not the schedules the
@@ -16,13 +20,13 @@ patient appears in. Every builder runs a constant number of queries for any numb
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
 from django.utils import timezone
 
-from hms_tasks.cache.registry import register_kind, register_model
+from hms_tasks.cache import register_kind, register_model
 from hms_tasks.demo import api
 from hms_tasks.demo.models import Appointment, Department, Encounter, Patient, Practitioner
 
@@ -93,17 +97,26 @@ def hot_departments(limit: int) -> list[int]:
     return list(Department.objects.order_by("id").values_list("id", flat=True)[:limit])
 
 
+def _dated(kind: str) -> Callable[[int], str]:
+    """Keys ``<kind>:<id>:<today>`` for a kind whose payload lists today's things."""
+    return lambda i: f"{kind}:{i}:{timezone.localdate().isoformat()}"
+
+
 def register() -> None:
     """Register the demo's kinds and models with the hms-tasks cache."""
     register_kind(
-        "patient", build_many=build_patients, tags=lambda i: [f"patient:{i}"], hot_ids=hot_patients
+        "patient",
+        build_many=build_patients,
+        tags=lambda i: [f"patient:{i}"],
+        hot_ids=hot_patients,
+        key_of=_dated("patient"),
     )
     register_kind(
         "schedule",
         build_many=build_schedules,
         tags=lambda i: [f"practitioner:{i}"],
         hot_ids=hot_practitioners,
-        key_of=lambda i: f"schedule:{i}:{timezone.localdate().isoformat()}",
+        key_of=_dated("schedule"),
     )
     register_kind(
         "census",

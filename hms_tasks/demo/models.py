@@ -22,7 +22,7 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
-from hms_tasks.cache.changes import InvalidatingQuerySet
+from hms_tasks.cache import InvalidatingQuerySet
 
 __all__ = ["Appointment", "Department", "Encounter", "Patient", "Practitioner"]
 

@@ -40,7 +40,7 @@ from django.db import connections, models, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from hms_tasks.cache import changes
+from hms_tasks.cache import changed_everything
 from hms_tasks.demo.models import Appointment, Department, Encounter, Patient, Practitioner
 from hms_tasks.errors import HmsTasksError
 
@@ -489,7 +489,7 @@ def seed(
         summary = _write(generator, patients=patients, using=using)
         # Rows were replaced wholesale behind the ORM's signals (bulk inserts on the base
         # manager, raw flushes): everything cached about the old ones is wrong now.
-        changes.changed_everything(using=using)
+        changed_everything(using=using)
     summary["deleted"] = existing
     summary["seconds"] = round(monotonic_clock.perf_counter() - started, 3)
     logger.info(

@@ -83,7 +83,7 @@ CACHES = {
     },
     # The tag-aware cache hms-tasks keeps warm and correct (HMS_TASKS_CACHE_ALIAS).
     "hms": {
-        "BACKEND": "hms_tasks.cache.backend.TaggedRedisCache",
+        "BACKEND": "hms_tasks.cache.TaggedRedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "hms-cache",
     },

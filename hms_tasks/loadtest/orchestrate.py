@@ -29,10 +29,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from hms_tasks import names as hms_names
 from hms_tasks import nodes
 from hms_tasks.errors import InvalidArguments, LoadTestRefused
 from hms_tasks.loadtest import capacity, keys, names, report, settings, spec, stats, text
+from hms_tasks.metrics import names as metrics_names
 
 __all__ = [
     "abort_run",
@@ -348,7 +348,7 @@ def _signal_regression(test: str, doc: dict[str, Any], *, now: float) -> None:
                 points.append((ts.series_id("loadtest.p95_ms", labels), now,
                                float(doc["total"]["p95_ms"])))
         ts.write(points, now=now)
-        app.send_task(hms_names.METRICS_EVALUATE_ALERTS, ignore_result=True)
+        app.send_task(metrics_names.METRICS_EVALUATE_ALERTS, ignore_result=True)
     except Exception:
         # The report is stored; a metrics store or broker hiccup must not fail the merge.
         logger.warning("could not feed load test %s into the metrics store", test,

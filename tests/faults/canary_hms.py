@@ -20,9 +20,11 @@ def main() -> None:
     from django.db import transaction
     from django.test import Client
 
-    from hms_tasks import names
+    from hms_tasks.cache import names as cache_names
     from hms_tasks.celery import app
     from hms_tasks.demo.models import Patient
+    from hms_tasks.health import names as health_names
+    from hms_tasks.metrics import names as metrics_names
 
     canary = os.environ["CANARY"]
     call_command("migrate", verbosity=0)
@@ -50,13 +52,13 @@ def main() -> None:
         patient.family_name = f"{canary}-renamed"
         patient.save()
     sent = [
-        app.send_task(names.CACHE_WARM_PATIENTS, kwargs={"ids": [pid]}),
-        app.send_task(names.CACHE_INVALIDATE_TAGS, kwargs={"tags": [f"patient:{pid}"]}),
-        app.send_task(names.CACHE_WARM_PATIENTS, kwargs={"ids": [pid]}),
-        app.send_task(names.CACHE_WARM_HOT, kwargs={"limit": 10}),
-        app.send_task(names.CACHE_STATS),
-        app.send_task(names.METRICS_COLLECT_HOST),
-        app.send_task(names.HEALTH_SWEEP),
+        app.send_task(cache_names.CACHE_WARM_PATIENTS, kwargs={"ids": [pid]}),
+        app.send_task(cache_names.CACHE_INVALIDATE_TAGS, kwargs={"tags": [f"patient:{pid}"]}),
+        app.send_task(cache_names.CACHE_WARM_PATIENTS, kwargs={"ids": [pid]}),
+        app.send_task(cache_names.CACHE_WARM_HOT, kwargs={"limit": 10}),
+        app.send_task(cache_names.CACHE_STATS),
+        app.send_task(metrics_names.METRICS_COLLECT_HOST),
+        app.send_task(health_names.HEALTH_SWEEP),
     ]
     states = []
     for result in sent:

@@ -33,6 +33,7 @@ import redis
 from cryptography.fernet import Fernet
 
 from hms_tasks import names
+from hms_tasks.cache import names as cache_names
 from tests.helpers import RedisServer, free_port, stop, wait_for
 
 pytestmark = pytest.mark.faults
@@ -126,7 +127,7 @@ def test_a_patient_name_canary_is_found_nowhere(tmp_path: Path) -> None:
         pid, task_ids = run["patient"], run["tasks"]
         assert run["states"] == ["SUCCESS"] * len(task_ids), run["states"]
         dispatched = subprocess.run(
-            [sys.executable, "-m", "hms_tasks", "dispatch", names.CACHE_WARM_PATIENTS,
+            [sys.executable, "-m", "hms_tasks", "dispatch", cache_names.CACHE_WARM_PATIENTS,
              "--arg", f"ids=[{pid}]", "--wait", "--timeout", "120"],
             cwd=REPO, env=env, capture_output=True, timeout=300)
         assert dispatched.returncode == 0, dispatched.stderr.decode(errors="replace")
@@ -173,7 +174,7 @@ def test_a_patient_name_canary_is_found_nowhere(tmp_path: Path) -> None:
     assert hits(outputs["Redis MONITOR (every command, broker messages included)"], control) >= 2
     assert hits(outputs[f"Redis: DUMP of {keys} keys"], control) >= 2
     assert task_ids[0].encode() in outputs["celery events --dump"]
-    assert names.CACHE_WARM_PATIENTS.encode() in outputs["worker log (DEBUG)"]
+    assert cache_names.CACHE_WARM_PATIENTS.encode() in outputs["worker log (DEBUG)"]
 
     found = {place: hits(data, canary) for place, data in outputs.items()}
     width = max(map(len, found))

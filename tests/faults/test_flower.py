@@ -31,6 +31,7 @@ import psutil
 import pytest
 
 from hms_tasks import names
+from hms_tasks.cache import names as cache_names
 from hms_tasks.flower import RUN_TASK_ENDPOINTS, start_problems
 from tests.helpers import RedisServer, free_port, stop, wait_for
 
@@ -107,7 +108,7 @@ def running_worker(env: dict[str, str], tmp_path: Path, node: str) -> Iterator[A
     log = (tmp_path / f"{node}.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "hms_tasks", "worker", "--pool", "prefork",
-         "--concurrency", "1", "-Q", names.queue_for(names.CACHE_STATS), "-n", node,
+         "--concurrency", "1", "-Q", names.queue_for(cache_names.CACHE_STATS), "-n", node,
          "--without-mingle", "--without-gossip"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -125,7 +126,7 @@ def known_worker(base: str, node: str) -> bool:
 def control_requests(node: str) -> dict[str, str]:
     """Flower route pattern -> a request to it that would change the cluster."""
     task_id = "00000000-0000-0000-0000-000000000000"
-    stats = names.CACHE_STATS
+    stats = cache_names.CACHE_STATS
     return {
         r"/api/worker/shutdown/(.+)": f"/api/worker/shutdown/{node}",
         r"/api/worker/pool/restart/(.+)": f"/api/worker/pool/restart/{node}",
@@ -282,13 +283,13 @@ def test_read_only_flower_refuses_control_and_still_runs_tasks(
         # them (Flower answers with CORS * here); following a link to Flower still works.
         fetch = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"}
         cross_site = {
-            "async-apply": http("POST", f"{base}/api/task/async-apply/{names.CACHE_STATS}",
+            "async-apply": http("POST", f"{base}/api/task/async-apply/{cache_names.CACHE_STATS}",
                                 headers={**fetch, "Content-Type": "application/json"},
                                 body=b"{}")[0],
             "api tasks": http("GET", f"{base}/api/tasks", headers=fetch)[0],
             "tasks table": http("GET", f"{base}/tasks/datatable?draw=1&start=0&length=10"
                                 "&order[0][column]=0", headers=fetch)[0],
-            "form post": http("POST", f"{base}/api/task/send-task/{names.CACHE_STATS}",
+            "form post": http("POST", f"{base}/api/task/send-task/{cache_names.CACHE_STATS}",
                               headers={"Sec-Fetch-Site": "cross-site",
                                        "Sec-Fetch-Mode": "navigate"}, body=b"{}")[0],
             "origin only": http("GET", f"{base}/api/workers",
@@ -296,7 +297,7 @@ def test_read_only_flower_refuses_control_and_still_runs_tasks(
         }
         link = http("GET", f"{base}/", headers={"Sec-Fetch-Site": "cross-site",
                                                 "Sec-Fetch-Mode": "navigate"})[0]
-        status, body = http("POST", f"{base}/api/task/async-apply/{names.CACHE_STATS}",
+        status, body = http("POST", f"{base}/api/task/async-apply/{cache_names.CACHE_STATS}",
                             headers={"Content-Type": "application/json"},
                             body=json.dumps({"kwargs": {"window_minutes": 5}}).encode())
         assert status == 200, body

@@ -1,0 +1,77 @@
+"""The cache's settings, ``HMS_TASKS_CACHE_*``: defaults and validation in one place.
+
+Read them with :func:`get` (validated once, cached, reset on Django's ``setting_changed``). A
+wrong value raises :class:`~hms_tasks.errors.ConfigurationError` naming the setting and what it
+allows, never the value (an encryption key is a secret).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from cryptography.fernet import Fernet
+from pydantic import AfterValidator, BeforeValidator, Field
+
+from hms_tasks import conf
+
+__all__ = ["DEFAULT_TTL", "CacheSettings", "get"]
+
+#: Cache TTLs of the product brief, in seconds; HMS_TASKS_CACHE_TTL overrides kinds one by one.
+DEFAULT_TTL: dict[str, int] = {
+    "patient": 3600, "encounter": 1800, "schedule": 900, "census": 300, "default": 600,
+}
+
+Seconds = Annotated[int, Field(ge=1, le=30 * 86400)]
+
+
+def _fernet_key(key: str) -> str:
+    try:
+        Fernet(key)
+    except (ValueError, TypeError):
+        # Never quote the key: it is a secret.
+        raise ValueError("is not a Fernet key (32 url-safe base64-encoded bytes; make one with"
+                         " Fernet.generate_key())") from None
+    return key
+
+
+def _key_list(value: object) -> object:
+    # Settings modules write lists. One string is the likely slip (a key, not a list of keys).
+    if isinstance(value, (str, bytes)):
+        raise ValueError("must be a list of Fernet keys, not one string")
+    return tuple(value) if isinstance(value, list) else value
+
+
+class CacheSettings(conf.Settings):
+    """The ``HMS_TASKS_CACHE_*`` settings: field ``cache_foo`` is ``HMS_TASKS_CACHE_FOO``."""
+
+    merged = ("cache_ttl",)
+
+    #: Alias in ``CACHES`` of the tag-aware cache (a ``TaggedRedisCache``).
+    cache_alias: Annotated[str, Field(min_length=1)] = "hms"
+    #: Seconds a cached payload lives, per kind (kinds not listed: ``default``), from 1 to
+    #: 30 days; merged over :data:`DEFAULT_TTL` kind by kind.
+    cache_ttl: dict[str, Seconds] = Field(default_factory=lambda: dict(DEFAULT_TTL))
+    #: Fernet keys (url-safe base64, 32 bytes) encrypting cached values; the first encrypts,
+    #: all decrypt (rotation). Empty: values are stored in the clear.
+    cache_encryption_keys: Annotated[
+        tuple[Annotated[str, AfterValidator(_fernet_key)], ...],
+        BeforeValidator(_key_list),
+    ] = ()
+    #: How long a read that missed waits for another process already building the same key
+    #: before it reads the database itself (milliseconds).
+    cache_wait_ms: Annotated[int, Field(ge=0, le=10_000)] = 100
+    #: Lease of a key's builder (milliseconds); a fill after it expired is refused.
+    cache_lease_ms: Annotated[int, Field(ge=100, le=600_000)] = 5000
+    #: A key read this often recently (reads decay by half at every ``warm_hot``) is hot:
+    #: re-warmed right after an invalidation.
+    cache_hot_score: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 3.0
+    #: Distinct tags a process buffers while Redis or the broker is down; beyond this it
+    #: invalidates the whole cache once they are back, rather than grow without bound.
+    cache_max_pending_tags: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
+
+    def ttl(self, kind: str) -> int:
+        """Seconds a payload of ``kind`` lives."""
+        return self.cache_ttl.get(kind, self.cache_ttl.get("default", DEFAULT_TTL["default"]))
+
+
+get = conf.section(CacheSettings)
