@@ -135,9 +135,11 @@ class HmsSettings:
     #: A message redelivered more often than this (its worker died each time) is dropped
     #: with outcome ``poisoned`` instead of killing workers forever.
     max_redeliveries: int = 3
-    #: Seconds after which an unacknowledged message goes back to its queue. Must exceed
-    #: every task's hard time limit and every countdown (checked at start-up).
-    visibility_timeout: int = 3600
+    #: Seconds after which an unacknowledged message goes back to its queue: a task whose
+    #: worker was SIGKILLed runs again within this plus the 10 s restore sweep. Must exceed
+    #: every acks_late task's hard time limit (checked at start-up) and, with it, every
+    #: countdown (checked when published).
+    visibility_timeout: int = 150
 
     # -- cache --------------------------------------------------------------------------------
     #: Alias in ``CACHES`` of the tag-aware cache (a ``TaggedRedisCache``).
