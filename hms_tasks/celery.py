@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
 
 import redis
 from celery import Celery, bootsteps
@@ -28,6 +29,8 @@ __all__ = [
     "beat_lag",
     "celery_defaults",
     "load_tasks",
+    "longest_retry_wait",
+    "max_countdown",
     "route",
     "run_startup_checks",
     "startup_problems",
@@ -50,6 +53,11 @@ STARTUP_CHECKS: list[Callable[[], list[str]]] = []
 #: 10th time) add up to 100 s to every redelivery; with these, a message whose worker was
 #: SIGKILLed is back on its queue within the visibility timeout plus 10 s.
 RESTORE_INTERVAL = 10
+
+#: Seconds a countdown or ETA must leave below the visibility timeout besides the task's own
+#: hard time limit: the ack's round trip, and clock skew between the publisher (which turns a
+#: countdown into an absolute ETA) and the workers.
+COUNTDOWN_MARGIN = 10
 
 #: Beat wakes at least this often (seconds): the standby beats' lock poll and the holder's
 #: lock extension. Celery's default of 300 s would let a takeover take over five minutes.
@@ -195,7 +203,83 @@ class _DjangoCeleryConfig(Mapping[str, Any]):
         return len(self._load())
 
 
-app = Celery("hms_tasks", include=TASK_MODULES)
+def max_countdown(name: str, *, time_limit: float | None = None,
+                  celery_app: Celery | None = None) -> float:
+    """The longest countdown (or ETA from now) the hms task ``name`` may be published with.
+
+    A worker takes an ETA message off the queue at once and holds it unacknowledged until the
+    task has run (an acks_late task) or started: it must be acknowledged within the visibility
+    timeout of its delivery, or a live worker's restore sweep hands it out again, over and over
+    (kombu#337). So: countdown + hard time limit (acks_late tasks) + ``COUNTDOWN_MARGIN`` <=
+    visibility timeout. ``time_limit`` is a per-message override of the task's. A task this
+    process has not imported yet is looked up after importing the task modules (as a worker
+    does at start); one that is nowhere counts with the default hard time limit.
+    """
+    celery_app = celery_app or app
+    c = celery_app.conf
+    if name not in celery_app.tasks:
+        load_tasks(celery_app)
+    task = celery_app.tasks.get(name)
+    limit = 0.0
+    if task is None or task.acks_late:
+        limit = float(time_limit or (task.time_limit if task else None)
+                      or c.task_time_limit or 0)
+    return conf.get().visibility_timeout - COUNTDOWN_MARGIN - limit
+
+
+def longest_retry_wait(task: Any) -> float:
+    """The longest countdown Celery's ``autoretry_for`` gives a retry of ``task`` (seconds):
+    the last exponential backoff step (capped at ``retry_backoff_max``; jitter only shortens
+    it), or ``default_retry_delay`` without backoff; 0 for a task that is never retried."""
+    # Celery sets these attributes only on tasks that declare them; its defaults otherwise.
+    backoff = getattr(task, "retry_backoff", False)
+    backoff_max = getattr(task, "retry_backoff_max", 600)
+    if not getattr(task, "autoretry_for", ()) or task.max_retries == 0:
+        return 0.0
+    if not backoff:
+        return float(task.default_retry_delay)
+    factor = int(max(1.0, float(backoff)))
+    if task.max_retries is None:
+        return float(backoff_max)
+    return float(min(backoff_max, factor * 2 ** (task.max_retries - 1)))
+
+
+class HmsCelery(Celery):
+    """Celery, refusing to publish an hms task whose countdown or ETA is longer than
+    :func:`max_countdown` (every publish goes through ``send_task``: ``delay``,
+    ``apply_async``, retries, groups). Such a message would be redelivered while it waits,
+    again and again; a task that must wait longer re-sends itself, as the load-test merge and
+    the memory snapshot do."""
+
+    def send_task(  # type: ignore[override]
+        self,
+        name: str,
+        args: Any = None,
+        kwargs: Any = None,
+        countdown: float | None = None,
+        eta: datetime | str | None = None,
+        **options: Any,
+    ) -> Any:
+        wait = float(countdown or 0)
+        if not countdown and eta:
+            when = datetime.fromisoformat(eta) if isinstance(eta, str) else eta
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=self.timezone)
+            wait = (when - self.now()).total_seconds()
+        if wait > 0 and name.startswith("hms."):
+            cap = max_countdown(name, time_limit=options.get("time_limit"), celery_app=self)
+            if wait > cap:
+                raise ConfigurationError(
+                    f"task {name}: a countdown or ETA may be at most {max(cap, 0):g} s away:"
+                    f" the visibility timeout ({conf.get().visibility_timeout} s,"
+                    " HMS_TASKS_VISIBILITY_TIMEOUT) less the task's hard time limit and a"
+                    f" {COUNTDOWN_MARGIN} s margin; a longer wait is redelivered while it"
+                    " waits. Nothing was sent")
+        # Celery takes an ISO string as well as a datetime (its stubs say datetime only).
+        return super().send_task(name, args, kwargs, countdown, cast(Any, eta), **options)
+
+
+app = HmsCelery("hms_tasks", include=TASK_MODULES)
 app.config_from_object(_DjangoCeleryConfig())
 
 
@@ -242,6 +326,13 @@ def startup_problems(celery_app: Celery) -> list[str]:
             problems.append(
                 f"task {name}: hard time limit {limit} s must be below the visibility timeout"
                 f" ({vt} s, HMS_TASKS_VISIBILITY_TIMEOUT), or a running task is redelivered"
+            )
+        elif name.startswith("hms.") and longest_retry_wait(task) > max_countdown(
+                name, celery_app=celery_app):
+            problems.append(
+                f"task {name}: its retries wait up to {longest_retry_wait(task):g} s, longer"
+                " than its hard time limit leaves below the visibility timeout"
+                f" ({vt} s, HMS_TASKS_VISIBILITY_TIMEOUT): lower retry_backoff_max"
             )
     return problems
 

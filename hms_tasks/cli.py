@@ -145,7 +145,7 @@ def dispatch(
 ) -> None:
     """Run TASK now (or after --countdown), with arguments checked before anything is sent."""
     setup()
-    from hms_tasks import conf, tls
+    from hms_tasks import tls
     from hms_tasks.celery import app
     from hms_tasks.errors import ConfigurationError, InvalidArguments
 
@@ -169,9 +169,12 @@ def dispatch(
         if queue not in known:
             fail(f"--queue: unknown queue {queue!r}; allowed: {', '.join(known)}")
     if countdown is not None:
-        vt = conf.get().visibility_timeout
-        if not 0 <= countdown < vt:
-            fail(f"--countdown: must be from 0 to below the visibility timeout ({vt} s)")
+        from hms_tasks.celery import max_countdown
+
+        cap = max_countdown(task_name)
+        if not 0 <= countdown <= cap:
+            fail(f"--countdown: must be from 0 to below the visibility timeout less {task_name}'s"
+                 f" hard time limit and a 10 s margin (at most {max(cap, 0):g} s)")
     if not 0 < timeout <= MAX_WAIT:
         fail(f"--timeout: must be a number of seconds above 0 and at most {MAX_WAIT}")
     options: dict[str, Any] = {}

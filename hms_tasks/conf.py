@@ -140,9 +140,11 @@ class CoreSettings(Settings):
     #: A message redelivered more often than this (its worker died each time) is dropped
     #: with outcome ``poisoned`` instead of killing workers forever.
     max_redeliveries: Annotated[int, Field(ge=0, le=100)] = 3
-    #: Seconds after which an unacknowledged message goes back to its queue. Must exceed
-    #: every task's hard time limit and every countdown (checked at start-up).
-    visibility_timeout: Annotated[int, Field(ge=60, le=7 * 86400)] = 3600
+    #: Seconds after which an unacknowledged message goes back to its queue: a task whose
+    #: worker was SIGKILLed runs again within this plus the 10 s restore sweep. Must exceed
+    #: every acks_late task's hard time limit with its longest retry wait; countdowns beyond
+    #: it less the task's limit are refused when published (start-up checks, HmsCelery).
+    visibility_timeout: Annotated[int, Field(ge=60, le=7 * 86400)] = 150
 
     @field_validator("redis_url")
     @classmethod

@@ -23,7 +23,7 @@ from django.test import override_settings
 
 from hms_tasks import capabilities, store
 from hms_tasks.errors import ConfigurationError, InvalidArguments
-from hms_tasks.loadtest import keys, orchestrate, report, settings, spec, stats, text
+from hms_tasks.loadtest import keys, names, orchestrate, report, settings, spec, stats, text
 from hms_tasks.loadtest.stats import EndpointStats, RunData
 from tests.helpers import wait_for
 
@@ -560,3 +560,52 @@ def test_no_hms_tasks_module_imports_locust_or_gevent() -> None:
     assert out.stdout.strip() == "[]"
     # Nor this test process (the suite imports hms_tasks modules and Locust's pytest plugin).
     assert not {"locust", "gevent"} & set(sys.modules)
+
+
+def _queued(queue: str) -> list[dict[str, Any]]:
+    """The headers of the messages waiting in ``queue`` (kombu's Redis list)."""
+    return [json.loads(raw)["headers"] for raw in store.client().lrange(queue, 0, -1)]
+
+
+def test_the_final_merge_waits_for_the_deadline_in_hops_below_the_visibility_timeout(
+        scenarios: Path) -> None:
+    from datetime import datetime
+
+    from hms_tasks.celery import max_countdown
+
+    _stored_run("hops-1", "hops")
+    now = time.time()
+    deadline = now + 1860  # the longest run: 30 s start delay, 1,800 s, 30 s grace
+    store.client().hset(keys.run_key("hops-1"), mapping={"done": 0, "deadline": deadline})
+    store.client().delete(keys.shard_key("hops-1", 0))
+    queue = capabilities.queue("loadtest")
+    hop = max_countdown(names.MERGE)
+    assert 0 < hop <= 20  # 150 s visibility timeout - 120 s hard limit - 10 s margin
+
+    # Before the deadline the merge merges nothing and sends itself again, due within one hop.
+    result = orchestrate.merge_or_wait("hops-1", now=now)
+    assert "shards still running" in result["skipped"]
+    [sent] = _queued(queue)
+    assert sent["id"] == "hops-1-merge-final"
+    wait = datetime.fromisoformat(sent["eta"]).timestamp() - now
+    assert hop - 1 <= wait <= hop + 1
+    assert keys.report("hops-1") is None
+
+    # At the deadline it merges (the shard that never reported is lost) and sends nothing.
+    store.client().delete(queue)
+    result = orchestrate.merge_or_wait("hops-1", now=deadline + orchestrate.FINAL_MERGE_DELAY)
+    assert result["status"] == "failed"
+    assert keys.report("hops-1")["shards"][0]["state"] == "lost"
+    assert _queued(queue) == []
+
+
+def test_the_last_hop_waits_only_what_is_left(scenarios: Path) -> None:
+    from datetime import datetime
+
+    _stored_run("hops-2", "hops")
+    now = time.time()
+    store.client().hset(keys.run_key("hops-2"), mapping={"done": 0, "deadline": now + 3})
+    orchestrate.merge_or_wait("hops-2", now=now)
+    [sent] = _queued(capabilities.queue("loadtest"))
+    wait = datetime.fromisoformat(sent["eta"]).timestamp() - now
+    assert 3 + orchestrate.FINAL_MERGE_DELAY - 1 <= wait <= 3 + orchestrate.FINAL_MERGE_DELAY + 1

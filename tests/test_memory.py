@@ -206,3 +206,56 @@ def test_sweep_outside_a_pool_measures_this_process() -> None:
     rows, total = sweeping.nudge_siblings(only_over_tier=True)
     assert [r["pid"] for r in rows] == [os.getpid()]
     assert total == tiers.budget().total  # type: ignore[union-attr]
+
+
+def test_a_long_snapshot_window_is_waited_out_in_hops_below_the_visibility_timeout() -> None:
+    """A 10-minute window: the finish phase goes out with the longest countdown allowed and,
+    arriving early, sends itself again; once due, it compares."""
+    import base64
+    import json
+    import time
+    from datetime import datetime
+
+    from celery.utils.nodenames import worker_direct
+
+    from hms_tasks import nodes, store
+    from hms_tasks.celery import max_countdown
+    from hms_tasks.memory.tasks import snapshot as snapshot_task
+
+    node = nodes.current()  # this process: the task runs here without forwarding itself
+    queue = worker_direct(node).name
+    hop = max_countdown(memory_names.MEMORY_SNAPSHOT)
+    assert 0 < hop < 600
+
+    def finish_messages() -> list[tuple[dict[str, Any], float]]:
+        out = []
+        for raw in store.client().lrange(queue, 0, -1):
+            msg = json.loads(raw)
+            wait = datetime.fromisoformat(msg["headers"]["eta"]).timestamp() - time.time()
+            _, kwargs, _ = json.loads(base64.b64decode(msg["body"]))  # [args, kwargs, embed]
+            out.append((kwargs, wait))
+        store.client().delete(queue)
+        return out
+
+    started = snapshot_task.run(node=node, seconds=600)
+    [(kwargs, wait)] = finish_messages()
+    assert (kwargs["phase"], kwargs["snapshot_id"]) == ("finish", started["id"])
+    assert hop - 2 <= wait <= hop
+
+    # The finish phase, early: it sends itself again and compares nothing yet.
+    early = snapshot_task.run(node=node, seconds=600, phase="finish",
+                              snapshot_id=started["id"])
+    assert early["processes_asked"] == 0
+    assert early["finish_in_s"] > 600 - hop - 5
+    [(kwargs, wait)] = finish_messages()
+    assert kwargs["snapshot_id"] == started["id"]
+    assert hop - 2 <= wait <= hop
+
+    # Once due (announced as over), it compares and sends nothing more.
+    snapshot.announce(started["id"], node=node, seconds=600, now=time.time() - 600)
+    done = snapshot_task.run(node=node, seconds=600, phase="finish", snapshot_id=started["id"])
+    assert "finish_in_s" not in done
+    assert done["phase"] == "finish"
+    assert finish_messages() == []
+    directive = json.loads(store.client().get(store.key("memory", "trace", node)))
+    assert directive["phase"] == "finish"

@@ -35,7 +35,14 @@ from hms_tasks.params import checked_by
 
 __all__ = ["cache", "fanout_changes", "invalidate_tags", "stats", "warm_hot", "warm_patients"]
 
-cache = Capability(name="cache", soft_time_limit=240, time_limit=300,
+# Limits below the 150 s visibility timeout (a start-up check), far above the work: no task
+# warms more than 10,000 ids of a kind at once (warm_patients splits into chunks of 1,000; the
+# hot set's patients go out as chunks), about 1 s at the benchmarked 12,500-20,000 payloads/s;
+# a non-patient kind's hot set warms inline, up to the limit of ids (100,000: 5-8 s at those
+# rates); fanout_changes hands over after 20 s and then re-warms what it invalidated; an
+# invalidation unlinks about 500,000 keys/s. A kind whose payload builder is over ten times
+# slower than the demo's must keep its hot set smaller.
+cache = Capability(name="cache", soft_time_limit=100, time_limit=120,
                    autoretry_for=(redis.ConnectionError, redis.TimeoutError))
 
 #: Ids per warm_patients task when a set is split across workers.

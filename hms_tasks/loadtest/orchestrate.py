@@ -6,6 +6,9 @@ How a run goes::
       (any loadtest worker)   writes the run record (start_at = now + START_DELAY), publishes
                               one hms.loadtest.shard per shard and a final hms.loadtest.merge
                               due at end_at + GRACE + 5 s, and returns: it never waits.
+                              (A countdown may not outlast the visibility timeout: the final
+                              merge waits in hops of at most max_countdown, re-sending itself
+                              until it is due.)
     hms.loadtest.shard x N    each in its own worker process: a Locust subprocess starting at
                               start_at, stopping at end_at, checkpointed to Redis every second
     hms.loadtest.merge        queued by the last shard to finish (or, if a shard never does,
@@ -37,6 +40,7 @@ from hms_tasks.metrics import names as metrics_names
 __all__ = [
     "abort_run",
     "html_path",
+    "merge_or_wait",
     "merge_run",
     "resolve",
     "start_run",
@@ -48,6 +52,10 @@ logger = logging.getLogger(__name__)
 
 #: Seconds after the grace period at which the final merge runs whatever the shards did.
 FINAL_MERGE_DELAY = 5.0
+#: The final merge waits for the run's deadline in hops of at most the countdown the
+#: visibility timeout leaves it (hms_tasks.celery.max_countdown): fewer seconds than this per
+#: hop would be a busy loop, so the start-up check refuses such settings.
+MIN_MERGE_HOP = 5.0
 
 
 def valid_run_id(run_id: str) -> bool:
@@ -136,9 +144,44 @@ def _publish(run_id: str, shard_ids: list[str], *, end_at: float, deadline: floa
         # A shard message nobody took before the run's end is worthless: it expires.
         app.send_task(names.SHARD, kwargs={"run_id": run_id, "index": i},
                       task_id=task_id, expires=max(1.0, end_at - now))
+    _send_final_merge(run_id, due=deadline + FINAL_MERGE_DELAY, now=now)
+
+
+def _send_final_merge(run_id: str, *, due: float, now: float | None = None) -> None:
+    """Publish the run's final merge (task id ``<run>-merge-final``), due at ``due``: with the
+    longest countdown allowed (a merge that arrives early sends itself again; see
+    :func:`merge_or_wait`)."""
+    from hms_tasks.celery import app, max_countdown
+
+    now = time.time() if now is None else now
+    countdown = max(0.0, min(due - now, max_countdown(names.MERGE)))
     app.send_task(names.MERGE, kwargs={"run_id": run_id},
-                  task_id=f"{run_id}-merge-final", ignore_result=True,
-                  countdown=max(0.0, deadline + FINAL_MERGE_DELAY - now))
+                  task_id=f"{run_id}-merge-final", ignore_result=True, countdown=countdown)
+
+
+def merge_hop_problems() -> list[str]:
+    """Start-up check: the final merge's hops are long enough not to be a busy loop."""
+    from hms_tasks.celery import max_countdown
+
+    hop = max_countdown(names.MERGE)
+    if hop >= MIN_MERGE_HOP:
+        return []
+    return [f"task {names.MERGE}: its hard time limit leaves {max(hop, 0):g} s below the"
+            " visibility timeout (HMS_TASKS_VISIBILITY_TIMEOUT) for the final merge to wait"
+            f" in; it needs {MIN_MERGE_HOP:g} s: raise the timeout"]
+
+
+def merge_or_wait(run_id: str, *, now: float | None = None) -> dict[str, Any]:
+    """What ``hms.loadtest.merge`` does: :func:`merge_run`, and when the run is not due yet
+    (shards still running before its deadline), send the final merge again for the rest of
+    the wait. Each hop is a fresh message, so no message waits in a worker past the visibility
+    timeout. A hop re-sent twice (its worker died after sending) makes two chains: harmless,
+    the merge is idempotent."""
+    result = merge_run(run_id, now=now)
+    due = result.get("due_at")
+    if due is not None:
+        _send_final_merge(run_id, due=float(due), now=now)
+    return result
 
 
 def abort_run(run_id: str) -> str:
@@ -242,7 +285,8 @@ def merge_run(run_id: str, *, now: float | None = None) -> dict[str, Any]:
     count = int(rec["shards"])
     if int(rec.get("done", 0)) < count and now < float(rec["deadline"]):
         return {"run_id": run_id, "skipped": "shards still running; the final merge is due"
-                                             " after the deadline"}
+                                             " after the deadline",
+                "due_at": float(rec["deadline"]) + FINAL_MERGE_DELAY}
     if not keys.merge_lock(run_id, secrets.token_hex(8)):
         return {"run_id": run_id, "skipped": "another merge of this run is running"}
     metas = keys.shards(run_id, count)

@@ -18,7 +18,8 @@ from hms_tasks.allowlist import parse_url
 __all__ = ["MAX_DURATION_CAP", "MAX_GRACE", "MAX_START_DELAY", "LoadtestSettings", "get"]
 
 #: The highest HMS_TASKS_LOADTEST_MAX_DURATION may go: the shard task's hard time limit is
-#: derived from these three and must stay below the visibility timeout.
+#: derived from these three (shards are acked at their start, so it is not bound by the
+#: visibility timeout; the run's merge reports a shard whose worker died).
 MAX_DURATION_CAP = 1800
 MAX_GRACE = 60
 MAX_START_DELAY = 30

@@ -12,6 +12,7 @@ their own. ``snapshot`` starts a tracemalloc comparison on one node and schedule
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -36,6 +37,8 @@ HOOKS = hooks
 
 _NODE_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,200}$")
 _ID_RE = tracing.ID_RE
+#: A finish phase this close to its due time (or past it) compares now rather than wait again.
+FINISH_SLACK = 1.0
 
 
 @memory.task(names.MEMORY_SWEEP)
@@ -84,8 +87,10 @@ def snapshot(node: Annotated[str, Field(pattern=_NODE_RE.pattern,
     itself to ``node``'s direct queue; there it writes the trace directive, nudges the
     children (they start tracing after their current task, or at once if idle) and schedules
     its own ``finish`` phase ``seconds`` later, which makes every child compare, store its
-    result and stop tracing. Tracing slows allocations while it runs (about 1.3x with one
-    frame), for at most 10 minutes. Idempotent per ``snapshot_id``. Writes
+    result and stop tracing (a window longer than a countdown may be, about 110 s with the
+    default visibility timeout, is waited out in hops: an early finish re-sends itself).
+    Tracing slows allocations while it runs (about 1.3x with one frame), for at most 10
+    minutes. Idempotent per ``snapshot_id``. Writes
     ``<p>:memory:snapshot:<id>:meta`` (what was asked), ``<p>:memory:trace:<node>`` and, from
     each child, ``<p>:memory:snapshot:<id>``. Returns the id (also when it forwarded itself)
     and how many processes were asked (results: ``hms-tasks memory --snapshot ID``).
@@ -119,12 +124,31 @@ def snapshot(node: Annotated[str, Field(pattern=_NODE_RE.pattern,
                       kwargs={**args, "phase": phase, "snapshot_id": sid},
                       expires=60)
         return {"forwarded_to": node, "phase": phase, "id": sid}
+    finish = {**args, "phase": "finish", "snapshot_id": sid}
     if phase == "start":
         tracing.announce(sid, node=node, seconds=seconds)
+    else:
+        announced = tracing.meta(sid)
+        due = announced["finish_at"] if announced else 0.0
+        if due - time.time() > FINISH_SLACK:
+            _send_finish(node, finish, due=due)
+            return {"id": sid, "node": node, "phase": phase, "processes_asked": 0,
+                    "results": 0, "finish_in_s": round(due - time.time(), 1)}
     asked = sweeping.trace(sid, phase=phase, seconds=seconds, top=top, frames=frames)
     if phase == "start":
-        nodes.send_to(names.MEMORY_SNAPSHOT, node,
-                      kwargs={**args, "phase": "finish", "snapshot_id": sid},
-                      expires=seconds + 300, countdown=seconds)
+        _send_finish(node, finish, due=time.time() + seconds)
     return {"id": sid, "node": node, "phase": phase, "processes_asked": asked,
             "results": len(tracing.results(sid)) if phase == "finish" else 0}
+
+
+def _send_finish(node: str, kwargs: dict[str, Any], *, due: float) -> None:
+    """Publish the finish phase to ``node``'s direct queue, due at ``due``. A countdown may not
+    outlast the visibility timeout (hms_tasks.celery.max_countdown): a later finish goes out
+    at the longest countdown allowed and, arriving early, re-sends itself (the announced
+    ``finish_at`` says when it is due)."""
+    from hms_tasks.celery import max_countdown
+
+    countdown = max(0.0, min(due - time.time(), max_countdown(names.MEMORY_SNAPSHOT)))
+    # expires: a node that went down must not compare a stale window hours later.
+    nodes.send_to(names.MEMORY_SNAPSHOT, node, kwargs=kwargs, expires=countdown + 300,
+                  countdown=countdown)

@@ -137,8 +137,10 @@ def evaluate_alerts() -> dict[str, Any]:
     return {**counts, "webhooks_queued": len(notify) * len(hooks)}
 
 
+# Retries wait 2, 4, 8, 16, 32 and 64 s (less with jitter): a countdown plus the 30 s hard
+# limit must stay below the visibility timeout (checked at start-up), hence the cap of 100 s.
 @metrics.task(names.METRICS_DELIVER_WEBHOOK, autoretry_for=(TransientError,), max_retries=6,
-              retry_backoff=2, retry_backoff_max=120)
+              retry_backoff=2, retry_backoff_max=100)
 def deliver_webhook(webhook: str, event: dict[str, Any]) -> dict[str, Any]:
     """POST one alert notification (``event``: a transition of ``<p>:alerts:events``) as JSON
     to the webhook named ``webhook`` in ``HMS_TASKS_ALERT_WEBHOOKS``.
@@ -146,7 +148,7 @@ def deliver_webhook(webhook: str, event: dict[str, Any]) -> dict[str, Any]:
     When: queued by ``evaluate_alerts``. One request of at most ``HMS_TASKS_WEBHOOK_TIMEOUT``
     seconds; redirects are never followed. A URL the allowlist does not allow is refused
     before any network traffic. Retries connection errors, timeouts, 408, 429 and 5xx with
-    exponential backoff (up to 6 times, 2 minutes apart at most); 4xx and redirects fail at
+    exponential backoff (up to 6 times, 2 to 64 s apart); 4xx and redirects fail at
     once. At-least-once: a receiver may see a notification twice (``id`` and ``at`` identify
     it). Writes nothing. Returns the HTTP status.
     """
