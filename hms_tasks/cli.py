@@ -7,14 +7,13 @@ Exit codes: 0 ok, 1 a task or service failed, 2 bad input (nothing was published
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import click
 
-from hms_tasks.console import BAD_INPUT, fail, fmt_time, setup, table
+from hms_tasks.console import BAD_INPUT, SECONDS, fail, fmt_time, setup, table
 
 __all__ = ["main"]
 
@@ -64,65 +63,10 @@ def hms_tasks_registry() -> dict[str, Any]:
     return {n: t for n, t in app.tasks.items() if n.startswith("hms.")}
 
 
-def build_kwargs(task: Any, pairs: Sequence[str], raw_json: str | None) -> dict[str, Any]:
-    """Arguments from ``--arg k=v`` pairs and a ``--json`` object, coerced by the task's
-    parameter annotations and checked against its signature (raises InvalidArguments)."""
-    from hms_tasks.errors import InvalidArguments
-    from hms_tasks.params import coerce_text
-
-    sig = task.hms_signature
-    params = sig.by_name()
-    kwargs: dict[str, Any] = {}
-    problems: list[str] = []
-    if raw_json is not None:
-        try:
-            loaded = json.loads(raw_json)
-        except ValueError:
-            loaded = None
-        if not isinstance(loaded, dict):
-            problems.append("--json: expected a JSON object of argument names to values")
-        else:
-            kwargs.update(loaded)
-    for pair in pairs:
-        name, sep, text = pair.partition("=")
-        if not sep or not name:
-            problems.append("--arg: expected NAME=VALUE")
-            continue
-        if name in kwargs:
-            problems.append(f"{name}: given twice")
-            continue
-        kwargs[name] = coerce_text(text, params[name].annotation) if name in params else text
-    problems += sig.problems((), kwargs)
-    if problems:
-        raise InvalidArguments(sig.task, problems)
-    return kwargs
-
-
 #: The longest ``dispatch --wait`` (a day): results expire after an hour by default anyway.
 MAX_WAIT = 86_400
 
 
-class _Seconds(click.ParamType[float]):
-    """A finite number of seconds: click's FLOAT takes ``nan`` and ``inf``, which pass every
-    range check written as comparisons (``nan <= 0`` is False) and make no sense as a wait.
-    The error names the option (click adds it) and never echoes the value."""
-
-    name = "seconds"
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> float:
-        if isinstance(value, float) and math.isfinite(value):
-            return value
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if not math.isfinite(number):
-            self.fail("expected a finite number of seconds", param, ctx)
-        return number
-
-
-_SECONDS = _Seconds()
 
 
 @cli.command()
@@ -130,9 +74,9 @@ _SECONDS = _Seconds()
 @click.option("--arg", "pairs", multiple=True, metavar="NAME=VALUE", help="A task argument.")
 @click.option("--json", "raw_json", metavar="OBJECT", help="Task arguments as a JSON object.")
 @click.option("--queue", help="Publish to this queue instead of the task's own.")
-@click.option("--countdown", type=_SECONDS, help="Run no sooner than this many seconds from now.")
+@click.option("--countdown", type=SECONDS, help="Run no sooner than this many seconds from now.")
 @click.option("--wait", is_flag=True, help="Wait for the result and print its summary.")
-@click.option("--timeout", type=_SECONDS, default=60.0, show_default=True,
+@click.option("--timeout", type=SECONDS, default=60.0, show_default=True,
               help="With --wait: give up after this many seconds.")
 def dispatch(
     task_name: str,
@@ -148,6 +92,7 @@ def dispatch(
     from hms_tasks import tls
     from hms_tasks.celery import app
     from hms_tasks.errors import ConfigurationError, InvalidArguments
+    from hms_tasks.params import call_arguments
 
     # Publishing connects to the broker: not over a rediss:// URL that skips verification.
     try:
@@ -161,7 +106,7 @@ def dispatch(
         fail(f"unknown task {task_name!r}; known tasks:\n  " + "\n  ".join(sorted(tasks)))
     task = tasks[task_name]
     try:
-        kwargs = build_kwargs(task, pairs, raw_json)
+        kwargs = call_arguments(task, pairs, raw_json)
     except InvalidArguments as exc:
         fail("\n  ".join([f"invalid arguments for {task_name}:", *exc.problems]))
     if queue is not None:

@@ -7,13 +7,14 @@ published or written). Capabilities' ``cli.py`` modules import these, never ``hm
 
 from __future__ import annotations
 
+import math
 import sys
 import time
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
-__all__ = ["BAD_INPUT", "fail", "fmt_time", "setup", "table"]
+__all__ = ["BAD_INPUT", "SECONDS", "fail", "fmt_time", "setup", "table"]
 
 BAD_INPUT = 2
 
@@ -45,3 +46,27 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))
              for r in [header, *rows]]
     return "\n".join(line.rstrip() for line in lines)
+
+
+class _Seconds(click.ParamType[float]):
+    """A finite number of seconds: click's FLOAT takes ``nan`` and ``inf``, which pass every
+    range check written as comparisons (``nan <= 0`` is False) and make no sense as a wait.
+    The error names the option (click adds it) and never echoes the value."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            self.fail("expected a finite number of seconds", param, ctx)
+        return number
+
+
+#: A finite number of seconds (``--timeout``, ``--countdown``).
+SECONDS = _Seconds()

@@ -38,6 +38,7 @@ from hms_tasks.errors import InvalidArguments
 __all__ = [
     "Param",
     "Signature",
+    "call_arguments",
     "checked_by",
     "coerce_text",
     "describe",
@@ -353,3 +354,34 @@ def coerce_text(text: str, tp: Any) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def call_arguments(task: Any, pairs: Sequence[str], raw_json: str | None) -> dict[str, Any]:
+    """Arguments from ``--arg k=v`` pairs and a ``--json`` object, coerced by the task's
+    parameter annotations and checked against its signature (raises InvalidArguments)."""
+    sig = task.hms_signature
+    params = sig.by_name()
+    kwargs: dict[str, Any] = {}
+    problems: list[str] = []
+    if raw_json is not None:
+        try:
+            loaded = json.loads(raw_json)
+        except ValueError:
+            loaded = None
+        if not isinstance(loaded, dict):
+            problems.append("--json: expected a JSON object of argument names to values")
+        else:
+            kwargs.update(loaded)
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            problems.append("--arg: expected NAME=VALUE")
+            continue
+        if name in kwargs:
+            problems.append(f"{name}: given twice")
+            continue
+        kwargs[name] = coerce_text(text, params[name].annotation) if name in params else text
+    problems += sig.problems((), kwargs)
+    if problems:
+        raise InvalidArguments(sig.task, problems)
+    return kwargs

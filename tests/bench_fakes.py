@@ -10,7 +10,8 @@ from bench.common import Row, django_on, private_redis
 def uses_redis() -> list[Row]:
     """Publish a task through the Celery app bound to a private Redis, as a real part does,
     then stop that Redis (the next part must not talk to it)."""
-    from hms_tasks import names, store
+    from hms_tasks import store
+    from hms_tasks.metrics import names
 
     with private_redis() as url:
         app = django_on(url)
