@@ -31,7 +31,7 @@ from django.test import override_settings
 
 from hms_tasks import capabilities, store
 from hms_tasks.errors import InvalidArguments, LoadTestRefused
-from hms_tasks.loadtest import keys, names, stats
+from hms_tasks.loadtest import containment, keys, names, stats
 from tests.helpers import RedisServer, free_port, stop, wait_for
 from tests.test_loadtest_unit import parse_html
 
@@ -533,6 +533,9 @@ def test_a_shard_never_connects_anywhere_but_its_target(stack: Stack, celery_app
     # The decoy never saw a connection; the target did.
     assert stack.decoy.connections == before
     assert stack.redirector.connections > target_before
+    # Where this machine allows namespaces (root here), each runner had its own.
+    contained = containment.namespace_command()[0] is not None
+    assert [s["contained"] for s in doc["shards"]] == [contained, contained]
 
 
 def test_refused_runs_start_nothing(stack: Stack, celery_app: Any) -> None:

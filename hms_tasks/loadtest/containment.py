@@ -264,7 +264,14 @@ class _Pipe(asyncio.Protocol):
 class Forwarder:
     """The shard's side of a contained runner: receives the runner's listening sockets over
     ``channel`` and relays every connection made to them to the same address and port in this
-    namespace (see the module doc). One daemon thread; :meth:`close` stops it."""
+    namespace (see the module doc). One daemon thread; :meth:`close` stops it.
+
+    Cost, measured with plain Locust (20 FastHttpUsers, a 2-byte answer on loopback) through
+    this forwarder: about 15.5 us of CPU per request (4.5 us user, 11 us system: most of it
+    the kernel's second loopback TCP hop). Blocking sockets with two threads per connection,
+    tried instead, cost 18 to 23 us (more system time in thread wake-ups) and a thread pair
+    per Locust connection.
+    """
 
     channel: socket.socket
     #: Connections relayed so far, and upstream connects that failed.

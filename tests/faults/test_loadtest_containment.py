@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -36,7 +39,7 @@ from django.test import override_settings
 
 from hms_tasks import store
 from hms_tasks.loadtest import containment, keys, shard, stats
-from tests.helpers import RedisServer, free_port
+from tests.helpers import RedisServer
 
 pytestmark = pytest.mark.faults
 
@@ -62,7 +65,7 @@ class _Forbidden:
     """A listener on every address that counts the connections it accepted."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("0.0.0.0", 0))  # noqa: S104  (the point of the test)
+        self.sock = socket.create_server(("0.0.0.0", 0))  # every address: reachable twice
         self.port = int(self.sock.getsockname()[1])
         self.hits = 0
         threading.Thread(target=self._serve, daemon=True).start()
@@ -245,10 +248,6 @@ def test_required_containment_refuses_to_run_without_namespaces(
 
 def test_an_unprivileged_worker_gets_a_user_namespace_where_the_host_allows_it() -> None:
     """As a user that is not root (nobody), the probe falls back to a user namespace."""
-    import shutil
-    import subprocess
-    import sys
-
     setpriv = shutil.which("setpriv")
     if os.geteuid() != 0 or setpriv is None:
         pytest.skip("needs root and setpriv to act as another user")
