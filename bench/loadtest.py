@@ -6,6 +6,11 @@ from one shard to two, and the cost of merging a big run.
   and users, alternated in the same run, both against a fast loopback endpoint (an asyncio
   server in its own process answering a fixed 2-byte body). Requests per second as each side
   reports them (requests / load window). Target: ratio >= 0.95.
+- **Containment**: the same shard with its runner in a network namespace, reaching the target
+  through the shard's forwarder (``HMS_TASKS_LOADTEST_CONTAINMENT`` "required"), against the
+  Python-level guard alone ("off"): a worker of each kind in turn, alternated in each round.
+  The capacity row uses the contained shard. The shard's process (the forwarder's thread, the
+  checkpoints) counts as generator CPU on both sides.
 - **Scaling**: the same users as 1 shard and as 2 shards against the same endpoint, with the
   CPU each process used, to say which side saturates (on this 2-core machine the target and
   the generators share the cores).
@@ -205,7 +210,16 @@ def _measure(*, port: int, server: int, load_start: float, load_end: float,
             "generator_cpu": [cpu.used.get(p, 0.0) / span for p in cpu.procs if p != server]}
 
 
-def _ours(app: Any, *, users: int, shards: int, port: int, server: int) -> dict[str, Any]:
+def _pool_pids(worker: int) -> list[int]:
+    """The worker's pool processes (where the shard and its forwarder run)."""
+    try:
+        return [c.pid for c in psutil.Process(worker).children()]
+    except psutil.Error:
+        return []
+
+
+def _ours(app: Any, *, users: int, shards: int, port: int, server: int,
+          worker: int) -> dict[str, Any]:
     from hms_tasks.loadtest import keys, names
 
     result = app.send_task(names.RUN, kwargs={"test": {
@@ -213,7 +227,8 @@ def _ours(app: Any, *, users: int, shards: int, port: int, server: int) -> dict[
         "users": users, "spawn_rate": users, "duration": DURATION, "shards": shards}})
     summary = result.get(timeout=60)
     m = _measure(port=port, server=server, load_start=summary["start_at"],
-                 load_end=summary["end_at"], generators=_runner_pids)
+                 load_end=summary["end_at"],
+                 generators=lambda: _runner_pids() + _pool_pids(worker))
     doc = None
     deadline = time.time() + 120
     while doc is None and time.time() < deadline:
@@ -223,6 +238,7 @@ def _ours(app: Any, *, users: int, shards: int, port: int, server: int) -> dict[
     assert doc["verdict"]["status"] == "passed", doc["verdict"]
     assert doc["total"]["failures"] == 0
     m["reported_rps"] = doc["total"]["rps"]
+    m["contained"] = [s["contained"] for s in doc["shards"]]
     return m
 
 
@@ -329,8 +345,9 @@ def run() -> list[Row]:
             "HMS_TASKS_LOADTEST_START_DELAY": 3.0, "HMS_TASKS_LOADTEST_GRACE": 10,
         }
         (home / "bench_loadtest_settings.py").write_text(
-            "from hms_tasks.demo.settings import *  # noqa: F403\n"
-            + "".join(f"{k} = {v!r}\n" for k, v in settings.items()))
+            "import os\nfrom hms_tasks.demo.settings import *  # noqa: F403\n"
+            + "".join(f"{k} = {v!r}\n" for k, v in settings.items())
+            + "HMS_TASKS_LOADTEST_CONTAINMENT = os.environ['BENCH_LOADTEST_CONTAINMENT']\n")
         os.environ["REDIS_URL"] = url
         env = {**os.environ, "REDIS_URL": url, "HMS_TASKS_HOME": str(home),
                "DJANGO_SETTINGS_MODULE": "bench_loadtest_settings",
@@ -347,38 +364,61 @@ def run() -> list[Row]:
             conf.reset()
             store.reset()
             app.conf.update(broker_url=url, result_backend=url)
-            with _worker(env, home):
-                wait_until(lambda: bool(app.control.ping(destination=[NODE], timeout=0.5)),
-                           90, "the loadtest worker")
-                ours_rps: list[float] = []
-                base_rps: list[float] = []
-                ours_m: list[dict[str, Any]] = []
-                base_m: list[dict[str, Any]] = []
-                for _ in range(ROUNDS):
-                    m = _ours(app, users=USERS, shards=1, port=port, server=server.pid)
-                    ours_m.append(m)
-                    ours_rps.append(m["rps"])
-                    b = _baseline(users=USERS, port=port, locustfile=locustfile,
-                                  server=server.pid)
-                    base_m.append(b)
-                    base_rps.append(b["rps"])
-                two = _ours(app, users=USERS, shards=2, port=port, server=server.pid)
+            ours_rps: list[float] = []
+            base_rps: list[float] = []
+            off_rps: list[float] = []
+            ours_m: list[dict[str, Any]] = []
+            base_m: list[dict[str, Any]] = []
+            off_m: list[dict[str, Any]] = []
+
+            def shard(mode: str, shards: int = 1) -> dict[str, Any]:
+                with _worker({**env, "BENCH_LOADTEST_CONTAINMENT": mode}, home) as worker:
+                    wait_until(lambda: bool(app.control.ping(destination=[NODE], timeout=0.5)),
+                               90, "the loadtest worker")
+                    m = _ours(app, users=USERS, shards=shards, port=port, server=server.pid,
+                              worker=worker.pid)
+                assert all(m["contained"]) == (mode == "required"), m["contained"]
+                return m
+
+            for _ in range(ROUNDS):
+                m = shard("required")
+                ours_m.append(m)
+                ours_rps.append(m["rps"])
+                m = shard("off")
+                off_m.append(m)
+                off_rps.append(m["rps"])
+                b = _baseline(users=USERS, port=port, locustfile=locustfile,
+                              server=server.pid)
+                base_m.append(b)
+                base_rps.append(b["rps"])
+            two = shard("required", shards=2)
             merge_s = _merge_cost(app)
-    o, b = statistics.mean(ours_rps), statistics.mean(base_rps)
+    o, b, f = (statistics.mean(ours_rps), statistics.mean(base_rps),
+               statistics.mean(off_rps))
     one = statistics.mean(m["rps"] for m in ours_m)
-    print("capacity rounds (target-side req/s): ours", [round(x) for x in ours_rps],
-          "baseline", [round(x) for x in base_rps], "; as reported: ours",
-          [round(m["reported_rps"]) for m in ours_m], "baseline",
-          [round(m["reported_rps"]) for m in base_m], "; requests per generator CPU-second:"
-          " ours", [round(m["rps"] / max(sum(m["generator_cpu"]), 1e-9)) for m in ours_m],
-          "baseline", [round(m["rps"] / max(sum(m["generator_cpu"]), 1e-9)) for m in base_m],
+    def per_cpu(ms: list[dict[str, Any]]) -> list[int]:
+        return [round(m["rps"] / max(sum(m["generator_cpu"]), 1e-9)) for m in ms]
+
+    print("capacity rounds (target-side req/s): contained", [round(x) for x in ours_rps],
+          "uncontained", [round(x) for x in off_rps], "baseline",
+          [round(x) for x in base_rps], "; as reported: contained",
+          [round(m["reported_rps"]) for m in ours_m], "uncontained",
+          [round(m["reported_rps"]) for m in off_m], "baseline",
+          [round(m["reported_rps"]) for m in base_m], "; requests per generator CPU-second"
+          " (runner + shard process): contained", per_cpu(ours_m), "uncontained",
+          per_cpu(off_m), "baseline", per_cpu(base_m), "; saturation: contained",
+          [_saturation(m) for m in ours_m], "uncontained", [_saturation(m) for m in off_m],
           file=sys.stderr)
     return [
-        Row(what=f"generator capacity: 1 shard vs `locust --headless`, same locustfile, {USERS}"
-                 f" users, {DURATION} s runs, req/s the target answered after a {WARMUP:g} s"
-                 f" warm-up, mean of {ROUNDS} alternated ({_saturation(ours_m[-1])};"
-                 f" baseline: {_saturation(base_m[-1])})",
+        Row(what=f"generator capacity: 1 contained shard vs `locust --headless`, same"
+                 f" locustfile, {USERS} users, {DURATION} s runs, req/s the target answered"
+                 f" after a {WARMUP:g} s warm-up, mean of {ROUNDS} alternated"
+                 f" ({_saturation(ours_m[-1])}; baseline: {_saturation(base_m[-1])})",
             ours=o, baseline=b, unit="req/s", target=">= 0.95", ratio=o / b, ok=o / b >= 0.95),
+        Row(what=f"containment: 1 shard in a network namespace through its forwarder vs the"
+                 f" same shard with the Python-level guard only, mean of {ROUNDS} alternated"
+                 f" ({_saturation(ours_m[-1])}; uncontained: {_saturation(off_m[-1])})",
+            ours=o, baseline=f, unit="req/s", target="report", ratio=o / f, ok=None),
         Row(what=f"scaling: the same {USERS} users as 2 shards vs 1 shard (2 shards:"
                  f" {_saturation(two)})",
             ours=two["rps"], baseline=one, unit="req/s", target="report",

@@ -31,7 +31,7 @@ from django.test import override_settings
 
 from hms_tasks import capabilities, store
 from hms_tasks.errors import InvalidArguments, LoadTestRefused
-from hms_tasks.loadtest import keys, names, stats
+from hms_tasks.loadtest import containment, keys, names, stats
 from tests.helpers import RedisServer, free_port, stop, wait_for
 from tests.test_loadtest_unit import parse_html
 
@@ -235,6 +235,13 @@ def _runner_pids(run_id: str, count: int) -> list[int]:
     return wait_for(running, timeout=30, what="every shard to be generating load")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # gone between two looks, too
+        return False
+
+
 def _raw_samples(stack: Stack, run_id: str) -> list[tuple[str, float]]:
     out = []
     for path in sorted((stack.reports / run_id).glob("shard-*.raw")):
@@ -413,8 +420,7 @@ def test_abort_stops_every_shard_and_keeps_partial_results(stack: Stack,
     assert result.exit_code == 0
     assert "abort requested" in result.output
     # Every shard's load generator is gone within 5 s.
-    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                             for p in pids), timeout=5, what="every runner to stop")
+    wait_for(lambda: not any(_alive(p) for p in pids), timeout=5, what="every runner to stop")
     doc = _report(run_id, timeout=30)
     assert doc["verdict"]["status"] == "aborted"
     assert [s["state"] for s in doc["shards"]] == ["aborted", "aborted"]
@@ -501,9 +507,7 @@ def test_a_run_stays_bounded_when_a_shards_worker_process_dies(stack: Stack,
     supervisor = psutil.Process(pids[1]).ppid()
     assert supervisor != stack.worker.pid  # a pool child, not the worker itself
     os.kill(supervisor, signal.SIGKILL)
-    wait_for(lambda: not psutil.pid_exists(pids[1])
-             or psutil.Process(pids[1]).status() == "zombie", timeout=5,
-             what="the orphaned runner to stop")
+    wait_for(lambda: not _alive(pids[1]), timeout=5, what="the orphaned runner to stop")
     doc = _report(run_id, timeout=60)
     assert doc["verdict"]["status"] == "failed"
     lost = doc["shards"][1]
@@ -533,6 +537,9 @@ def test_a_shard_never_connects_anywhere_but_its_target(stack: Stack, celery_app
     # The decoy never saw a connection; the target did.
     assert stack.decoy.connections == before
     assert stack.redirector.connections > target_before
+    # Where this machine allows namespaces (root here), each runner had its own.
+    contained = containment.namespace_command()[0] is not None
+    assert [s["contained"] for s in doc["shards"]] == [contained, contained]
 
 
 def test_refused_runs_start_nothing(stack: Stack, celery_app: Any) -> None:

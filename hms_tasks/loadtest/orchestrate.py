@@ -209,7 +209,7 @@ def status(run_id: str, *, now: float | None = None) -> dict[str, Any] | None:
             "requests": int(sh.get("requests") or progress.get("requests", 0)),
             "failures": int(sh.get("failures") or progress.get("failures", 0)),
             "rps": 0 if final else int(progress.get("rps", 0)),
-            "reason": sh.get("reason")}
+            "reason": sh.get("reason"), "contained": _contained(sh)}
         rows.append(row)
         for k in ("rps", "requests", "failures"):
             totals[k] += row[k]
@@ -230,13 +230,19 @@ def html_path(run_id: str) -> Path:
     return Path(settings.get().loadtest_reports_dir) / f"{run_id}.html"
 
 
+def _contained(meta: dict[str, str]) -> bool | None:
+    """Whether the shard's runner ran in a network namespace (None: not known, it never
+    started; see hms_tasks.loadtest.containment)."""
+    return {"1": True, "0": False}.get(meta.get("contained", ""))
+
+
 def _shard_data(run_id: str, index: int, meta: dict[str, str]) -> tuple[stats.RunData,
                                                                          dict[str, Any]]:
     state = meta.get("state")
     row: dict[str, Any] = {"index": index, "node": meta.get("node"), "state": state,
                            "users": int(meta.get("users", 0) or 0),
                            "reason": meta.get("reason"), "check": None,
-                           "locust": meta.get("locust")}
+                           "locust": meta.get("locust"), "contained": _contained(meta)}
     if meta.get("result"):
         doc = json.loads(meta["result"])
         data = stats.RunData.from_json(doc)

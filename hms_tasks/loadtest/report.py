@@ -240,10 +240,13 @@ def render_html(doc: Mapping[str, Any]) -> str:
     errors = (_table(["endpoint", "error", "count"], [[e(x["endpoint"]), e(x["error"]),
                                                        _fmt(x["count"])] for x in doc["errors"]])
               if doc["errors"] else '<p class="muted">none</p>')
-    shards = _table(["shard", "node", "state", "users", "requests", "failures", "reason"], [
+    contained = {True: "namespace", False: "Python guard only", None: "-"}
+    shards = _table(["shard", "node", "state", "users", "requests", "failures", "contained",
+                     "reason"], [
         [str(s["index"]), e(str(s.get("node") or "-")), e(str(s.get("state") or "-")),
          _fmt(s.get("users")), _fmt(s.get("requests")), _fmt(s.get("failures")),
-         e(str(s.get("reason") or "-"))] for s in doc["shards"]])
+         contained[s.get("contained")], e(str(s.get("reason") or "-"))]
+        for s in doc["shards"]])
     env_html = _table(["", ""], [[e(k.replace("_", " ")), e(_plain(v))]
                                  for k, v in doc["environment"].items()])
     timeline = doc["timeline"]

@@ -21,14 +21,21 @@ the buckets of every shard gives exactly the percentiles one Locust process woul
 the same requests. ``final`` repeats Locust's own cumulative counters, so the shard can check
 its sum of ticks against them.
 
-Safety: only the target may be contacted. After Locust is imported, every socket ``connect``
-of the process (gevent's socket class: FastHttpUser, HttpUser, raw sockets) is checked against
-the target's resolved addresses and port, and anything else (another host, another port, a
-redirect elsewhere, a Unix socket) fails with ``ConnectionRefusedError`` before a packet is
-sent; such attempts are counted (``b``). The run is bounded on its own: at ``end_at`` the users
-stop (in-flight requests finish within ``stop_timeout``), at ``hard_deadline`` the process exits
-whatever happens, and it stops when its parent (the shard) is gone. SIGTERM stops the load at
-once and still writes the final line (an abort keeps partial results).
+Safety: only the target may be contacted. Where the host allows it, the shard starts this
+module in a network namespace of its own, set up by :mod:`hms_tasks.loadtest.containment`
+(which then runs this module in the same process): nothing but the target's address and port
+leads out of it, whatever code connects. In every case, after Locust is imported, every socket
+``connect`` made through Python's socket class (gevent's: FastHttpUser, HttpUser, ``socket``
+in a locustfile) is checked against the target's resolved addresses and port, and anything
+else (another host, another port, a redirect elsewhere, a Unix socket) fails with
+``ConnectionRefusedError`` before a packet is sent; such attempts are counted (``b``). That
+guard is Python-level only: ``_socket`` or a C extension opens sockets beneath it, and only
+the namespace stops those.
+
+The run is bounded on its own: at ``end_at`` the users stop (in-flight requests finish within
+``stop_timeout``), at ``hard_deadline`` the process exits whatever happens, and it stops when
+its parent (the shard) is gone. SIGTERM stops the load at once and still writes the final line
+(an abort keeps partial results).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import PurePath
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 
@@ -90,6 +90,11 @@ class LoadtestSettings(conf.Settings):
     #: Keep every request's raw response time in <reports dir>/<run id>/shard-<i>.raw (audits
     #: and tests; large).
     loadtest_keep_raw: bool = False
+    #: OS-level containment of each shard's runner (a user locustfile is code): "auto" runs it
+    #: in its own network namespace where this host allows it (root, or unprivileged user
+    #: namespaces) and warns where not; "required" fails a shard that cannot be contained;
+    #: "off" relies on the runner's Python-level connect guard only. See docs/loadtest.md.
+    loadtest_containment: Literal["auto", "required", "off"] = "auto"
 
     @field_validator("loadtest_tests")
     @classmethod

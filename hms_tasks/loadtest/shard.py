@@ -28,18 +28,20 @@ import logging
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hms_tasks
 from hms_tasks import nodes
 from hms_tasks.errors import ConfigurationError, InvalidArguments
-from hms_tasks.loadtest import keys, names, settings, spec
+from hms_tasks.loadtest import containment, keys, names, settings, spec
 from hms_tasks.loadtest.stats import RunData
 
 __all__ = ["run_shard", "runner_env"]
@@ -120,14 +122,49 @@ def run_shard(run_id: str, index: int, *,
         "start_at": start_at, "end_at": end_at, "hard_deadline": deadline,
         "stop_timeout": min(10.0, settings.get().loadtest_grace / 2), "raw_path": raw_path,
     }
+    contain = _containment(run_id, index, base_url)
+    if isinstance(contain, str):
+        return _end(run_id, index, state="failed", data=RunData(), node=node, reason=contain,
+                    contained=False)
     return _supervise(run_id, index, config=config, node=node, users=plan.users,
                       start_at=start_at, end_at=end_at, deadline=deadline,
-                      on_progress=on_progress)
+                      on_progress=on_progress, contain=contain)
+
+
+def _containment(run_id: str, index: int, base_url: str) -> _Contained | str | None:
+    """How this shard's runner is contained (HMS_TASKS_LOADTEST_CONTAINMENT): its namespace
+    command and target, ``None`` for the Python-level guard only, or why the shard must fail."""
+    mode = settings.get().loadtest_containment
+    if mode == "off":
+        logger.info("load test %s shard %d: HMS_TASKS_LOADTEST_CONTAINMENT is 'off': only the"
+                    " runner's Python-level connect guard holds", run_id, index)
+        return None
+    prefix, why = containment.namespace_command()
+    if prefix is None:
+        if mode == "required":
+            return ("HMS_TASKS_LOADTEST_CONTAINMENT is 'required' and this node cannot contain"
+                    f" the load generator: {why}")
+        logger.warning("load test %s shard %d: containment is off (%s): only the runner's"
+                       " Python-level connect guard holds, which a locustfile using _socket or"
+                       " a C extension bypasses", run_id, index, why)
+        return None
+    try:
+        target = containment.target_of(base_url)
+    except OSError:
+        return "the target's host name does not resolve on this node"
+    return _Contained(prefix, target)
+
+
+@dataclass(frozen=True)
+class _Contained:
+    prefix: list[str]
+    target: containment.Target
 
 
 def _supervise(run_id: str, index: int, *, config: dict[str, Any], node: str, users: int,
                start_at: float, end_at: float, deadline: float,
-               on_progress: Callable[[keys.ShardProgress], None] | None) -> dict[str, Any]:
+               on_progress: Callable[[keys.ShardProgress], None] | None,
+               contain: _Contained | None) -> dict[str, Any]:
     data = RunData()
     pending: list[str] = []
     final: dict[str, Any] | None = None
@@ -141,17 +178,36 @@ def _supervise(run_id: str, index: int, *, config: dict[str, Any], node: str, us
     locust_version: str | None = None
     read_fd, write_fd = os.pipe()
     log = tempfile.TemporaryFile()  # noqa: SIM115  (closed in finally)
+    command = [sys.executable, "-m", "hms_tasks.loadtest.runner"]
+    pass_fds: tuple[int, ...] = (write_fd,)
+    forwarder: containment.Forwarder | None = None
+    theirs: socket.socket | None = None
+    if contain is not None:
+        # The runner's namespace hands its listening sockets over this pair (see containment).
+        ours, theirs = socket.socketpair()
+        forwarder = containment.Forwarder(ours)
+        setup = {**contain.target.to_json(), "fd": theirs.fileno(), "out_fd": write_fd}
+        command = [*contain.prefix, sys.executable, "-m", "hms_tasks.loadtest.containment",
+                   json.dumps(setup)]
+        pass_fds = (write_fd, theirs.fileno())
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hms_tasks.loadtest.runner"], stdin=subprocess.PIPE,
-            stdout=log, stderr=log, pass_fds=(write_fd,), start_new_session=True,
-            env=runner_env(), close_fds=True)
+            command, stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=pass_fds,
+            start_new_session=True, env=runner_env(), close_fds=True)
     except OSError as exc:
         os.close(read_fd)
         os.close(write_fd)
         log.close()
+        if forwarder is not None:
+            forwarder.channel.close()
         return _end(run_id, index, state="failed", data=data, node=node,
-                    reason=f"the load generator could not be started ({type(exc).__name__})")
+                    reason=f"the load generator could not be started ({type(exc).__name__})",
+                    contained=contain is not None)
+    finally:
+        if theirs is not None:
+            theirs.close()
+    if forwarder is not None:
+        forwarder.start()
     os.close(write_fd)
     assert proc.stdin is not None
     try:
@@ -160,7 +216,8 @@ def _supervise(run_id: str, index: int, *, config: dict[str, Any], node: str, us
     except OSError:
         pass  # it died at once; the exit code says why
     keys.save_progress(run_id, index, progress=None, tick_lines=[],
-                       fields={"runner_pid": proc.pid, "users": users})
+                       fields={"runner_pid": proc.pid, "users": users,
+                               "contained": int(contain is not None)})
     selector = selectors.DefaultSelector()
     selector.register(read_fd, selectors.EVENT_READ)
     buffer = b""
@@ -237,6 +294,8 @@ def _supervise(run_id: str, index: int, *, config: dict[str, Any], node: str, us
                 proc.wait(timeout=5)
         selector.close()
         os.close(read_fd)
+        if forwarder is not None:
+            forwarder.close()
         tail = _tail(log)
         log.close()
     code = proc.wait()
@@ -274,7 +333,7 @@ def _supervise(run_id: str, index: int, *, config: dict[str, Any], node: str, us
                        tail)
     extra = {"stop_requested_at": term_at, "locust": locust_version}
     return _end(run_id, index, state=state, data=data, reason=reason, node=node,
-                check=check, stopped_at=stopped_at, **extra)
+                check=check, stopped_at=stopped_at, contained=contain is not None, **extra)
 
 
 def _send(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -313,7 +372,7 @@ def _check_against_locust(data: RunData, final: dict[str, Any] | None) -> str:
 
 def _end(run_id: str, index: int, *, state: keys.ShardState, data: RunData, reason: str,
          node: str, check: str = "partial", stopped_at: float | None = None,
-         **extra: Any) -> dict[str, Any]:
+         contained: bool | None = None, **extra: Any) -> dict[str, Any]:
     requests = sum(e.requests for e in data.endpoints.values())
     failures = sum(e.failures for e in data.endpoints.values())
     result = {**data.to_json(), "check": check}
@@ -321,10 +380,13 @@ def _end(run_id: str, index: int, *, state: keys.ShardState, data: RunData, reas
                               "reason": reason, "stopped_at": stopped_at or time.time(),
                               "requests": requests, "failures": failures, **{
                                   k: v for k, v in extra.items() if v is not None}}
+    if contained is not None:
+        fields["contained"] = int(contained)
     if keys.finish_shard(run_id, index, state=state, fields=fields, now=time.time()) == 1:
         _queue_merge(run_id)
     return {"run_id": run_id, "shard": index, "node": node, "state": state,
-            "requests": requests, "failures": failures, "reason": reason, "check": check}
+            "requests": requests, "failures": failures, "reason": reason, "check": check,
+            "contained": contained}
 
 
 def _queue_merge(run_id: str) -> None:
