@@ -17,6 +17,7 @@ from hms_tasks.health import names as health_names
 from hms_tasks.loadtest import names as loadtest_names
 from hms_tasks.memory import names as memory_names
 from hms_tasks.metrics import names as metrics_names
+from hms_tasks.queries import names as queries_names
 
 BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     # Every 10 minutes: keep today's and tomorrow's patients, admitted inpatients and the
@@ -92,6 +93,15 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": loadtest_names.RUN,
         "schedule": crontab(hour=2, minute=30),
         "kwargs": {"nightly": True},
+        "options": {"expires": 3600},
+    },
+    # 03:15 every night, after the nightly load test: audit every registered query probe in
+    # rolled-back transactions (N+1 patterns, plans, index advice, budgets); a probe over
+    # budget or worse than the night before raises queries_over_budget / queries_regression.
+    # An audit that waited past 04:15 would meet the morning's traffic: it expires.
+    "queries-audit-nightly": {
+        "task": queries_names.QUERIES_AUDIT,
+        "schedule": crontab(hour=3, minute=15),
         "options": {"expires": 3600},
     },
 }

@@ -39,6 +39,8 @@ REGISTERED_TASKS = [
     "hms.metrics.deliver_webhook",
     "hms.metrics.evaluate_alerts",
     "hms.metrics.rollup",
+    "hms.queries.audit",
+    "hms.queries.live_report",
 ]
 
 

@@ -14,6 +14,9 @@ class DemoHmsConfig(AppConfig):
     def ready(self) -> None:
         # The demo uses hms-tasks' cache the way a real HMS would: registering its kinds
         # and models from its own AppConfig.
+        from hms_tasks.demo import probes
         from hms_tasks.demo.cache import register
 
         register()
+        # Its query probes, audited nightly by hms.queries.audit (docs/queries.md).
+        probes.register()

@@ -45,6 +45,8 @@ MIDDLEWARE = [
     "hms_tasks.metrics.middleware.TimingMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.middleware.common.CommonMiddleware",
+    # Live N+1 sampling (docs/queries.md): 1 % of requests, below the 3 % overhead budget.
+    "hms_tasks.queries.middleware.QuerySamplingMiddleware",
 ]
 ROOT_URLCONF = "hms_tasks.demo.urls"
 WSGI_APPLICATION = "hms_tasks.demo.wsgi.application"
@@ -118,6 +120,9 @@ HMS_TASKS_LOADTEST_TESTS = {
     },
 }
 HMS_TASKS_LOADTEST_NIGHTLY = "smoke"
+
+# Queries: the share of API requests the live N+1 sampling middleware records.
+HMS_TASKS_QUERIES_SAMPLE_RATE = 0.01
 
 LOGGING = {
     "version": 1,

@@ -65,6 +65,14 @@ DEFAULT_ALERT_RULES: dict[str, dict[str, Any]] = {
     # A message was dead-lettered in the last hour (malformed, unknown task, wrong content
     # type): someone publishes what no worker can run. Resolves 15 minutes after the hour is
     # clean again.
+    # A query probe ran more statements or milliseconds than its budget (1 when over, written
+    # by hms.queries.audit per probe): fires at once, resolves with the next audit in budget.
+    "queries_over_budget": {"series": "queries.over_budget", "op": ">", "threshold": 0,
+                            "clear": 0, "for": 0, "clear_for": 0, "severity": "warning"},
+    # A query probe got worse than its previous audit (more statements, N+1 patterns or
+    # duplicates): fires at once, resolves with the next audit that does not regress.
+    "queries_regression": {"series": "queries.regressed", "op": ">", "threshold": 0,
+                           "clear": 0, "for": 0, "clear_for": 0, "severity": "warning"},
     "deadletter": {"series": "celery.deadletter_recent", "op": ">", "threshold": 0,
                    "clear": 0, "for": 0, "clear_for": 900, "severity": "warning"},
 }
