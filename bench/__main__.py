@@ -30,6 +30,7 @@ BENCHES = {
     "cache": "bench.cache",
     "loadtest": "bench.loadtest",
     "metrics": "bench.metrics",
+    "queries_pool": "bench.queries_pool",
 }
 
 #: Exit codes of one part's process.
