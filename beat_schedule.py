@@ -104,4 +104,19 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "schedule": crontab(hour=3, minute=15),
         "options": {"expires": 3600},
     },
+    # Every 5 minutes: the database's top statements by total time from pg_stat_statements,
+    # kept as the change since the last run (nothing on SQLite; names the install step when
+    # the extension is missing). A run that waited past the next one is stale.
+    "queries-statements": {
+        "task": queries_names.QUERIES_STATEMENTS,
+        "schedule": 300.0,
+        "options": {"expires": 240},
+    },
+    # Every minute: the server's connections, idle-in-transaction sessions, long queries,
+    # lock waits and every process's pool figures, for the db_* alert rules.
+    "queries-db-health": {
+        "task": queries_names.QUERIES_DB_HEALTH,
+        "schedule": 60.0,
+        "options": {"expires": 50},
+    },
 }

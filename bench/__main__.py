@@ -31,6 +31,7 @@ BENCHES = {
     "loadtest": "bench.loadtest",
     "metrics": "bench.metrics",
     "queries": "bench.queries",
+    "queries_pool": "bench.queries_pool",
 }
 
 #: Exit codes of one part's process.

@@ -40,7 +40,9 @@ REGISTERED_TASKS = [
     "hms.metrics.evaluate_alerts",
     "hms.metrics.rollup",
     "hms.queries.audit",
+    "hms.queries.db_health",
     "hms.queries.live_report",
+    "hms.queries.statements",
 ]
 
 

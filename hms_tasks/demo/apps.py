@@ -16,7 +16,11 @@ class DemoHmsConfig(AppConfig):
         # and models from its own AppConfig.
         from hms_tasks.demo import probes
         from hms_tasks.demo.cache import register
+        from hms_tasks.queries import pool
 
         register()
         # Its query probes, audited nightly by hms.queries.audit (docs/queries.md).
         probes.register()
+        # Web processes publish their connection pool's figures too (workers do from the
+        # queries tasks module), so `hms-tasks db` sees every process.
+        pool.connect_signals()

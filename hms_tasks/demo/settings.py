@@ -1,7 +1,9 @@
 """Django settings of the demo HMS, the embedded default of hms-tasks.
 
 Environment variables feed them: ``REDIS_URL`` (broker, results, cache), ``DATABASE_URL``
-(default: SQLite under ``$HMS_TASKS_HOME``), ``HMS_TASKS_HOME``, ``DJANGO_SECRET_KEY``,
+(default: SQLite under ``$HMS_TASKS_HOME``), ``HMS_DB_POOL`` (``0``: no connection pool on
+PostgreSQL) with ``HMS_DB_POOL_MIN_SIZE``, ``HMS_DB_POOL_MAX_SIZE`` and ``HMS_DB_POOL_TIMEOUT``,
+``HMS_TASKS_HOME``, ``DJANGO_SECRET_KEY``,
 ``DJANGO_DEBUG``. A real HMS keeps its own settings and adds ``"hms_tasks"`` to INSTALLED_APPS.
 """
 
@@ -27,6 +29,19 @@ if _defaulted and _defaulted == os.environ.get("DJANGO_SETTINGS_MODULE"):
     )
 
 HOME = home()
+
+
+def _env_number(name: str, default: int, low: int, high: int) -> int:
+    """Whole number from the environment; the error names the variable, never its value."""
+    text = os.environ.get(name, "")
+    if not text:
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(f"{name} must be a whole number from {low} to {high}")
+    return int(text)
+
 REDIS_URL = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
 
 # The demo never serves real patients; a deployment sets DJANGO_SECRET_KEY.
@@ -76,6 +91,18 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Likewise one test database per run: two runs against one server must not drop each
     # other's.
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
+    # Django's own psycopg pool, one per process (HMS_DB_POOL=0 turns it off: persistent
+    # connections then, as on SQLite before). A gunicorn sync worker or a prefork child runs
+    # one request or task at a time, so a few connections per process suffice; threaded
+    # workers need up to one per thread. ``timeout``: seconds a request waits for a
+    # connection before PoolTimeout. Watched by hms-tasks (`hms-tasks db`, docs/queries.md).
+    if os.environ.get("HMS_DB_POOL", "1") != "0":
+        DATABASES["default"]["CONN_MAX_AGE"] = 0  # the pool keeps the connections instead
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": _env_number("HMS_DB_POOL_MIN_SIZE", 1, 0, 100),
+            "max_size": _env_number("HMS_DB_POOL_MAX_SIZE", 4, 1, 100),
+            "timeout": float(_env_number("HMS_DB_POOL_TIMEOUT", 10, 1, 300)),
+        }
 
 CACHES = {
     "default": {

@@ -166,6 +166,7 @@ def node_sample(node: str) -> tuple[NodeSummary, list[tuple[str, float, float]]]
     known_tasks = [c["tasks"] for c in pool if c["tasks"] is not None]
     if known_tasks:
         points.append((sid("worker.tasks_run", n), now, float(sum(known_tasks))))
+    points += _pool_points(node, now=now)
     summary: NodeSummary = {
         "v": SWEEP_VERSION, "node": node, "taken_at": now,
         "cpu_percent": sample["cpu"]["percent"], "memory_percent": sample["memory"]["percent"],
@@ -173,6 +174,17 @@ def node_sample(node: str) -> tuple[NodeSummary, list[tuple[str, float, float]]]
         "services": False,
     }
     return summary, points
+
+
+def _pool_points(node: str, *, now: float) -> list[Point]:
+    """The node's processes' database pool figures (``db.pool.*``; none without a pool)."""
+    from hms_tasks.queries import pool as db_pool
+
+    try:
+        return db_pool.node_points(node, now=now)[1]
+    except Exception as exc:  # a monitoring read must not fail the node's sample
+        logger.warning("pool figures failed: %s", type(exc).__name__)
+        return []
 
 
 # -- shared services ---------------------------------------------------------------------------
@@ -279,17 +291,25 @@ def celery_sample(*, now: float, nodes_expected: list[str],
 
 
 def database_sample(*, now: float) -> tuple[dict[str, Any], list[tuple[str, float, float]]]:
-    """Connections in use; on PostgreSQL by state from ``pg_stat_activity``, and the slowest
-    statements by mean time from ``pg_stat_statements`` when that extension is installed
-    (query ids and timings only: statement texts can quote data)."""
-    from django.db import connection
+    """Connections in use; on PostgreSQL from ``pg_stat_activity``: by state, the use of
+    ``max_connections`` (server-wide), sessions idle in a transaction longer than
+    ``HMS_TASKS_DB_IDLE_IN_TRANSACTION_SECONDS``, the age of the longest running query,
+    sessions waiting for a lock; and the slowest statements by mean time from
+    ``pg_stat_statements`` when that extension is installed (query ids and timings only:
+    statement texts can quote data). Never a query's text or a client's address."""
+    from django.db import connections
 
+    from hms_tasks.queries import settings as queries_settings
+
+    cfg = queries_settings.get()
+    connection = connections[cfg.db_alias]
     vendor = connection.vendor
     doc: dict[str, Any] = {"vendor": vendor}
     points: list[tuple[str, float, float]] = []
     if vendor != "postgresql":
         doc["connections"] = None  # SQLite has no server, hence no connections to count
         return doc, points
+    idle_s = cfg.db_idle_in_transaction_seconds
     try:
         with connection.cursor() as cur:
             cur.execute(
@@ -300,6 +320,24 @@ def database_sample(*, now: float) -> tuple[dict[str, Any], list[tuple[str, floa
             cur.execute("SELECT setting::int FROM pg_settings WHERE name = 'max_connections'")
             row = cur.fetchone()
             max_conn = int(row[0]) if row else 0
+            # This session (the sampler's) is left out of the ages: it is running this.
+            cur.execute(
+                "SELECT count(*) FILTER (WHERE backend_type = 'client backend'),"
+                " count(*) FILTER (WHERE mine AND state LIKE 'idle in transaction%%'"
+                "  AND state_change < now() - make_interval(secs => %s)),"
+                " coalesce(extract(epoch FROM max(now() - state_change)"
+                "  FILTER (WHERE mine AND state LIKE 'idle in transaction%%')), 0),"
+                " coalesce(extract(epoch FROM max(now() - query_start)"
+                "  FILTER (WHERE mine AND state = 'active' AND pid <> pg_backend_pid())), 0),"
+                " count(*) FILTER (WHERE mine AND wait_event_type = 'Lock')"
+                " FROM (SELECT *, datname = current_database() AS mine"
+                "       FROM pg_stat_activity) a",
+                [idle_s],
+            )
+            row = cur.fetchone()
+            assert row is not None  # an aggregate always returns a row
+            clients, idle_tx, idle_tx_age, longest, lock_waits = (
+                int(row[0]), int(row[1]), float(row[2]), float(row[3]), int(row[4]))
             cur.execute("SELECT count(*) FROM pg_extension WHERE extname = 'pg_stat_statements'")
             row = cur.fetchone()
             has_pss = bool(row and row[0])
@@ -317,10 +355,20 @@ def database_sample(*, now: float) -> tuple[dict[str, Any], list[tuple[str, floa
         doc["error"] = type(exc).__name__
         return doc, points
     total = sum(by_state.values())
+    used = round(100.0 * clients / max_conn, 3) if max_conn else 0.0
     doc.update(connections=total, by_state=by_state, max_connections=max_conn,
+               server_connections=clients, connections_used_percent=used,
+               idle_in_transaction=idle_tx, idle_in_transaction_seconds=idle_s,
+               idle_in_transaction_max_age_s=round(idle_tx_age, 3),
+               longest_query_s=round(longest, 3), lock_waits=lock_waits,
                pg_stat_statements=has_pss, slow_statements=slow)
     points.append(("db.connections", now, float(total)))
     points.append(("db.max_connections", now, float(max_conn)))
+    points.append(("db.connections_used_percent", now, used))
+    points.append(("db.idle_in_transaction", now, float(idle_tx)))
+    points.append(("db.idle_in_transaction_max_age_s", now, round(idle_tx_age, 3)))
+    points.append(("db.longest_query_s", now, round(longest, 3)))
+    points.append(("db.lock_waits", now, float(lock_waits)))
     for state, n in by_state.items():
         safe = "".join(c if c.isalnum() else "_" for c in state)
         points.append((ts.series_id("db.connections_by_state", {"state": safe}), now, float(n)))

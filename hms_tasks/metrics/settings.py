@@ -38,7 +38,8 @@ __all__ = [
 #: Seconds the metrics store keeps raw points and 1-minute and 1-hour aggregates.
 DEFAULT_METRICS_RETENTION: dict[str, int] = {"raw": 86400, "1m": 30 * 86400, "1h": 30 * 86400}
 #: Alert rules of the product brief (CPU 80 %, memory 85 %, API p95 2,000 ms, API error rate
-#: 5 %) plus queue backlog, Redis evictions and a node that stopped answering.
+#: 5 %) plus queue backlog, Redis evictions, a node that stopped answering, and the database's
+#: connections (server saturation, sessions idle in a transaction, pool wait).
 #: HMS_TASKS_ALERT_RULES merges with these per rule and per field; ``None`` drops a rule.
 #: ``clear`` is the hysteresis: a firing alert resolves only once the value is back at or past
 #: it (and stayed there ``clear_for`` seconds); ``for`` is how long a breach must last to fire.
@@ -75,6 +76,19 @@ DEFAULT_ALERT_RULES: dict[str, dict[str, Any]] = {
                            "clear": 0, "for": 0, "clear_for": 0, "severity": "warning"},
     "deadletter": {"series": "celery.deadletter_recent", "op": ">", "threshold": 0,
                    "clear": 0, "for": 0, "clear_for": 900, "severity": "warning"},
+    # The database server's connections (all databases) above 80 % of max_connections: the
+    # next pool to grow, or the next process to start, may be refused.
+    "db_connections_saturated": {"series": "db.connections_used_percent", "op": ">",
+                                 "threshold": 80, "clear": 70, "for": 120, "clear_for": 300,
+                                 "severity": "critical"},
+    # A session idle in a transaction past HMS_TASKS_DB_IDLE_IN_TRANSACTION_SECONDS holds
+    # its locks, its snapshot (vacuum waits) and a pooled connection.
+    "db_idle_in_transaction": {"series": "db.idle_in_transaction", "op": ">", "threshold": 0,
+                               "clear": 0, "for": 60, "clear_for": 120, "severity": "warning"},
+    # Requests wait for a pooled connection (p95 estimated from psycopg_pool's counters,
+    # docs/queries.md): the pool is too small for the node's concurrency.
+    "db_pool_wait_p95": {"series": "db.pool.wait_p95_ms", "op": ">", "threshold": 100,
+                         "clear": 20, "for": 300, "clear_for": 300, "severity": "warning"},
 }
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")

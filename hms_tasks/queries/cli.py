@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from hms_tasks.console import fail, fmt_time, setup, table
+from hms_tasks.queries.db_cli import db, statements
 
 __all__ = ["commands", "queries"]
 
@@ -179,7 +180,8 @@ def live_command(limit: int, as_json: bool) -> None:
             ["REQUESTS", "MAX_REPEATS", "LAST_SEEN", "SITE", "FINGERPRINT"]))
 
 
-# `queries statements` (pg_stat_statements) joins this group here: queries.add_command(...).
+# `queries statements` (pg_stat_statements) and `db` (server and pool health) live in db_cli.
+queries.add_command(statements)
 
 #: Mounted on ``hms-tasks`` (replacing a same-named command of the core).
-commands: list[click.Command] = [queries]
+commands: list[click.Command] = [queries, db]

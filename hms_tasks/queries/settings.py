@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hms_tasks import conf
 
@@ -43,6 +43,29 @@ class QueriesSettings(conf.Settings):
     queries_history: Annotated[int, Field(ge=1, le=10_000)] = 50
     #: Live N+1 patterns kept in Redis; beyond it the least seen are dropped.
     queries_live_max_patterns: Annotated[int, Field(ge=10, le=100_000)] = 1000
+
+    # -- statements and database health ------------------------------------------------------
+    #: Statements ``hms.queries.statements`` keeps per run: the top N by total time.
+    statements_top: Annotated[int, Field(ge=1, le=500)] = 20
+    #: Characters of a statement's normalized text kept (pg_stat_statements has already
+    #: replaced every constant with ``$1``); 0 keeps the query id only.
+    statements_text_chars: Annotated[int, Field(ge=0, le=2000)] = 160
+    #: The database alias whose pool and server are watched.
+    db_alias: Annotated[str, Field(min_length=1, max_length=64)] = "default"
+    #: A session idle in a transaction longer than this many seconds is counted (it holds
+    #: locks and a snapshot, and keeps a pooled connection from everyone else).
+    db_idle_in_transaction_seconds: Annotated[int, Field(ge=1, le=86_400)] = 30
+    #: Seconds a process's published pool figures stay current; older ones are left out.
+    db_pool_stale_seconds: Annotated[int, Field(ge=10, le=86_400)] = 120
+
+    @field_validator("db_alias")
+    @classmethod
+    def _known_alias(cls, value: str) -> str:
+        from django.conf import settings
+
+        if value not in settings.DATABASES:
+            raise ValueError("must be an alias in DATABASES")
+        return value
 
 
 get = conf.section(QueriesSettings)
