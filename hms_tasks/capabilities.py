@@ -21,7 +21,7 @@ from types import ModuleType
 
 __all__ = ["CAPABILITIES", "modules", "queue"]
 
-CAPABILITIES: tuple[str, ...] = ("cache", "metrics", "memory", "health", "loadtest")
+CAPABILITIES: tuple[str, ...] = ("cache", "metrics", "memory", "health", "loadtest", "assets")
 
 
 def queue(capability: str) -> str:
