@@ -27,6 +27,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     SecretStr,
     model_validator,
 )
@@ -187,10 +188,21 @@ def _allowlist_entry(value: str) -> str:
     return value
 
 
+# What a metrics label value may hold: the budget's asset names label its series.
+_BUDGET_NAME_RE = re.compile(r"^[A-Za-z0-9_.@:+-][A-Za-z0-9_.@:/+-]{0,127}$")
+_MAX_BUDGET = 1 << 34
+
+
 def _budget_name(value: str) -> str:
-    if not value or len(value) > 512 or value.startswith("/") or any(
-            c <= " " or c == "\\" for c in value):
-        raise ValueError("budget names are static asset names like demo/status.js")
+    if not _BUDGET_NAME_RE.match(value):
+        raise ValueError("budget names are static asset names like demo/status.js (up to 128"
+                         " of A-Z a-z 0-9 _ . @ : / + -)")
+    return value
+
+
+def _budget_bytes(value: Any) -> int:
+    if type(value) is not int or not 1 <= value <= _MAX_BUDGET:
+        raise ValueError(f"must be a whole number of bytes from 1 to {_MAX_BUDGET}")
     return value
 
 
@@ -200,7 +212,8 @@ class AssetsSettings(conf.Settings):
     #: Per-asset budgets: the asset's name in the manifest (unhashed, as in ``{% static %}``)
     #: to its maximum size in bytes, measured in ``assets_budget_encoding``.
     assets_budgets: dict[Annotated[str, AfterValidator(_budget_name)],
-                         Annotated[int, Field(ge=1, le=1 << 34)]] = Field(default_factory=dict)
+                         Annotated[int, PlainValidator(_budget_bytes)]] = Field(
+        default_factory=dict)
     #: Which size a budget limits: what goes over the wire to most browsers (brotli) by default.
     assets_budget_encoding: Literal["raw", "gzip", "br"] = "br"
     #: Growth against the previous analysis that is reported as a regression (0.1: 10 %).

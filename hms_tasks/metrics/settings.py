@@ -65,6 +65,11 @@ DEFAULT_ALERT_RULES: dict[str, dict[str, Any]] = {
     # A message was dead-lettered in the last hour (malformed, unknown task, wrong content
     # type): someone publishes what no worker can run. Resolves 15 minutes after the hour is
     # clean again.
+    # A static asset grew past its budget or by more than the tolerance since the previous
+    # analysis (1, else 0; written by hms.assets.analyze): fires at once, resolves with the
+    # next analysis within budget.
+    "assets_over_budget": {"series": "assets.over_budget", "op": ">", "threshold": 0,
+                           "clear": 0, "for": 0, "clear_for": 0, "severity": "warning"},
     "deadletter": {"series": "celery.deadletter_recent", "op": ">", "threshold": 0,
                    "clear": 0, "for": 0, "clear_for": 900, "severity": "warning"},
 }
