@@ -56,7 +56,8 @@ def services(request: HttpRequest) -> JsonResponse:
 def alerts(request: HttpRequest) -> JsonResponse:
     from hms_tasks.metrics import alerts as alerting
 
-    active = [{"id": a["id"], "rule": a["rule"], "state": a["state"], "since": a["since"],
+    active = [{"id": a["id"], "rule": a["rule"], "series": a["series"], "state": a["state"],
+               "since": a["since"],
                "value": a["value"]}
               for a in alerting.states().values() if a["state"] in ("pending", "firing")]
     return _json({"alerts": sorted(active, key=lambda a: (a["state"] != "firing", a["id"]))})

@@ -49,8 +49,8 @@
     },
     alerts(doc) {
       if (!doc.alerts.length) return el("p", { class: "muted", text: "No alert pending or firing." });
-      return table(["Alert", "State", "Value", "Since"],
-        doc.alerts.map((a) => [a.id, badge(a.state), num(a.value, 2), when(a.since)]));
+      return table(["Rule", "Series", "State", "Value", "Since"],
+        doc.alerts.map((a) => [a.rule, a.series, badge(a.state), num(a.value, 2), when(a.since)]));
     },
     cache(doc) {
       const rate = doc.hit_rate;
@@ -66,7 +66,7 @@
     loadtests(doc) {
       if (!doc.loadtests.length) return el("p", { class: "muted", text: "No load tests configured." });
       return table(["Test", "Verdict", "Requests", "RPS", "p95 ms", "Finished"],
-        doc.loadtests.map((t) => t.run === null ? [t.test, badge("never run"), "–", "–", "–", "–"]
+        doc.loadtests.map((t) => t.run === null ? [t.test, badge("never_run"), "–", "–", "–", "–"]
           : [t.test, badge(t.status), String(t.requests ?? "–"), num(t.rps, 1), num(t.p95_ms, 0),
              when(t.finished_at)]));
     },
@@ -86,6 +86,7 @@
     await Promise.all([load("services", servicesUrl), load("alerts", alertsUrl),
                        load("cache", cacheUrl), load("loadtests", loadtestsUrl)]);
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    if (!document.body.dataset.ready) performance.mark("status-ready");
     document.body.dataset.ready = "1";
   }
 
