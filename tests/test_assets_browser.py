@@ -92,9 +92,11 @@ def test_status_page_renders_its_data_and_repeat_visits_fetch_no_asset_bytes(sit
 
     for service in ("api", "database", "redis"):
         assert service in services
-    assert "assets.over_budget{asset=demo/status.js}" in alert_text and "firing" in alert_text
+    assert "assets.over_budget{asset=demo/status.js}" in alert_text
+    assert "firing" in alert_text
     assert hit_rate == "50.0 %"
-    assert "smoke" in loadtests and "never_run" in loadtests
+    assert "smoke" in loadtests
+    assert "never_run" in loadtests
     assert shot.stat().st_size > 10_000
 
     asset_urls = [u for u in first.wire if "/static/demo/" in u]
@@ -117,7 +119,8 @@ def test_assets_are_served_compressed_with_immutable_caching(site: Any) -> None:
     with urllib.request.urlopen(request, timeout=10) as r:
         headers, body = r.headers, r.read()
     assert headers["Cache-Control"] == "public, max-age=31536000, immutable"
-    assert headers["Content-Encoding"] == "br" and headers["Vary"] == "Accept-Encoding"
+    assert headers["Content-Encoding"] == "br"
+    assert headers["Vary"] == "Accept-Encoding"
     import brotli
 
     assert brotli.decompress(body) == (site.static / name).read_bytes()
