@@ -30,7 +30,8 @@ run: venv
 	$(BIN)/hms-tasks run $(ARGS)
 
 # Tests start their own redis-server on a free port; they need the binary, not a service.
-# promtool (Debian's prometheus package) checks both Prometheus exporters' output.
+# promtool (Debian's prometheus package) checks both Prometheus exporters' output; chromium and
+# chromium-driver run the status page's browser test (tests/test_assets_browser.py).
 redis-server-binary:
 	@command -v redis-server >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -48,6 +49,15 @@ redis-server-binary:
 	      </dev/null >/dev/null && { systemctl disable --now prometheus 2>/dev/null || true; }; \
 	  else \
 	    echo "promtool not found: its test is skipped (sudo apt-get install prometheus)"; \
+	  fi; }
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium and chromium-driver (Debian packages: the status page's browser test)"; \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver || \
+	      { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }; } \
+	      </dev/null >/dev/null; \
+	  else \
+	    echo "chromium and chromedriver are needed: sudo apt-get install chromium chromium-driver"; \
 	  fi; }
 
 lint: venv

@@ -12,6 +12,7 @@ from typing import Any
 
 from celery.schedules import crontab
 
+from hms_tasks.assets import names as assets_names
 from hms_tasks.cache import names as cache_names
 from hms_tasks.health import names as health_names
 from hms_tasks.loadtest import names as loadtest_names
@@ -118,5 +119,13 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": queries_names.QUERIES_DB_HEALTH,
         "schedule": 60.0,
         "options": {"expires": 50},
+    },
+    # 03:30 every night: each collected static asset's raw, gzip and brotli sizes against its
+    # budget, kept as history (a deploy triggers it too: `hms-tasks assets analyze`); a
+    # bundle that grew past its budget raises assets_over_budget.
+    "assets-analyze": {
+        "task": assets_names.ASSETS_ANALYZE,
+        "schedule": crontab(hour=3, minute=30),
+        "options": {"expires": 3600},
     },
 }

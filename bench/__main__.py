@@ -32,6 +32,7 @@ BENCHES = {
     "metrics": "bench.metrics",
     "queries": "bench.queries",
     "queries_pool": "bench.queries_pool",
+    "assets": "bench.assets",
 }
 
 #: Exit codes of one part's process.

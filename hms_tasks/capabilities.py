@@ -21,7 +21,9 @@ from types import ModuleType
 
 __all__ = ["CAPABILITIES", "modules", "queue"]
 
-CAPABILITIES: tuple[str, ...] = ("cache", "metrics", "memory", "health", "loadtest", "queries")
+CAPABILITIES: tuple[str, ...] = (
+    "cache", "metrics", "memory", "health", "loadtest", "queries", "assets",
+)
 
 
 def queue(capability: str) -> str:

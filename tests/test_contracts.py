@@ -20,6 +20,10 @@ from hms_tasks.metrics import names as metrics_names
 # Renaming or removing a task breaks queued messages and beat entries: update the README's
 # migration notes before changing this list.
 REGISTERED_TASKS = [
+    "hms.assets.analyze",
+    "hms.assets.precompress",
+    "hms.assets.precompress_chunk",
+    "hms.assets.purge",
     "hms.cache.fanout_changes",
     "hms.cache.invalidate_tags",
     "hms.cache.stats",

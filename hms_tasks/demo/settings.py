@@ -52,6 +52,7 @@ ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]", *filter(None, os.environ.get
 
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
+    "django.contrib.staticfiles",
     "hms_tasks",
     "hms_tasks.demo.apps.DemoHmsConfig",
 ]
@@ -64,6 +65,20 @@ MIDDLEWARE = [
     "hms_tasks.queries.middleware.QuerySamplingMiddleware",
 ]
 ROOT_URLCONF = "hms_tasks.demo.urls"
+TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True,
+              "OPTIONS": {}}]
+
+# The status page's assets: `collectstatic` writes them with content hashes in their names
+# (ManifestStaticFilesStorage) under STATIC_ROOT; /static/ serves them with immutable caching
+# (hms_tasks.assets.static_view), and hms.assets.precompress writes their .br and .gz.
+STATIC_URL = "/static/"
+STATIC_ROOT = os.environ.get("HMS_TASKS_STATIC_ROOT") or str(HOME / "static")
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.ManifestStaticFilesStorage"},
+}
+# Budgets of the status page's assets (bytes after brotli): hms.assets.analyze checks them.
+HMS_TASKS_ASSETS_BUDGETS = {"demo/status.js": 4096, "demo/status.css": 2048}
 WSGI_APPLICATION = "hms_tasks.demo.wsgi.application"
 
 _sqlite_path = HOME / "hms.sqlite3"

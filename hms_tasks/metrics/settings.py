@@ -66,6 +66,8 @@ DEFAULT_ALERT_RULES: dict[str, dict[str, Any]] = {
     # A message was dead-lettered in the last hour (malformed, unknown task, wrong content
     # type): someone publishes what no worker can run. Resolves 15 minutes after the hour is
     # clean again.
+    "deadletter": {"series": "celery.deadletter_recent", "op": ">", "threshold": 0,
+                   "clear": 0, "for": 0, "clear_for": 900, "severity": "warning"},
     # A query probe ran more statements or milliseconds than its budget (1 when over, written
     # by hms.queries.audit per probe): fires at once, resolves with the next audit in budget.
     "queries_over_budget": {"series": "queries.over_budget", "op": ">", "threshold": 0,
@@ -74,8 +76,11 @@ DEFAULT_ALERT_RULES: dict[str, dict[str, Any]] = {
     # duplicates): fires at once, resolves with the next audit that does not regress.
     "queries_regression": {"series": "queries.regressed", "op": ">", "threshold": 0,
                            "clear": 0, "for": 0, "clear_for": 0, "severity": "warning"},
-    "deadletter": {"series": "celery.deadletter_recent", "op": ">", "threshold": 0,
-                   "clear": 0, "for": 0, "clear_for": 900, "severity": "warning"},
+    # A static asset grew past its budget or by more than the tolerance since the previous
+    # analysis (1, else 0; written by hms.assets.analyze): fires at once, resolves with the
+    # next analysis within budget.
+    "assets_over_budget": {"series": "assets.over_budget", "op": ">", "threshold": 0,
+                           "clear": 0, "for": 0, "clear_for": 0, "severity": "warning"},
     # The database server's connections (all databases) above 80 % of max_connections: the
     # next pool to grow, or the next process to start, may be refused.
     "db_connections_saturated": {"series": "db.connections_used_percent", "op": ">",

@@ -374,6 +374,8 @@ def prepare_database(*, patients: int, seed: bool) -> int:
     django.setup()
     from hms_tasks.demo import seed as seeding
 
+    # The status page's assets (/status/): hashed copies and their manifest in STATIC_ROOT.
+    call_command("collectstatic", verbosity=0, interactive=False)
     if not seed:
         call_command("migrate", verbosity=0, interactive=False)
         sys.stdout.write("migrated; seeding skipped (--no-seed)\n")
