@@ -30,6 +30,7 @@ BENCHES = {
     "cache": "bench.cache",
     "loadtest": "bench.loadtest",
     "metrics": "bench.metrics",
+    "scaling": "bench.scaling",
 }
 
 #: Exit codes of one part's process.
