@@ -33,6 +33,7 @@ BENCHES = {
     "queries": "bench.queries",
     "queries_pool": "bench.queries_pool",
     "assets": "bench.assets",
+    "scaling": "bench.scaling",
 }
 
 #: Exit codes of one part's process.

@@ -47,6 +47,14 @@ def stored(kind: str, id_: int) -> bool:
     return bool(be.client().exists(be.make_key(get_kind(kind).key(id_))))
 
 
+def build(kind: str, id_: int) -> Any:
+    """``get_or_build``, then wait for the miss's fill: it is stored by the process's filler
+    thread just after the payload is returned."""
+    payload = get_or_build(kind, id_)
+    wait_for(lambda: cached(kind, id_), what=f"{kind}:{id_} to be stored")
+    return payload
+
+
 def patients(n: int) -> list[int]:
     return list(Patient.objects.order_by("id").values_list("id", flat=True)[:n])
 
@@ -59,8 +67,8 @@ def settle() -> None:
 
 def test_save_commit_next_read_misses_then_keys_gone(worker: Any, hospital: None) -> None:
     a, b = patients(2)
-    assert get_or_build("patient", a) is not None
-    assert get_or_build("patient", b) is not None
+    assert build("patient", a) is not None
+    assert build("patient", b) is not None
     assert cached("patient", a)
     with transaction.atomic():
         p = Patient.objects.get(id=a)
@@ -80,7 +88,7 @@ def test_save_commit_next_read_misses_then_keys_gone(worker: Any, hospital: None
 
 def test_rollback_dispatches_nothing(worker: Any, hospital: None) -> None:
     (a,) = patients(1)
-    before = get_or_build("patient", a)
+    before = build("patient", a)
 
     def change_then_fail() -> None:
         with transaction.atomic():
@@ -97,8 +105,8 @@ def test_rollback_dispatches_nothing(worker: Any, hospital: None) -> None:
 
 def test_savepoint_rollback_is_honoured(worker: Any, hospital: None) -> None:
     a, b = patients(2)
-    get_or_build("patient", a)
-    get_or_build("patient", b)
+    build("patient", a)
+    build("patient", b)
     with transaction.atomic():
         Patient.objects.get(id=a).save()
         try:
@@ -118,15 +126,15 @@ def test_bulk_update_invalidates_every_row_and_a_move_both_schedules(worker: Any
                                                                      hospital: None) -> None:
     ids = patients(5)
     for i in ids:
-        get_or_build("patient", i)
+        build("patient", i)
     Patient.objects.filter(id__in=ids[:3]).update(notes="")
     assert not any(cached("patient", i) for i in ids[:3])
     assert all(cached("patient", i) for i in ids[3:])
     wait_for(lambda: not any(stored("patient", i) for i in ids[:3]), what="bulk invalidation")
 
     first, second = Practitioner.objects.order_by("id").values_list("id", flat=True)[:2]
-    get_or_build("schedule", first)
-    get_or_build("schedule", second)
+    build("schedule", first)
+    build("schedule", second)
     appointment = Appointment.objects.filter(practitioner_id=first).order_by("id").first()
     assert appointment is not None
     Appointment.objects.filter(id=appointment.id).update(practitioner_id=second)
@@ -136,8 +144,8 @@ def test_bulk_update_invalidates_every_row_and_a_move_both_schedules(worker: Any
 
 def test_moving_an_instance_invalidates_its_old_tags(worker: Any, hospital: None) -> None:
     first, second = Practitioner.objects.order_by("id").values_list("id", flat=True)[:2]
-    get_or_build("schedule", first)
-    get_or_build("schedule", second)
+    build("schedule", first)
+    build("schedule", second)
     appointment = Appointment.objects.filter(practitioner_id=first).order_by("id").first()
     assert appointment is not None
     appointment.practitioner_id = second
@@ -149,8 +157,8 @@ def test_moving_an_instance_invalidates_its_old_tags(worker: Any, hospital: None
 def test_only_hot_keys_are_rewarmed(worker: Any, hospital: None) -> None:
     hot, cold = patients(2)
     for _ in range(4):
-        get_or_build("patient", hot)  # heat 4 >= HMS_TASKS_CACHE_HOT_SCORE (3)
-    get_or_build("patient", cold)
+        build("patient", hot)  # heat 4 >= HMS_TASKS_CACHE_HOT_SCORE (3)
+    build("patient", cold)
     with transaction.atomic():
         for pid in (hot, cold):
             p = Patient.objects.get(id=pid)
@@ -184,7 +192,7 @@ def test_redis_down_commits_succeed_buffered_then_land(worker: Any, hospital: No
                                                        redis_server: RedisServer) -> None:
     ids = patients(4)
     for i in ids:
-        get_or_build("patient", i)
+        build("patient", i)
     redis_server.stop()
     try:
         # The HMS keeps writing while Redis (broker and cache) is down: no write fails, and
@@ -208,7 +216,7 @@ def test_hung_redis_never_holds_a_commit_and_the_change_lands_after(
         worker: Any, hospital: None, redis_server: RedisServer) -> None:
     ids = patients(3)
     for i in ids:
-        get_or_build("patient", i)
+        build("patient", i)
     redis_server.pause()  # SIGSTOP: connections stay open, nothing is answered
     try:
         writer = threading.Thread(target=save_allergies, args=(ids[:2], "latex"))
@@ -231,7 +239,7 @@ def test_commit_after_redis_lost_its_scripts_still_invalidates(worker: Any,
     ids = patients(2)
     save_allergies(ids[:1], "dust")  # the recording script is loaded by now
     for i in ids:
-        get_or_build("patient", i)
+        build("patient", i)
     backend().client().script_flush()  # as after a Redis restart without persistence
     save_allergies(ids[:1], "latex")
     assert not cached("patient", ids[0])

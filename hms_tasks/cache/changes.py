@@ -405,7 +405,9 @@ class Recorder:
         from hms_tasks.celery import app
 
         # retry=False: a broker outage must fail fast here, the courier retries itself.
-        app.send_task(cache_names.CACHE_FANOUT_CHANGES, retry=False)
+        # Nobody reads this task's result: ignore_result spares the result backend a
+        # subscription per commit burst (docs/scaling.md).
+        app.send_task(cache_names.CACHE_FANOUT_CHANGES, retry=False, ignore_result=True)
         with self._cond:
             self.stats["dispatched"] += 1
 
