@@ -127,6 +127,36 @@ class Consumer(celery_consumer_module.Consumer):
 
         return on_task_received
 
+    def on_close(self) -> None:
+        """Celery's clean-up when the consumer closes, without flushing a pool that is
+        already closing (a warm or cold shutdown).
+
+        Celery's clean-up flushes the prefork pool: it drops every job that no child has
+        confirmed taking yet, on the grounds that the broker redelivers their messages. At a
+        shutdown that is wrong. The pool was closed before the consumer and drains what it
+        holds, so a job already written to a child still runs to its end; but its result,
+        arriving for a job the pool no longer knows, is ignored, its message is never acked,
+        and kombu pushes it back onto its queue when the channel closes: the task runs
+        again on another worker (a SIGTERM that lands within the millisecond between a
+        job's hand-over and the child's confirmation, 6 of 11 runs of four rolling restarts
+        under load). Unflushed, the draining pool reads that result and the task is acked;
+        a job never written to a child does not run, and its message goes back as before.
+        A consumer that closes while the pool still runs (a lost broker connection) flushes
+        as Celery does.
+        """
+        this: Any = self  # attributes the type stubs do not declare
+        pool = this.pool
+        if pool is None or pool.active or not pool.flush:
+            super().on_close()
+            return
+        # Celery's on_close flushes only a pool that has a ``flush`` (prefork's is set by
+        # its start); hiding it is the one change, and the rest of the clean-up is Celery's.
+        flush, pool.flush = pool.flush, None
+        try:
+            super().on_close()
+        finally:
+            pool.flush = flush
+
     def dead_letter(self, message: Any, reason: str) -> None:
         """Record ``message`` (never its body) in the dead-letter list and ack it."""
         info = message.delivery_info if isinstance(message.delivery_info, Mapping) else {}
