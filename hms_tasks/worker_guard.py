@@ -6,12 +6,14 @@ worker on the queue crash-loops on it. And Celery's handlers for unknown, invali
 undecodable messages log the message body, which may quote patient data.
 
 :class:`Consumer` (``CELERY_WORKER_CONSUMER = "hms_tasks.worker_guard:Consumer"``, the default)
-is Celery's consumer with one change: the handler it builds for task messages first checks the
+is Celery's consumer with two changes. The handler it builds for task messages first checks the
 envelope (see :mod:`hms_tasks.broker`), the content type, the headers, that the task is
 registered, and the body's shape (``[args, kwargs, embed]``). A message that fails is recorded
 in the dead-letter list (:mod:`hms_tasks.deadletter`: the reason, never the body) and acked off
 the queue. Celery's own body-logging handlers are replaced the same way, and :class:`BodyFilter`
-withholds the Celery and kombu log lines that quote bodies or arguments.
+withholds the Celery and kombu log lines that quote bodies or arguments. And a warm shutdown
+does not flush the closing prefork pool (:meth:`Consumer.on_close`): a task handed to a pool
+process just before the SIGTERM is acked when it ends, not pushed back and run again elsewhere.
 """
 
 from __future__ import annotations
