@@ -6,8 +6,8 @@ with the 60 s visibility timeout of tests/faults/fault_settings.py.
   tasks running, a second worker alive: every task runs again on the second one, after the
   visibility timeout plus kombu's restore sweep (``RESTORE_INTERVAL``). Figure: the
   redelivery times (kill to the second start).
-- Rolling SIGTERM restarts of two workers under a steady load: nothing lost, no side effect
-  applied twice.
+- Rolling SIGTERM restarts of two workers under a steady load: nothing lost, no task started
+  twice, no side effect applied twice.
 - A task that kills its pool child every time: dropped after HMS_TASKS_MAX_REDELIVERIES, as a
   FAILURE with ``Poisoned``; the worker keeps serving.
 - A task past its hard time limit: the child is replaced and the result and the run report say
@@ -105,6 +105,8 @@ def test_rolling_sigterm_restarts_lose_and_repeat_nothing(
                                          kwargs={"key": "roll", "seconds": 0.05}).id
                     for _ in range(n))
 
+    stops: list[str] = []  # what the failure message shows: each restart's worker and times
+    shutdowns: list[float] = []  # seconds from each SIGTERM to the worker's exit
     try:
         for w in workers:
             w.wait_line("ready.")
@@ -114,7 +116,11 @@ def test_rolling_sigterm_restarts_lose_and_repeat_nothing(
             old = workers[r % 2]
             # Mid-load: the old worker has tasks running when it is asked to stop.
             wait_for(lambda: len(done("roll")) < len(sent), what="tasks still queued")
+            asked = time.time()
             assert old.terminate() == 0
+            shutdowns.append(time.time() - asked)
+            stops.append(f"{old.name} (pid {old.proc.pid}) SIGTERM at {asked:.3f},"
+                         f" exited at {time.time():.3f}")
             load(50)
             workers[r % 2] = worker(f"roll{r + 2}", queue=QUEUE, redis_url=redis_server.url,
                                     home=tmp_path)
@@ -126,11 +132,20 @@ def test_rolling_sigterm_restarts_lose_and_repeat_nothing(
         lost = set(sent) - set(runs)
         repeated = [i for i, n in runs.items() if n > 1]
         assert not lost
-        assert duplicates("roll") == 0
-        assert not repeated
+        # Each task that started more than once, with the pids and times of its starts.
+        twice: dict[str, list[str]] = {}
+        for i, pid, t in starts("roll"):
+            twice.setdefault(i, []).append(f"pid {pid} at {t:.3f}")
+        twice = {i: s for i, s in twice.items() if len(s) > 1}
+        why = f"started twice: {twice}; stops: {stops}"
+        assert duplicates("roll") == 0, why
+        assert not repeated, why
+        # A warm shutdown finishes and acks what its pool took: nothing even starts twice.
+        assert not twice, why
         print(f"\nFIGURE rolling SIGTERM: {restarts} restarts under {len(sent)} tasks:"
               f" {len(lost)} lost, {duplicates('roll')} duplicate side effects,"
-              f" {len(repeated)} tasks run twice")
+              f" {len(repeated)} tasks run twice, {len(twice)} started twice; warm shutdowns"
+              f" took {min(shutdowns):.1f}-{max(shutdowns):.1f} s")
     finally:
         for w in workers:
             w.terminate()
