@@ -30,6 +30,7 @@ BENCHES = {
     "cache": "bench.cache",
     "loadtest": "bench.loadtest",
     "metrics": "bench.metrics",
+    "responses": "bench.responses",
 }
 
 #: Exit codes of one part's process.

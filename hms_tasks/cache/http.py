@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import redis
 from django.http import HttpRequest, HttpResponse, HttpResponseNotModified, JsonResponse
@@ -71,14 +71,11 @@ def _read_generations(tags: Sequence[str]) -> list[str] | None:
     """The tags' current generations in one ``MGET``; None if one is missing (nothing was
     ever cached under it, or it expired) or Redis is unreachable. Always the primary: a
     lagging replica's generations would answer 304 for a changed payload."""
-    be = backend()
     try:
-        raw = be.client(write=True).mget([be.gen_prefix + t for t in tags])
+        gens = backend().current_generations(tags)
     except redis.RedisError:
         return None
-    if any(g is None for g in raw):
-        return None
-    return [g.decode() for g in raw]
+    return None if None in gens else cast(list[str], gens)
 
 
 def current_etag(kind: str, id_: int) -> str | None:
