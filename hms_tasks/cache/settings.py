@@ -99,9 +99,11 @@ class CacheSettings(conf.Settings):
     #: Responses smaller than this (bytes) go out uncompressed: under one TCP segment the
     #: saving buys no round trip and costs a compression.
     cache_compress_min_bytes: Annotated[int, Field(ge=0, le=10_000_000)] = 1024
-    #: Brotli quality of compressed responses (0-11), chosen by ``python -m bench responses``.
-    cache_brotli_quality: Annotated[int, Field(ge=0, le=11)] = 4
-    #: gzip level of compressed responses (1-9), chosen by ``python -m bench responses``.
+    #: Brotli quality of compressed responses (0-11). 5: each level up to it saves at least
+    #: 10 bytes per extra CPU microsecond on the demo's pages, the next ones far less
+    #: (``python -m bench responses``; the table is in bench/RESULTS.md).
+    cache_brotli_quality: Annotated[int, Field(ge=0, le=11)] = 5
+    #: gzip level of compressed responses (1-9); 6 by the same rule.
     cache_gzip_level: Annotated[int, Field(ge=1, le=9)] = 6
 
     def ttl(self, kind: str) -> int:
