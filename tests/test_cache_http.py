@@ -260,15 +260,10 @@ def test_patient_carries_an_etag_and_a_304_needs_neither_database_nor_builder(
     assert builds == [[hospital.pk]]
     _stored(hospital)
 
-    stats = redis.Redis.from_url(redis_server.url)
-
-    def calls(command: str) -> int:
-        return int(stats.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
-
-    before = {c: calls(c) for c in ("mget", "evalsha", "eval", "get")}
+    before = _command_calls(redis_server)
     with CaptureQueriesContext(connection) as queries:
         again = client.get(_url(hospital), headers={"If-None-Match": etag})
-    after = {c: calls(c) for c in before}
+    after = _command_calls(redis_server)
     assert again.status_code == 304
     assert again.content == b""
     assert again["ETag"] == etag
@@ -278,8 +273,37 @@ def test_patient_carries_an_etag_and_a_304_needs_neither_database_nor_builder(
     assert builds == [[hospital.pk]]  # not called again
     # One round trip: a single MGET, no script, no GET of the payload.
     assert after["mget"] - before["mget"] == 1
-    assert (after["evalsha"], after["eval"], after["get"]) == (
-        before["evalsha"], before["eval"], before["get"])
+    for command in ("evalsha", "eval", "get"):
+        assert after.get(command, 0) == before.get(command, 0), command
+
+
+def _command_calls(server: RedisServer) -> dict[str, int]:
+    # Commands a Lua script runs are counted too (READ's GET, MGET, HINCRBY...).
+    info = redis.Redis.from_url(server.url).info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+
+
+def test_a_200_from_the_cache_is_one_round_trip_and_carries_the_same_etag(
+        hospital: Patient, builds: list[list[int]], redis_server: RedisServer) -> None:
+    etag = Client().get(_url(hospital))["ETag"]  # a miss: the ETag of the read's generations
+    _stored(hospital)
+    before = _command_calls(redis_server)
+    with CaptureQueriesContext(connection) as queries:
+        hit = cached_response(RequestFactory().get(_url(hospital)), "patient", hospital.pk)
+    after = _command_calls(redis_server)
+    changed = {c: after[c] - before.get(c, 0) for c in after
+               if after[c] != before.get(c, 0) and c != "info"}
+    assert hit is not None
+    assert hit.status_code == 200
+    assert hit["ETag"] == etag  # the stored value's generations are the ones read at the miss
+    assert len(queries) == 0
+    assert builds == [[hospital.pk]]
+    # One script call (READ), and only what it runs inside: no second round trip.
+    assert changed.get("evalsha", 0) + changed.get("eval", 0) == 1
+    assert changed.get("mget") == 1  # the script's own check of the generations
+    # (hello, client: the pool may open a connection, the filler thread holding the other.)
+    assert set(changed) <= {"evalsha", "eval", "get", "mget", "zincrby", "hincrby", "expire",
+                            "hello", "client"}
 
 
 def test_the_etag_is_a_hash_of_key_and_generations(hospital: Patient) -> None:

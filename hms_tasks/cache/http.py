@@ -19,9 +19,10 @@ ETag; so does a new day, or invalidating ``all``. Nothing in it is patient data:
 and the random generation tokens go into a hash.
 
 What a 304 costs: one Redis round trip (an ``MGET`` of the generation keys), no database
-query, no payload read or build, no JSON. Generations are read before the payload, so the
-ETag sent with a body is never newer than the body (a write in between only costs the client
-one more 200).
+query, no payload read or build, no JSON. What a 200 costs: what :func:`get_or_build` does
+(one round trip on a hit), whose read also returns the generations the payload was stored
+under (on a miss: those read before the build), so the ETag sent with a body is never newer
+than the body (a write in between only costs the client one more 200).
 
 The response must be a function of the payload alone: the ETag does not cover query
 parameters or the user. A view whose output depends on them must not use this (or must
@@ -41,7 +42,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils.http import parse_etags
 
 from hms_tasks.cache import settings
-from hms_tasks.cache.core import backend, check_ids, get_or_build
+from hms_tasks.cache.core import backend, check_ids, read_through
 from hms_tasks.cache.registry import get_kind
 from hms_tasks.cache.tags import ALL
 
@@ -112,28 +113,26 @@ def cached_response(request: HttpRequest, kind: str, id_: int) -> HttpResponse |
     """The payload of ``kind`` ``id_`` as a JSON response with its ETag, or ``304 Not
     Modified`` when ``If-None-Match`` holds that ETag; None when the row does not exist.
 
-    With a current ``If-None-Match``: one Redis round trip, nothing else. Otherwise the
-    generations (created if missing) and then the payload through :func:`get_or_build`.
-    If Redis is down the payload comes from the database, without an ETag.
+    With a current ``If-None-Match``: one Redis round trip (``MGET`` of the generations),
+    nothing else. Otherwise the payload through :func:`~hms_tasks.cache.core.read_through`
+    (one round trip on a hit), whose generations make the ETag. If Redis is down the payload
+    comes from the database, without an ETag.
     """
     made, tags = _target(kind, id_)
     wanted = request.headers.get("If-None-Match")
     if wanted is not None and len(wanted) > _MAX_IF_NONE_MATCH:
         wanted = None
-    gens = _read_generations(tags) if wanted else None
-    if gens is not None and wanted is not None:
-        current = etag_of(made, tags, gens)
-        if _matches(wanted, current):
-            return _headers(HttpResponseNotModified(), kind, current)
-    if gens is None:
-        try:
-            gens = backend().generations(tags[1:])  # it puts ALL first itself
-        except redis.RedisError:
-            gens = None
-    payload = get_or_build(kind, id_)
+    if wanted:
+        gens = _read_generations(tags)
+        if gens is not None:
+            current = etag_of(made, tags, gens)
+            if _matches(wanted, current):
+                return _headers(HttpResponseNotModified(), kind, current)
+    # One round trip on a hit: the read returns the generations the payload was stored under.
+    payload, stored = read_through(kind, id_)
     if payload is None:
         return None
-    etag = None if gens is None else etag_of(made, tags, gens)
+    etag = None if stored is None else etag_of(made, tags, stored)
     if wanted is not None and etag is not None and parse_etags(wanted) == ["*"]:
         return _headers(HttpResponseNotModified(), kind, etag)
     return _headers(JsonResponse(payload), kind, etag)
