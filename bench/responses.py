@@ -11,7 +11,7 @@ demo's middleware, in this process: no socket, so the figures are the server's w
   were chosen from.
 - **304**: ``GET /api/patients/<id>/`` with a current ``If-None-Match`` against the same request
   answered as a full cache hit (target: at most 0.5x its time; also against the hit as the
-  endpoint answered it before ETags, one round trip instead of two), and against Django's
+  endpoint answered it before ETags), and against Django's
   ``ConditionalGetMiddleware`` on the same endpoint, which reads the cached payload, encodes
   it and hashes the body before it can answer 304 (target: at least 3x faster). Rounds
   alternate the sides (``BENCH_RESPONSES_ROUNDS``, ``BENCH_RESPONSES_REQUESTS`` per side and
@@ -282,8 +282,8 @@ def _conditional(handler: Handler, baseline: Handler, before: Handler, patient_u
                  f" {ROUNDS} rounds x {REQUESTS})",
             ours=ours, baseline=hit, unit="us", ratio=ours / hit, target="<= 0.50 (ours/hit)",
             ok=ours / hit <= 0.5),
-        Row(what="304 vs the hit as it was before ETags (get_or_build, JsonResponse: one round"
-                 " trip, not two)",
+        Row(what="304 vs the hit as the endpoint answered it before ETags (get_or_build,"
+                 " JsonResponse)",
             ours=ours, baseline=plain, unit="us", ratio=ours / plain, target="report (ours/hit)"),
         Row(what="304 ours vs Django's ConditionalGetMiddleware over the cached payload (a hit,"
                  " JSON, hash), same endpoint",
