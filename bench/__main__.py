@@ -34,6 +34,7 @@ BENCHES = {
     "queries_pool": "bench.queries_pool",
     "assets": "bench.assets",
     "scaling": "bench.scaling",
+    "responses": "bench.responses",
 }
 
 #: Exit codes of one part's process.

@@ -49,7 +49,8 @@ def stored(kind: str, id_: int) -> bool:
 
 def build(kind: str, id_: int) -> Any:
     """``get_or_build``, then wait for the miss's fill: it is stored by the process's filler
-    thread just after the payload is returned."""
+    thread just after the payload is returned. (A fill is refused, rightly, while a fan-out of
+    an earlier commit bumps the generations: callers settle() their earlier commits first.)"""
     payload = get_or_build(kind, id_)
     wait_for(lambda: cached(kind, id_), what=f"{kind}:{id_} to be stored")
     return payload
@@ -238,6 +239,7 @@ def test_commit_after_redis_lost_its_scripts_still_invalidates(worker: Any,
                                                                hospital: None) -> None:
     ids = patients(2)
     save_allergies(ids[:1], "dust")  # the recording script is loaded by now
+    settle()
     for i in ids:
         build("patient", i)
     backend().client().script_flush()  # as after a Redis restart without persistence

@@ -9,9 +9,13 @@ The HMS registers what it caches, once, from its ``AppConfig.ready``::
 
 and reads through it in its views::
 
-    from hms_tasks.cache import get_or_build
+    from hms_tasks.cache import cached_response, get_or_build
 
     summary = get_or_build("patient", 42)     # from Redis, or built, stored and returned
+    response = cached_response(request, "patient", 42)   # the same as JSON, with an ETag:
+                                                         # 304 after one Redis round trip
+
+and compresses responses with ``CompressionMiddleware`` (brotli or gzip by q-value).
 
 Saves and deletes of registered models invalidate the payloads they touch after the commit;
 bulk changes go through :class:`InvalidatingQuerySet` or :func:`changed`; data changed behind
@@ -31,7 +35,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hms_tasks.cache.backend import TaggedRedisCache
     from hms_tasks.cache.changes import InvalidatingQuerySet, changed, changed_everything, flush
+    from hms_tasks.cache.compression import CompressionMiddleware, negotiate
     from hms_tasks.cache.core import WarmSummary, get_or_build, get_or_build_many, warm
+    from hms_tasks.cache.http import cached_response, current_etag, set_cache_control
     from hms_tasks.cache.registry import Kind, TrackedModel, kinds, register_kind
     from hms_tasks.cache.settings import CacheSettings
     from hms_tasks.cache.tags import ALL
@@ -41,21 +47,26 @@ if TYPE_CHECKING:
 __all__ = [
     "ALL",
     "CacheSettings",
+    "CompressionMiddleware",
     "Invalidated",
     "InvalidatingQuerySet",
     "Kind",
     "TaggedRedisCache",
     "TrackedModel",
     "WarmSummary",
+    "cached_response",
     "changed",
     "changed_everything",
+    "current_etag",
     "flush",
     "get_or_build",
     "get_or_build_many",
     "invalidate_tags",
     "kinds",
+    "negotiate",
     "register_kind",
     "register_model",
+    "set_cache_control",
     "warm",
 ]
 
@@ -63,21 +74,26 @@ __all__ = [
 _HOME = {
     "ALL": "tags",
     "CacheSettings": "settings",
+    "CompressionMiddleware": "compression",
     "Invalidated": "warming",
     "InvalidatingQuerySet": "changes",
     "Kind": "registry",
     "TaggedRedisCache": "backend",
     "TrackedModel": "registry",
     "WarmSummary": "core",
+    "cached_response": "http",
     "changed": "changes",
     "changed_everything": "changes",
+    "current_etag": "http",
     "flush": "changes",
     "get_or_build": "core",
     "get_or_build_many": "core",
     "invalidate_tags": "warming",
     "kinds": "registry",
+    "negotiate": "compression",
     "register_kind": "registry",
     "register_model": "tracking",
+    "set_cache_control": "http",
     "warm": "core",
 }
 

@@ -209,6 +209,18 @@ class TaggedRedisCache(RedisCache):
         return [g.decode() for g in self._scripts["GENERATIONS"](
             args=[self.gen_prefix, secrets.token_hex(8), GENERATION_TTL, ALL, *tags])]
 
+    @cached_property
+    def _reader(self) -> Any:
+        # One client object for the hot read: Django's get_client() builds a new redis.Redis
+        # on every call (its response-callback table alone cost ~0.1 ms per 304).
+        return self.client()
+
+    def current_generations(self, tags: Sequence[str]) -> list[str | None]:
+        """The current generation of each of ``tags`` (None where there is none), in one
+        ``MGET`` on the primary; creates nothing. ``all`` is not added: name it if wanted."""
+        raw = self._reader.mget([self.gen_prefix + t for t in tags])
+        return [None if g is None else g.decode() for g in raw]
+
     def fill(self, made_key: str, value: Any, *, tags: Sequence[str], gens: Sequence[str],
              timeout: int | None, lock: tuple[str, str] = ("", "")) -> bool:
         """Store ``value`` at the made key if ``tags`` still have ``gens``; release ``lock``."""

@@ -36,6 +36,7 @@ __all__ = [
     "get_or_build_many",
     "heat_key",
     "parse_key",
+    "read_through",
     "ttl_of",
     "warm",
 ]
@@ -136,6 +137,15 @@ def get_or_build(kind: str, id_: int) -> dict[str, Any] | None:
     misses are counted per kind and per minute; every read adds to the key's heat (what makes
     it hot for refresh-ahead).
     """
+    return read_through(kind, id_)[0]
+
+
+def read_through(kind: str, id_: int) -> tuple[dict[str, Any] | None, list[str] | None]:
+    """:func:`get_or_build`, plus generations of the payload's tags (``all`` first, then the
+    kind's tags of ``id_``) that the payload is at least as new as: on a hit the ones it was
+    stored under (still current: the same atomic read checked them), on a miss the ones read
+    before the build. An ETag made of them is never newer than the payload. None for the
+    generations when Redis is unreachable or the hit was an undecryptable value."""
     k = get_kind(kind)
     (id_,) = check_ids([id_], argument="id")
     be = backend()
@@ -152,18 +162,20 @@ def get_or_build(kind: str, id_: int) -> dict[str, Any] | None:
             be.index_ttl(ttl_of(kind)), _stats_key(be), kind, heat_key(be), _STATS_TTL, *tags])
     except redis.RedisError as exc:
         _degraded(exc)
-        return _build_one(k, id_)
+        return _build_one(k, id_), None
     _recovered()
     if out[0] == 1:
         value = be.decode(out[1], _MISSING)
         if value is not _MISSING:
-            return cast(dict[str, Any], value)
+            return cast(dict[str, Any], value), _header_generations(out[2], tags)
+        # Undecryptable: a miss, but READ did not take the lease or read the generations.
+        return _build_one(k, id_), None
     leased, gens = out[1] == 1, [g.decode() for g in out[2:]]
     if not leased:
         waited = _wait_for(be, made, s.cache_wait_ms / 1000)
         if waited is not None:
-            return waited
-        return _build_one(k, id_)
+            return waited, gens
+        return _build_one(k, id_), gens
     try:
         payload = _build_one(k, id_)
     except BaseException:
@@ -171,10 +183,18 @@ def get_or_build(kind: str, id_: int) -> dict[str, Any] | None:
         raise
     if payload is None:
         _release(be, lease, token)
-        return None
+        return None, gens
     _fill_soon(lambda: be.fill(made, payload, tags=tags, gens=gens, timeout=ttl_of(kind),
                                lock=(lease, token)))
-    return payload
+    return payload, gens
+
+
+def _header_generations(header: bytes, tags: Sequence[str]) -> list[str] | None:
+    """The generations of ``tags`` in a value's header (``tag=gen,...``); None if one is not
+    there (a value stored under other tags)."""
+    pairs = dict(p.split("=", 1) for p in header.decode().split(",") if "=" in p)
+    gens = [pairs.get(t) for t in tags]
+    return None if None in gens else cast(list[str], gens)
 
 
 def get_or_build_many(kind: str, ids: Sequence[int]) -> dict[int, dict[str, Any]]:

@@ -30,11 +30,12 @@ __all__ = [
 
 HEADER_MAGIC = "\x00hms1|"
 
-# Shared helper: is the value (string) still valid? Returns payload or false.
+# Shared helper: is the value (string) still valid? Returns payload and header ("tag=gen,...",
+# '' for an untagged value), or false.
 _VALID = r"""
 local function hms_valid(v, genprefix)
   if string.sub(v, 1, 6) ~= '\0hms1|' then
-    return v
+    return v, ''
   end
   local e = string.find(v, '|', 7, true)
   if not e then return false end
@@ -51,7 +52,7 @@ local function hms_valid(v, genprefix)
       if current[i] ~= gens[i] then return false end
     end
   end
-  return string.sub(v, e + 1)
+  return string.sub(v, e + 1), header
 end
 """
 
@@ -70,19 +71,20 @@ return out
 # KEYS[1]: value key. ARGV: 1 gen prefix, 2 lock key, 3 lock token, 4 lock ttl ms,
 # 5 new-generation token, 6 generation ttl s, 7 stats hash key, 8 stats field prefix (kind),
 # 9 heat zset key (or ''), 10 stats ttl s, 11.. tags.
-# Returns {1, payload} on a hit; {0, lock_acquired, gen1, gen2, ...} on a miss, the
-# generations of the tags *now*, before the caller reads the database.
+# Returns {1, payload, header} on a hit (the header's generations are the current ones: an ETag
+# needs no second round trip); {0, lock_acquired, gen1, gen2, ...} on a miss, the generations
+# of the tags *now*, before the caller reads the database.
 READ = _VALID + r"""
 local v = redis.call('GET', KEYS[1])
 if ARGV[9] ~= '' then
   redis.call('ZINCRBY', ARGV[9], 1, KEYS[1])
 end
 if v then
-  local p = hms_valid(v, ARGV[1])
+  local p, h = hms_valid(v, ARGV[1])
   if p then
     redis.call('HINCRBY', ARGV[7], ARGV[8] .. ':hit', 1)
     redis.call('EXPIRE', ARGV[7], ARGV[10])
-    return {1, p}
+    return {1, p, h}
   end
 end
 redis.call('HINCRBY', ARGV[7], ARGV[8] .. ':miss', 1)

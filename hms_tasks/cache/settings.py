@@ -7,6 +7,7 @@ allows, never the value (an encryption key is a secret).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from cryptography.fernet import Fernet
@@ -14,7 +15,7 @@ from pydantic import AfterValidator, BeforeValidator, Field
 
 from hms_tasks import conf
 
-__all__ = ["DEFAULT_TTL", "CacheSettings", "get"]
+__all__ = ["DEFAULT_CACHE_CONTROL", "DEFAULT_TTL", "CacheSettings", "get"]
 
 #: Cache TTLs of the product brief, in seconds; HMS_TASKS_CACHE_TTL overrides kinds one by one.
 DEFAULT_TTL: dict[str, int] = {
@@ -22,6 +23,26 @@ DEFAULT_TTL: dict[str, int] = {
 }
 
 Seconds = Annotated[int, Field(ge=1, le=30 * 86400)]
+
+#: ``Cache-Control`` of cache-backed responses, per kind (kinds not listed: ``default``):
+#: browsers may keep a copy but must revalidate it every time (a 304 is cheap, see
+#: ``docs/cache.md``), and shared caches must not keep it at all.
+DEFAULT_CACHE_CONTROL: dict[str, str] = {"default": "private, no-cache"}
+
+_DIRECTIVE_RE = re.compile(r"^(private|no-cache|no-store|must-revalidate|max-age=[0-9]{1,8})$")
+
+
+def _cache_control(value: str) -> str:
+    directives = [d.strip().lower() for d in value.split(",")]
+    if not all(_DIRECTIVE_RE.match(d) for d in directives):
+        # Never "public" or "s-maxage": payloads are patient data, no shared cache may keep
+        # them. Hashed static assets set their own headers.
+        raise ValueError("must be directives among private, no-cache, no-store,"
+                         " must-revalidate, max-age=<seconds> (never public or s-maxage)")
+    if "private" not in directives and "no-store" not in directives:
+        raise ValueError("must include private or no-store (no shared cache may keep"
+                         " patient data)")
+    return ", ".join(dict.fromkeys(directives))
 
 
 def _fernet_key(key: str) -> str:
@@ -44,7 +65,7 @@ def _key_list(value: object) -> object:
 class CacheSettings(conf.Settings):
     """The ``HMS_TASKS_CACHE_*`` settings: field ``cache_foo`` is ``HMS_TASKS_CACHE_FOO``."""
 
-    merged = ("cache_ttl",)
+    merged = ("cache_ttl", "cache_control")
 
     #: Alias in ``CACHES`` of the tag-aware cache (a ``TaggedRedisCache``).
     cache_alias: Annotated[str, Field(min_length=1)] = "hms"
@@ -69,9 +90,30 @@ class CacheSettings(conf.Settings):
     #: invalidates the whole cache once they are back, rather than grow without bound.
     cache_max_pending_tags: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
 
+    #: ``Cache-Control`` of cache-backed responses per kind (kinds not listed: ``default``),
+    #: merged over :data:`DEFAULT_CACHE_CONTROL`: ``private``, ``no-cache``, ``no-store``,
+    #: ``must-revalidate``, ``max-age=N``; ``private`` or ``no-store`` required, ``public``
+    #: refused.
+    cache_control: dict[str, Annotated[str, AfterValidator(_cache_control)]] = Field(
+        default_factory=lambda: dict(DEFAULT_CACHE_CONTROL))
+    #: Responses smaller than this (bytes) go out uncompressed: under one TCP segment the
+    #: saving buys no round trip and costs a compression.
+    cache_compress_min_bytes: Annotated[int, Field(ge=0, le=10_000_000)] = 1024
+    #: Brotli quality of compressed responses (0-11). 5: each level up to it saves at least
+    #: 10 bytes per extra CPU microsecond on the demo's pages, the next ones far less
+    #: (``python -m bench responses``; the table is in bench/RESULTS.md).
+    cache_brotli_quality: Annotated[int, Field(ge=0, le=11)] = 5
+    #: gzip level of compressed responses (1-9); 6 by the same rule.
+    cache_gzip_level: Annotated[int, Field(ge=1, le=9)] = 6
+
     def ttl(self, kind: str) -> int:
         """Seconds a payload of ``kind`` lives."""
         return self.cache_ttl.get(kind, self.cache_ttl.get("default", DEFAULT_TTL["default"]))
+
+    def control(self, kind: str) -> str:
+        """``Cache-Control`` of responses carrying a payload of ``kind``."""
+        return self.cache_control.get(
+            kind, self.cache_control.get("default", DEFAULT_CACHE_CONTROL["default"]))
 
 
 get = conf.section(CacheSettings)

@@ -32,10 +32,10 @@ from typing import Any, Concatenate, Final, ParamSpec, TypedDict
 
 from django.core import signing
 from django.db.models import Count, Q, QuerySet
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 
-from hms_tasks.cache import get_or_build, get_or_build_many
+from hms_tasks.cache import cached_response, get_or_build_many, set_cache_control
 from hms_tasks.demo.models import Appointment, Department, Encounter, Patient, Practitioner
 from hms_tasks.errors import HmsTasksError
 
@@ -564,7 +564,7 @@ def _jsonable(row: Mapping[str, Any]) -> Row:
 # --- Views -----------------------------------------------------------------------------------
 
 _P = ParamSpec("_P")
-_View = Callable[Concatenate[HttpRequest, _P], JsonResponse]
+_View = Callable[Concatenate[HttpRequest, _P], HttpResponse]
 
 
 def _accepts(*parameters: str) -> Callable[[_View[_P]], _View[_P]]:
@@ -598,7 +598,7 @@ def _json_get(view: _View[_P]) -> _View[_P]:
     allowed: tuple[str, ...] = getattr(view, "query_parameters", ())
 
     @wraps(view)
-    def wrapper(request: HttpRequest, /, *args: _P.args, **kwargs: _P.kwargs) -> JsonResponse:
+    def wrapper(request: HttpRequest, /, *args: _P.args, **kwargs: _P.kwargs) -> HttpResponse:
         if request.method not in ("GET", "HEAD"):
             response = JsonResponse({"error": "method not allowed"}, status=405)
             response["Allow"] = "GET, HEAD"
@@ -625,49 +625,55 @@ def healthz(request: HttpRequest) -> JsonResponse:
 @_json_get
 @_accepts("cursor", "limit", "fields")
 def patients(request: HttpRequest) -> JsonResponse:
-    """``GET /api/patients/?cursor=&limit=&fields=``."""
+    """``GET /api/patients/?cursor=&limit=&fields=``: patient data, so ``Cache-Control`` of
+    the kind ``patient``; no ETag (the page is not a cached payload)."""
     page = patient_page(
         cursor=request.GET.get("cursor"),
         limit=parse_limit(request.GET.get("limit")),
         fields=parse_fields(request.GET.get("fields")),
     )
-    return JsonResponse(page)
+    return set_cache_control(JsonResponse(page), "patient")
 
 
 @_json_get
-def patient(request: HttpRequest, patient_id: int) -> JsonResponse:
+def patient(request: HttpRequest, patient_id: int) -> HttpResponse:
     """``GET /api/patients/<id>/``: the patient's summary, read through the hms-tasks cache
-    (kind ``patient``)."""
-    detail = get_or_build("patient", patient_id) if 0 < patient_id <= _MAX_ID else None
-    return _not_found("patient") if detail is None else JsonResponse(detail)
+    (kind ``patient``), with an ETag: ``If-None-Match`` of it answers 304 from Redis alone
+    until the summary changes."""
+    response = cached_response(request, "patient", patient_id) if 0 < patient_id <= _MAX_ID \
+        else None
+    return _not_found("patient") if response is None else response
 
 
 @_json_get
 @_accepts("date")
-def practitioner_appointments_today(request: HttpRequest, practitioner_id: int) -> JsonResponse:
+def practitioner_appointments_today(request: HttpRequest, practitioner_id: int) -> HttpResponse:
     """``GET /api/practitioners/<id>/appointments/today/?date=YYYY-MM-DD``: today's schedule
-    reads through the cache (kind ``schedule``); other days come from the database, in the
-    same shape (``id`` and ``updated_at``, the time it was read, included)."""
+    reads through the cache (kind ``schedule``, with an ETag); other days come from the
+    database, in the same shape (``id`` and ``updated_at``, the time it was read, included),
+    without one."""
     day = parse_date(request.GET.get("date"))
-    schedule: Mapping[str, Any] | None
+    response: HttpResponse | None
     if not 0 < practitioner_id <= _MAX_ID:
-        schedule = None
+        response = None
     elif day == timezone.localdate():
-        schedule = get_or_build("schedule", practitioner_id)
+        # The payload is the same with or without ?date= of today: one ETag covers both.
+        response = cached_response(request, "schedule", practitioner_id)
     else:
         other = practitioner_day(practitioner_id, day)
-        schedule = (
-            None if other is None
-            else {"id": practitioner_id, "updated_at": timezone.now().isoformat(), **other}
-        )
-    return _not_found("practitioner") if schedule is None else JsonResponse(dict(schedule))
+        response = None if other is None else set_cache_control(JsonResponse(
+            {"id": practitioner_id, "updated_at": timezone.now().isoformat(), **other}),
+            "schedule")
+    return _not_found("practitioner") if response is None else response
 
 
 @_json_get
-def department(request: HttpRequest, department_id: int) -> JsonResponse:
-    """``GET /api/departments/<id>/census/``: read through the cache (kind ``census``)."""
-    census = get_or_build("census", department_id) if 0 < department_id <= _MAX_ID else None
-    return _not_found("department") if census is None else JsonResponse(census)
+def department(request: HttpRequest, department_id: int) -> HttpResponse:
+    """``GET /api/departments/<id>/census/``: read through the cache (kind ``census``), with
+    an ETag."""
+    response = (cached_response(request, "census", department_id)
+                if 0 < department_id <= _MAX_ID else None)
+    return _not_found("department") if response is None else response
 
 
 @_json_get
@@ -675,7 +681,8 @@ def departments(request: HttpRequest) -> JsonResponse:
     """``GET /api/departments/census/``: every department's census, each through the cache."""
     ids = list(Department.objects.order_by("code").values_list("id", flat=True))
     census = get_or_build_many("census", ids) if ids else {}
-    return JsonResponse({"results": [census[i] for i in ids if i in census]})
+    return set_cache_control(
+        JsonResponse({"results": [census[i] for i in ids if i in census]}), "census")
 
 
 def bad_request(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:

@@ -60,6 +60,8 @@ MIDDLEWARE = [
     # First, so it times the whole stack: feeds the API p95 and error-rate alert rules.
     "hms_tasks.metrics.middleware.TimingMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # brotli or gzip by Accept-Encoding; above everything that writes the body.
+    "hms_tasks.cache.CompressionMiddleware",
     "django.middleware.common.CommonMiddleware",
     # Live N+1 sampling (docs/queries.md): 1 % of requests, below the 3 % overhead budget.
     "hms_tasks.queries.middleware.QuerySamplingMiddleware",
