@@ -37,7 +37,7 @@ def queued() -> int:
         (["hms.test.echo", "--json", '{"count": 1, "ids": [1]}', "--arg", "count=2"],
          "count: given twice"),
         (["hms.test.echo", "--arg", "count=1", "--arg", "ids=1", "--queue", "elsewhere"],
-         "--queue: unknown queue 'elsewhere'; allowed: hms.cache"),
+         "--queue: unknown queue 'elsewhere'; allowed: hms.assets, hms.cache"),
         (["hms.test.echo", "--arg", "count=1", "--arg", "ids=1", "--countdown", "99999"],
          "--countdown: must be from 0 to below the visibility timeout"),
         (["hms.test.echo", "--arg", "count"], "--arg: expected NAME=VALUE"),
