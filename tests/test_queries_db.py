@@ -2,26 +2,38 @@
 
 Real parts: the test database (PostgreSQL when ``DATABASE_URL`` names one; the tests that need
 a server skip on SQLite and say so), extra psycopg connections that hold a transaction or a
-lock, Django's own psycopg pool, the session's Redis.
+lock, Django's own psycopg pool, the session's Redis. Statement statistics run on a private
+PostgreSQL 15 cluster this module starts with pg_stat_statements preloaded (the shared server
+does not preload it), collected by a process whose DATABASE_URL names that cluster.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
+import psycopg
 import pytest
 from click.testing import CliRunner
 from django.db import connection
 from django.test import override_settings
 
-from hms_tasks import nodes
+from hms_tasks import nodes, store
 from hms_tasks.metrics import collect
 from hms_tasks.metrics import store as ts
 from hms_tasks.queries import db_cli, pool, statements
-from tests.helpers import wait_for
+from tests.helpers import RedisServer, free_port, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
 
 PG_ONLY = pytest.mark.skipif(
     connection.vendor != "postgresql",
@@ -31,8 +43,6 @@ PG_ONLY = pytest.mark.skipif(
 
 def _connect(**extra: Any) -> Any:
     """A second real connection to the test database, outside Django."""
-    import psycopg
-
     s = connection.settings_dict
     return psycopg.connect(dbname=s["NAME"], user=s["USER"] or None,
                            password=s["PASSWORD"] or None, host=s["HOST"] or None,
@@ -273,27 +283,139 @@ def test_statements_name_the_install_step_when_missing() -> None:
     assert report["status"] in result.output
 
 
-@PG_ONLY
-@pytest.mark.django_db(transaction=True)
-def test_statements_deltas_become_series() -> None:
-    if not _pss_loaded():
-        pytest.skip("pg_stat_statements is not in this server's shared_preload_libraries (it"
-                    " needs a restart, and the server is shared)")
-    with _connect() as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-    canary = "Canary-Patient-Name"
-    with connection.cursor() as cur:
-        cur.execute("SELECT count(*) FROM pg_class WHERE relname = %s", [canary])
-    first = statements.collect(top=500)
-    assert first["status"] == "ok"
-    assert first["top"]
-    for _ in range(5):
-        with connection.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_class WHERE relname = %s", [canary])
-    second = statements.collect(top=500)
-    assert any(d["calls"] >= 5 for d in second["deltas"].values())
-    assert any(n.startswith("db.statement.calls{") for n in ts.series_names())
-    assert canary not in json.dumps(second)
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _as_postgres(home: Path) -> list[str]:
+    """The command prefix that runs PostgreSQL's programs as the owner of ``home``: initdb and
+    the server refuse root, so as root they run as the ``postgres`` OS user."""
+    if os.geteuid() != 0:
+        return []
+    owner = pwd.getpwnam("postgres")
+    os.chown(home, owner.pw_uid, owner.pw_gid)
+    return ["runuser", "-u", "postgres", "--"]
+
+
+@pytest.fixture(scope="module")
+def private_pg() -> Iterator[str]:
+    """A PostgreSQL 15 cluster of this module's own, on a free loopback port, that preloads
+    pg_stat_statements (the shared server does not, and must not be restarted); its URL.
+
+    Trust authentication, the extension created in the ``postgres`` database; stopped and
+    deleted at the end.
+    """
+    if not (PG_BIN / "pg_ctl").exists():
+        reason = f"PostgreSQL 15's server programs are not installed ({PG_BIN})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}: CI must run the statement statistics test")
+        pytest.skip(reason)
+    # Not under pytest's tmp_path: its parent is private to the user running pytest.
+    home = Path(tempfile.mkdtemp(prefix="hms-pgstat-"))
+    prefix = _as_postgres(home)
+    data, log, port = home / "data", home / "server.log", free_port()
+
+    def run(program: str, *args: str) -> None:
+        proc = subprocess.run([*prefix, str(PG_BIN / program), *args], capture_output=True,
+                              text=True, timeout=60)
+        detail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        assert proc.returncode == 0, f"{program}: {proc.stderr}{detail}"
+
+    try:
+        run("initdb", "-D", str(data), "--auth=trust", "--username=postgres", "--no-sync",
+            "--encoding=UTF8", "--locale=C")
+        run("pg_ctl", "-D", str(data), "-l", str(log), "-w", "-t", "30", "-o",
+            f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={home}"
+            " -c shared_preload_libraries=pg_stat_statements", "start")
+        try:
+            url = f"postgres://postgres@127.0.0.1:{port}/postgres"
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION pg_stat_statements")
+            yield url
+        finally:
+            run("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _collect_in_a_process(env: dict[str, str]) -> statements.StatementsReport:
+    """``statements.collect`` in a process whose DATABASE_URL names the private cluster (this
+    one's Django database is the suite's)."""
+    code = ("import django, json; django.setup(); from hms_tasks.queries import statements;"
+            " print(json.dumps(statements.collect(top=500)))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    report: statements.StatementsReport = json.loads(proc.stdout)
+    return report
+
+
+def _strings_and_hashes_in_redis() -> str:
+    """Every key, string value and hash field of the session's Redis (series blocks are
+    binary: decoded loosely, a name in them would still show)."""
+    client = store.client(decode=False)
+    out: list[bytes] = []
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        if kind == b"string":
+            out.append(cast("bytes | None", client.get(key)) or b"")
+        elif kind == b"hash":
+            out += [b"%s=%s" % kv
+                    for kv in cast("dict[bytes, bytes]", client.hgetall(key)).items()]
+        out.append(key)
+    return b"\n".join(out).decode("utf-8", "replace")
+
+
+def test_statements_deltas_become_series(private_pg: str, redis_server: RedisServer,
+                                         tmp_path: Path) -> None:
+    """On a server that preloads pg_stat_statements: a statement run 5 times between two
+    collections is recorded as 5 calls, as a series per query id; the constants of the
+    statements (a patient's name, a number) reach neither the report nor Redis."""
+    canary, number = "Canary-Patient-Name", 731_864_290
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "DJANGO_SETTINGS_MODULE": "hms_tasks.demo.settings", "REDIS_URL": redis_server.url,
+           "DATABASE_URL": private_pg, "HMS_TASKS_HOME": str(tmp_path)}
+
+    with psycopg.connect(private_pg, autocommit=True) as conn:
+
+        def run_the_canaries() -> None:
+            # A constant PostgreSQL normalizes to $1, a bound parameter, and utility
+            # statements whose constants PostgreSQL 15 keeps (scrubbed by hms-tasks).
+            conn.execute(f"SELECT count(*) FROM pg_class WHERE relname = '{canary}'")
+            conn.execute("SELECT count(*) FROM pg_type WHERE typname = %s", [canary])
+            conn.execute(f"SET application_name TO '{canary}'")
+            conn.execute(f"SET lock_timeout = {number}")
+
+        run_the_canaries()
+        first = _collect_in_a_process(env)
+        assert first["status"] == "ok", first["reason"]
+        assert first["deltas"] == {}  # nothing to compare with yet
+        for _ in range(5):
+            run_the_canaries()
+        second = _collect_in_a_process(env)
+
+    assert second["status"] == "ok", second["reason"]
+    by_text = {st["text"]: st["queryid"] for st in second["top"]}
+    for text in ("SELECT count(*) FROM pg_class WHERE relname = $1",
+                 "SELECT count(*) FROM pg_type WHERE typname = $1"):
+        assert second["deltas"][by_text[text]]["calls"] == 5.0, text
+    # The utility statements are there, their constants scrubbed.
+    assert "SET application_name TO ?" in by_text
+    assert "SET lock_timeout = ?" in by_text
+
+    qid = by_text["SELECT count(*) FROM pg_class WHERE relname = $1"]
+    written = ts.latest()
+    labels = {"queryid": qid}
+    assert written[ts.series_id("db.statement.calls", labels)].value == 5.0
+    assert written[ts.series_id("db.statement.rows", labels)].value == 5.0  # one row a call
+    assert ts.series_id("db.statement.total_ms", labels) in written
+    assert ts.series_id("db.statement.mean_ms", labels) in written
+    assert statements.latest() == second
+
+    everywhere = "\n".join([json.dumps(first), json.dumps(second),
+                            _strings_and_hashes_in_redis()])
+    for secret in (canary, str(number)):
+        assert secret not in everywhere
+        assert secret.lower() not in everywhere.lower()
 
 
 # -- the command -----------------------------------------------------------------------------------
