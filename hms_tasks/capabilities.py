@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+from collections.abc import Callable, Mapping
 from types import ModuleType
+from typing import Any
 
-__all__ = ["CAPABILITIES", "modules", "queue"]
+__all__ = ["CAPABILITIES", "lazy_exports", "modules", "queue"]
 
 CAPABILITIES: tuple[str, ...] = (
     "cache", "metrics", "memory", "health", "loadtest", "queries", "assets",
@@ -44,3 +47,22 @@ def module_names(part: str) -> list[str]:
 def modules(part: str) -> list[ModuleType]:
     """The imported ``hms_tasks.<capability>.<part>`` modules (those that exist)."""
     return [importlib.import_module(name) for name in module_names(part)]
+
+
+def lazy_exports(package: str,
+                 table: Mapping[str, str | tuple[str, str]]) -> Callable[[str], Any]:
+    """The module ``__getattr__`` (PEP 562) of a capability's ``__init__``: each public name is
+    imported from its module on first use and then kept in the package, so importing the
+    package (or its import-light ``names``) pulls in no Celery, Django or Redis. ``table`` maps
+    a public name to its module, or to ``(module, attribute)`` when the names differ."""
+
+    def __getattr__(name: str) -> Any:
+        home = table.get(name)
+        if home is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module, attr = (home, name) if isinstance(home, str) else home
+        value = getattr(importlib.import_module(f"{package}.{module}"), attr)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    return __getattr__

@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import click
 
-__all__ = ["BAD_INPUT", "SECONDS", "fail", "fmt_time", "setup", "table"]
+__all__ = ["BAD_INPUT", "SECONDS", "fail", "fmt_time", "redis_needed", "setup", "table"]
 
 BAD_INPUT = 2
 
@@ -70,3 +72,14 @@ class _Seconds(click.ParamType[float]):
 
 #: A finite number of seconds (``--timeout``, ``--countdown``).
 SECONDS = _Seconds()
+
+
+@contextmanager
+def redis_needed() -> Iterator[None]:
+    """Turn an unreachable Redis into a one-line error (exit 1) instead of a traceback."""
+    import redis
+
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        fail(f"Redis is unreachable ({type(exc).__name__}); check REDIS_URL", 1)

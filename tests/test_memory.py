@@ -88,7 +88,7 @@ def test_leaking_task_drives_its_child_through_the_tiers_and_is_recycled(
     os.kill(pid, signal.SIGUSR2)
     nudged = wait_for(lambda: next((e for e in hooks.events(last=1000, pid=pid)
                                     if e["trigger"] == "sweep"), None),
-                      what="the idle child to act on the signal")
+                      timeout=60, what="the idle child to act on the signal")
     assert nudged["tier"] == "warning"
     assert nudged["action"] == "gc_young"
 

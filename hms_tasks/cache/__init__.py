@@ -29,8 +29,9 @@ stays free of Django, Redis and Celery. The cache backend itself is
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from hms_tasks.capabilities import lazy_exports
 
 if TYPE_CHECKING:
     from hms_tasks.cache.backend import TaggedRedisCache
@@ -98,15 +99,4 @@ _HOME = {
 }
 
 
-def __getattr__(name: str) -> object:
-    # PEP 562: a public name is imported from its module on first use, then kept here.
-    module = _HOME.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value: object = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__ = lazy_exports(__name__, _HOME)

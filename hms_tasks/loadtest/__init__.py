@@ -30,8 +30,9 @@ module (its directory has no ``__init__.py``).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hms_tasks.capabilities import lazy_exports
 
 if TYPE_CHECKING:
     from hms_tasks.loadtest.orchestrate import abort_run, merge_run, start_run, status
@@ -45,7 +46,4 @@ _HOME = {"LoadTestSpec": "spec", "Thresholds": "spec", "configured": "spec", "pa
          "status": "orchestrate"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(f"hms_tasks.loadtest.{_HOME[name]}"), name)
-    raise AttributeError(f"module 'hms_tasks.loadtest' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _HOME)

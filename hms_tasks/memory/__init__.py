@@ -20,8 +20,9 @@ Modules: :mod:`~hms_tasks.memory.tiers` (budget, tiers, actions), :mod:`~hms_tas
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hms_tasks.capabilities import lazy_exports
 
 if TYPE_CHECKING:
     from hms_tasks.memory.hooks import MemoryEvent, events
@@ -59,12 +60,4 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attr = _EXPORTS[name]
-    return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__ = lazy_exports(__name__, _EXPORTS)

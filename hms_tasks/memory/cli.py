@@ -9,25 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import click
 
-from hms_tasks.console import fail, fmt_time, setup, table
+from hms_tasks.console import fail, fmt_time, redis_needed, setup, table
 
 __all__ = ["commands", "memory"]
-
-
-@contextmanager
-def redis_needed() -> Iterator[None]:
-    """Turn an unreachable Redis into a one-line error (exit 1) instead of a traceback."""
-    import redis
-
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        fail(f"Redis is unreachable ({type(exc).__name__}); check REDIS_URL", 1)
 
 
 @click.command()

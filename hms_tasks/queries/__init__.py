@@ -17,7 +17,9 @@ queries``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hms_tasks.capabilities import lazy_exports
 
 if TYPE_CHECKING:
     from hms_tasks.queries.audits import ProbeFailed, Report, audit
@@ -42,18 +44,4 @@ _HOME = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    # PEP 562: names load on first use, so ``hms_tasks.queries.names`` stays import-light
-    # (beat and clients import it without Django).
-    import importlib
-
-    module = _HOME.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__ = lazy_exports(__name__, _HOME)
