@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any, cast
 
 import redis
@@ -19,6 +20,7 @@ from celery import Celery, bootsteps
 from celery.utils.log import get_logger
 from kombu import Queue
 from redbeat import RedBeatScheduler  # type: ignore[import-untyped]
+from redbeat.schedulers import acquire_distributed_beat_lock  # type: ignore[import-untyped]
 
 from hms_tasks import broker, capabilities, conf, flower, names, schedule, store, tls
 from hms_tasks.errors import ConfigurationError
@@ -375,6 +377,13 @@ class CheckedScheduler(RedBeatScheduler):  # type: ignore[misc]
         # extension failed; the next one extends again, or ends beat with LockNotOwnedError
         # if the lock expired meanwhile (another beat may hold it now).
         try:
+            if self.lock_key and self.lock is None:
+                # redbeat acquires the lock in a beat_init handler, blocking while another
+                # beat holds it; Celery swallows an exception raised there, so a Redis outage
+                # while this beat waited as a standby left it without a lock, and redbeat's
+                # tick ended beat with AttributeError (None.extend). Acquire it here instead,
+                # the same way, retried after an interval while Redis is unreachable.
+                acquire_distributed_beat_lock(sender=SimpleNamespace(scheduler=self))
             return float(super().tick(*args, **kwargs))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             logger.warning("beat: Redis unreachable (%s); retrying in %d s",

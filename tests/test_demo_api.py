@@ -250,6 +250,22 @@ def test_patient_summary_matches_the_database(client: Client, hospital: SeedSumm
     assert body["upcoming_appointments"], "the busiest patient has something upcoming"
 
 
+def test_summaries_of_ids_with_gaps_leave_out_the_patients_between(
+        hospital: SeedSummary) -> None:
+    """Ids dense enough to be read as one range (every other one, here): the encounters and
+    appointments of the patients in between belong to nobody asked for (a KeyError before)."""
+    from hms_tasks.demo.api import patient_summaries
+
+    ids = list(Patient.objects.order_by("id").values_list("id", flat=True))
+    every_other = ids[::2]
+    summaries = patient_summaries(every_other)
+    assert sorted(summaries) == every_other
+    for pid, summary in summaries.items():
+        assert [e["id"] for e in summary["active_encounters"]] == list(
+            Encounter.objects.filter(patient_id=pid, status__in=("planned", "admitted"))
+            .order_by("admitted_at", "id").values_list("id", flat=True))
+
+
 def test_patient_summary_query_count_is_constant(client: Client, hospital: SeedSummary) -> None:
     history = Patient.objects.annotate(
         n=Count("encounters", distinct=True) + Count("appointments", distinct=True)

@@ -352,6 +352,8 @@ def patient_summaries(ids: Iterable[int], *, using: str = "default") -> dict[int
             "practitioner_id",
         )
     ):
+        if pid not in encounters:
+            continue  # a patient between two wanted ids (the dense-range query)
         encounters[pid].append(
             {
                 "id": eid,
@@ -380,6 +382,8 @@ def patient_summaries(ids: Iterable[int], *, using: str = "default") -> dict[int
             "practitioner_id",
         )
     ):
+        if pid not in appointments:
+            continue
         appointments[pid].append(
             {
                 "id": aid,
