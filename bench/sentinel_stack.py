@@ -178,13 +178,24 @@ class SentinelStack:
         return int(_wait(lambda: (p := self.master_port()) != old and p, 30,
                          "the sentinels to name a new master"))
 
-    def kill_master(self) -> int:
+    def pause(self, port: int) -> None:
+        """SIGSTOP a server: it keeps its connections and answers nothing (replication too)."""
+        self.procs[port].send_signal(signal.SIGSTOP)
+
+    def resume(self, port: int) -> None:
+        self.procs[port].send_signal(signal.SIGCONT)
+
+    def kill_master(self, *, healthy_first: bool = True,
+                    before_switch: Callable[[], None] | None = None) -> int:
         """SIGKILL the master; returns the new master's port once the sentinels name it, after
-        restarting the killed server (the sentinels make it a replica)."""
-        old = self.wait_healthy()
+        restarting the killed server (the sentinels make it a replica). ``before_switch`` runs
+        right after the kill (a test resuming paused replicas, say)."""
+        old = self.wait_healthy() if healthy_first else self.master_port()
         proc = self.procs.pop(old)
         proc.kill()
         proc.wait(timeout=10)
+        if before_switch is not None:
+            before_switch()
         new = int(_wait(lambda: (p := self.master_port()) != old and p, 60,
                         "the sentinels to name a new master"))
         self._start_redis(old, None)

@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from django.core.cache import caches
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.cache.backends.redis import RedisCache
 
@@ -93,9 +94,9 @@ def _new_epoch(execute: Any, replid: str, switched: bool) -> None:
     them. A pool's first master ever does so only once per master (a fresh process must not
     empty the cache). Runs before the pool sends anything to the new master
     (:func:`hms_tasks.store.on_new_master`)."""
-    from hms_tasks.cache.core import backend
-
-    be = backend()
+    be = caches[settings.get().cache_alias]
+    if not isinstance(be, TaggedRedisCache):
+        return
     if execute("EVAL", lua.NEW_EPOCH, 2, be.internal_key("epoch"), be.gen_prefix + ALL,
                replid, secrets.token_hex(8), GENERATION_TTL, "1" if switched else "0"):
         logger.warning("new Redis master: every value cached before it now reads as a miss")

@@ -67,6 +67,10 @@ DEFAULT_ALERT_RULES: dict[str, dict[str, Any]] = {
     # clean again.
     "deadletter": {"series": "celery.deadletter_recent", "op": ">", "threshold": 0,
                    "clear": 0, "for": 0, "clear_for": 900, "severity": "warning"},
+    # Sentinel promoted a new Redis master in the last hour (recorded by the first process
+    # that connected to it: hms_tasks.store.failovers): fires at once, resolves an hour on.
+    "redis_failover": {"series": "redis.failovers_recent", "op": ">", "threshold": 0,
+                       "clear": 0, "for": 0, "clear_for": 0, "severity": "warning"},
 }
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
