@@ -30,6 +30,7 @@ BENCHES = {
     "cache": "bench.cache",
     "loadtest": "bench.loadtest",
     "metrics": "bench.metrics",
+    "failover": "bench.failover",
 }
 
 #: Exit codes of one part's process.

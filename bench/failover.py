@@ -235,12 +235,16 @@ def measure(*, failovers: int, kills: int, steady: float, writes: float,
         load.stop.set()
         for t in threads:
             t.join(timeout=30)
-        # Every task whose publish returned runs, or is lost.
+        # Every task whose publish returned runs, or is lost; beat ticks again after the last
+        # switch (its lock may have to expire first: up to 35 s).
         published = set(load.published)
+        last = switches[-1]["switched"] if switches else 0.0
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            done = {n for kind, n, _ in _runs(home) if kind == "done"}
-            if published <= done:
+            runs = _runs(home)
+            done = {n for kind, n, _ in runs if kind == "done"}
+            ticked = any(kind == "tick" and t > last + 2 for kind, _, t in runs)
+            if published <= done and ticked:
                 break
             time.sleep(0.5)
         runs = _runs(home)
