@@ -173,10 +173,21 @@ class SentinelStack:
 
     def failover(self) -> int:
         """``SENTINEL FAILOVER``; returns the new master's port once the sentinels name it."""
-        old = self.wait_healthy()
-        self.client(self.sentinel_ports[0]).sentinel_failover(MASTER_NAME)
-        return int(_wait(lambda: (p := self.master_port()) != old and p, 30,
-                         "the sentinels to name a new master"))
+        for attempt in range(3):
+            old = self.wait_healthy()
+            # A sentinel may refuse or abort a forced failover (a replica it has not yet
+            # re-checked after the previous one): ask again, another sentinel.
+            try:
+                self.client(self.sentinel_ports[attempt]).sentinel_failover(MASTER_NAME)
+            except redis.ResponseError:
+                time.sleep(1)
+                continue
+            try:
+                return int(_wait(lambda old=old: (p := self.master_port()) != old and p, 15,
+                                 "the sentinels to name a new master"))
+            except TimeoutError:
+                continue
+        raise TimeoutError("SENTINEL FAILOVER did not switch the master in 3 attempts")
 
     def pause(self, port: int) -> None:
         """SIGSTOP a server: it keeps its connections and answers nothing (replication too)."""
