@@ -335,6 +335,7 @@ def run() -> list[Row]:
             "-"),
         Row("tasks lost (publish returned, never ran)", len(r["lost"]), None, "tasks", "0",
             ok=not r["lost"]),
+        Row("tasks published (publish returned)", r["published"], None, "tasks", "-"),
         Row("tasks whose publish raised (caller told)", r["publish_failed"], None, "tasks",
             "-"),
         Row("stale reads of a buffered invalidation, > 1 s after a switch",
