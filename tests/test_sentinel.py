@@ -175,3 +175,19 @@ def test_a_value_whose_invalidation_the_failover_lost_reads_as_a_miss(
     be.set("patient-1", {"v": 2}, 600, tags=["patient:1"])
     assert be.get("patient-1") == {"v": 2}
     stack.wait_healthy()
+
+
+def test_the_async_client_asks_the_sentinels_too(on_sentinel: SentinelStack) -> None:
+    import asyncio
+
+    async def roundtrip() -> Any:
+        client = store.async_client()
+        try:
+            await client.set(store.key("t", "async"), "1")
+            return await client.get(store.key("t", "async"))
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(roundtrip()) == "1"
+    master = on_sentinel.client(on_sentinel.master_port())
+    assert wait_for(lambda: master.get(store.key("t", "async")), timeout=10) == "1"
