@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/hms_tasks
 BENCH ?=
 
-.PHONY: run test lint pytest faults test-postgres bench venv redis-server-binary clean
+.PHONY: run test lint pytest faults test-postgres bench sentinel venv redis-server-binary clean
 
 venv: $(STAMP)
 
@@ -84,6 +84,12 @@ test: lint pytest
 
 bench: venv redis-server-binary
 	$(BIN)/python -m bench $(BENCH)
+
+# Redis behind Sentinel on loopback, in the foreground (Ctrl-C stops it): a master on 6390,
+# replicas on 6391 and 6392, sentinels on 26390-26392 (master name mymaster). It prints the
+# REDIS_SENTINELS=... REDIS_SENTINEL_MASTER=... to run hms-tasks against it.
+sentinel: venv redis-server-binary
+	$(BIN)/python -m bench.sentinel_stack
 
 clean:
 	rm -rf .hms-tasks build dist *.egg-info .mypy_cache .ruff_cache

@@ -35,6 +35,7 @@ BENCHES = {
     "assets": "bench.assets",
     "scaling": "bench.scaling",
     "responses": "bench.responses",
+    "failover": "bench.failover",
 }
 
 #: Exit codes of one part's process.

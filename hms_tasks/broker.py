@@ -33,29 +33,64 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import logging
 import threading
 import uuid
+from collections.abc import Iterator, Sequence
 from queue import Empty
 from typing import Any
 from urllib.parse import urlsplit
 
+from celery.backends import redis as celery_redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
-from hms_tasks import deadletter
+from hms_tasks import deadletter, store
 
-__all__ = ["TRANSPORT", "Channel", "Message", "QoS", "Transport", "parked", "transport_for"]
+__all__ = [
+    "SENTINEL_BACKEND",
+    "SENTINEL_TRANSPORT",
+    "TRANSPORT",
+    "Channel",
+    "Message",
+    "QoS",
+    "SentinelBackend",
+    "SentinelChannel",
+    "SentinelTransport",
+    "Transport",
+    "keep_sentinels",
+    "parked",
+    "transport_for",
+]
 
 logger = logging.getLogger(__name__)
 
 #: The value of ``broker_transport`` that selects this transport.
 TRANSPORT = "hms_tasks.broker:Transport"
+#: The same, over Redis Sentinel (``sentinel://`` broker URLs).
+SENTINEL_TRANSPORT = "hms_tasks.broker:SentinelTransport"
+#: Celery's result backend over Sentinel, as ``<this>+sentinel://...`` selects it.
+SENTINEL_BACKEND = "hms_tasks.broker:SentinelBackend"
 
 
 def transport_for(broker_url: str) -> str | None:
-    """This transport for a Redis broker URL; None (kombu's choice) for any other scheme."""
-    return TRANSPORT if urlsplit(broker_url).scheme in ("redis", "rediss") else None
+    """This transport for a Redis broker URL (its Sentinel variant for ``sentinel://``); None
+    (kombu's choice) for any other scheme."""
+    scheme = urlsplit(broker_url).scheme
+    if scheme == "sentinel":
+        return SENTINEL_TRANSPORT
+    return TRANSPORT if scheme in ("redis", "rediss") else None
+
+
+def keep_sentinels(urls: Sequence[str]) -> Iterator[str]:
+    """Celery's ``broker_failover_strategy`` for ``sentinel://`` broker URLs (set with the
+    sentinels). kombu takes each URL of a list for another broker and, on a connection
+    error, switches to the next one; a switch to a URL also replaces the transport with the
+    one its scheme names (kombu's own Sentinel transport, without the guards here). The URLs
+    are the sentinels of one master, which the transport asks at each connect anyway: this
+    strategy stays, naming the first URL's host only (a bare host keeps the transport)."""
+    return itertools.repeat(urlsplit(urls[0]).hostname or "" if urls else "")
 
 
 def _stub(payload: Any) -> dict[str, Any]:
@@ -270,3 +305,34 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with the guarded :class:`Channel`."""
 
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (the master asked of the sentinels at each connect) with the
+    guards of :class:`Channel`. Messages parked by a connection lost in a failover are
+    restored by the next channel, on the new master: ``hms_broker`` is the list of sentinel
+    URLs, the same before and after the switch. A new master's refusal to write before it
+    has replicas is a connection error here (:class:`hms_tasks.store.NoReplicasError`)."""
+
+    connection_class = store.SentinelConnection
+    connection_class_ssl = store.SentinelSSLConnection
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Redis Sentinel transport with the guarded :class:`SentinelChannel`."""
+
+    Channel = SentinelChannel
+
+
+class SentinelBackend(celery_redis.SentinelBackend):
+    """Celery's Sentinel result backend, on connections that make a new master's refusal to
+    write before it has replicas a connection error
+    (:class:`hms_tasks.store.NoReplicasError`), which ``result_backend_always_retry``
+    retries instead of failing the task."""
+
+    connection_class_ssl = store.SentinelSSLConnection
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        this: Any = self  # connparams: set by Celery's RedisBackend, untyped
+        this.connparams.setdefault("connection_class", store.SentinelConnection)

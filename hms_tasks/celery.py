@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any, cast
+from urllib.parse import quote, unquote, urlsplit
 
 import redis
 from celery import Celery, bootsteps
@@ -35,6 +36,7 @@ __all__ = [
     "max_countdown",
     "route",
     "run_startup_checks",
+    "sentinel_options",
     "startup_problems",
 ]
 
@@ -154,11 +156,70 @@ def celery_defaults() -> dict[str, Any]:
         "worker_direct": True,
     }
     # What capabilities need of Celery (their settings module's celery_options()).
+    if hms.redis_sentinels:
+        options.update(sentinel_options(options))
     for module in capabilities.modules("settings"):
         contribute = getattr(module, "celery_options", None)
         if contribute is not None:
             options.update(contribute())
     return options
+
+
+def sentinel_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """With ``HMS_TASKS_REDIS_SENTINELS``: broker (kombu's Sentinel transport, guarded), result
+    backend (Celery's ``sentinel://``) and redbeat ask the sentinels for the master named
+    ``HMS_TASKS_REDIS_SENTINEL_MASTER``, with TLS, credentials and database from
+    ``HMS_TASKS_REDIS_URL``; ``options`` are the non-Sentinel defaults they extend."""
+    hms = conf.get()
+    url = urlsplit(hms.redis_url)
+    auth = ""
+    if url.password is not None:
+        auth = f"{quote(unquote(url.username or ''), safe='')}:" \
+               f"{quote(unquote(url.password), safe='')}@"
+    db = url.path.strip("/") or "0"
+    sentinel_url = ";".join(f"sentinel://{auth}{entry}/{db}" for entry in hms.redis_sentinels)
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": store.SOCKET_TIMEOUT,
+                                       "socket_connect_timeout": store.CONNECT_TIMEOUT}
+    if hms.redis_sentinel_username:
+        sentinel_kwargs["username"] = hms.redis_sentinel_username
+    if hms.redis_sentinel_password:
+        sentinel_kwargs["password"] = hms.redis_sentinel_password
+    _, ssl_options = tls.celery_ssl(hms.redis_url)
+    if hms.redis_sentinel_tls:
+        sentinel_kwargs.update(ssl=True, **(ssl_options or {}))
+    master = {"master_name": hms.redis_sentinel_master, "sentinel_kwargs": sentinel_kwargs}
+    out: dict[str, Any] = {
+        # A publish during a failover retries until the sentinels name the new master (a
+        # SIGKILLed master takes down-after-milliseconds plus an election: seconds), up to
+        # about 30 s; the cache's fan-out dispatch does not wait (its own retries).
+        "task_publish_retry_policy": {"max_retries": 20, "interval_start": 0,
+                                      "interval_step": 0.5, "interval_max": 2},
+        "broker_url": sentinel_url,
+        # kombu would switch to kombu's own transport on a connection error (keep_sentinels).
+        "broker_failover_strategy": broker.keep_sentinels,
+        "result_backend": f"{broker.SENTINEL_BACKEND}+{sentinel_url}",
+        # A result written in the switch waits for the new master rather than fail the task.
+        "result_backend_always_retry": True,
+        "broker_transport_options": {**options["broker_transport_options"], **master},
+        "result_backend_transport_options": {
+            **options["result_backend_transport_options"], **master},
+        # redbeat's own Sentinel client (redis-sentinel:// selects it).
+        "redbeat_redis_url": "redis-sentinel://",
+        "redbeat_redis_options": {
+            **options["redbeat_redis_options"],
+            "sentinels": [(h.strip("[]"), int(p)) for h, _, p in
+                          (e.rpartition(":") for e in hms.redis_sentinels)],
+            "service_name": hms.redis_sentinel_master,
+            "db": int(db),
+            "password": unquote(url.password) if url.password is not None else None,
+            "sentinel_kwargs": sentinel_kwargs,
+            **({"username": unquote(url.username)} if url.username else {}),
+        },
+    }
+    if ssl_options is not None:
+        out.update(broker_use_ssl=ssl_options, redis_backend_use_ssl=ssl_options,
+                   redbeat_redis_use_ssl=ssl_options)
+    return out
 
 
 class _DjangoCeleryConfig(Mapping[str, Any]):
@@ -389,6 +450,14 @@ class CheckedScheduler(RedBeatScheduler):  # type: ignore[misc]
             logger.warning("beat: Redis unreachable (%s); retrying in %d s",
                            type(exc).__name__, BEAT_MAX_LOOP_INTERVAL)
             return float(BEAT_MAX_LOOP_INTERVAL)
+        except redis.ResponseError as exc:
+            # A master just promoted by Sentinel refuses writes until it has a replica
+            # (min-replicas-to-write): a blip like the one above (redbeat's own client).
+            if not str(exc).startswith("NOREPLICAS"):
+                raise
+            logger.warning("beat: the Redis master has no replica yet; retrying in %d s",
+                           BEAT_MAX_LOOP_INTERVAL)
+            return float(BEAT_MAX_LOOP_INTERVAL)
 
 
 def beat_lag(celery_app: Celery | None = None) -> float:
@@ -398,7 +467,9 @@ def beat_lag(celery_app: Celery | None = None) -> float:
     import time
 
     c = (celery_app or app).conf
-    client = store.client(url=c.redbeat_redis_url)
+    # With sentinels redbeat's URL names no server: the store's client finds the master.
+    sentinel = str(c.redbeat_redis_url).startswith("redis-sentinel")
+    client = store.client(url=None if sentinel else c.redbeat_redis_url)
     now = time.time()
     # Scores are due instants; redbeat gives disabled entries -1 (hence from 0).
     due: list[tuple[str, float]] = client.zrange(  # type: ignore[assignment]

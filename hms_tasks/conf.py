@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hms_tasks.errors import ConfigurationError
 from hms_tasks.validation import location, problems
@@ -123,6 +131,15 @@ def section(cls: type[S]) -> Callable[[], S]:
 
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
+_MASTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(
+            c.isspace() or c in "/@;," for c in host):
+        raise ValueError("must be host:port")
+    return value
 
 
 class CoreSettings(Settings):
@@ -145,6 +162,21 @@ class CoreSettings(Settings):
     #: every acks_late task's hard time limit with its longest retry wait; countdowns beyond
     #: it less the task's limit are refused when published (start-up checks, HmsCelery).
     visibility_timeout: Annotated[int, Field(ge=60, le=7 * 86400)] = 150
+    #: Redis Sentinels (``host:port`` each) that name the master of HMS_TASKS_REDIS_URL: set,
+    #: every Redis client (broker, results, beat, the cache, hms-tasks state) asks them for
+    #: the master and follows a failover; the URL's host and port are then not used, its
+    #: scheme (``rediss://``: TLS), user, password, database and ``ssl_*`` query are.
+    redis_sentinels: Annotated[
+        Sequence[Annotated[str, AfterValidator(_host_port)]], AfterValidator(tuple),
+    ] = ()
+    #: The name the sentinels monitor the master under (required with the sentinels).
+    redis_sentinel_master: Annotated[str, Field(pattern=_MASTER_RE.pattern)] | None = None
+    #: ACL user and password of the sentinels themselves (``requirepass``/``user`` in
+    #: sentinel.conf); the master's are those of HMS_TASKS_REDIS_URL.
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: str | None = None
+    #: Talk to the sentinels over TLS, verified like the master (the URL's ``ssl_*`` query).
+    redis_sentinel_tls: bool = False
 
     @field_validator("redis_url")
     @classmethod
@@ -152,6 +184,15 @@ class CoreSettings(Settings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _sentinel_master(self) -> CoreSettings:
+        if self.redis_sentinels and self.redis_sentinel_master is None:
+            raise ValueError(
+                "HMS_TASKS_REDIS_SENTINEL_MASTER must be set when HMS_TASKS_REDIS_SENTINELS is")
+        if self.redis_sentinels and self.redis_url.startswith("unix://"):
+            raise ValueError("HMS_TASKS_REDIS_URL must be redis:// or rediss:// with sentinels")
+        return self
 
 
 get = section(CoreSettings)

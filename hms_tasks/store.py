@@ -5,29 +5,66 @@ so one prefix scopes all hms-tasks state and nothing collides with Celery's own 
 contracts (documented in ``docs/``); change them only with a migration note.
 
 Every Redis client of hms-tasks comes from :func:`client` (sync, ``decode`` to str or bytes) or
-:func:`async_client`: one place sets timeouts, keepalive and health checks, and the one place the
-coming Sentinel support plugs in. A ``rediss://`` URL verifies the server's certificate
-(``ssl_ca_certs`` in its query names the CA); one that turns verification off is refused unless
-``HMS_TASKS_REDIS_ALLOW_INSECURE_TLS`` (:mod:`hms_tasks.tls`).
+:func:`async_client`: one place sets timeouts, keepalive and health checks. A ``rediss://`` URL
+verifies the server's certificate (``ssl_ca_certs`` in its query names the CA); one that turns
+verification off is refused unless ``HMS_TASKS_REDIS_ALLOW_INSECURE_TLS`` (:mod:`hms_tasks.tls`).
+
+Sentinel. With ``HMS_TASKS_REDIS_SENTINELS`` set, a client of the hms-tasks Redis (no ``url``,
+or ``url`` equal to ``HMS_TASKS_REDIS_URL``) asks the sentinels for the master named
+``HMS_TASKS_REDIS_SENTINEL_MASTER`` (redis-py's :class:`~redis.sentinel.Sentinel`) and follows a
+failover on its next connection; the URL still gives TLS, credentials and database. Any other
+URL (a health check's instance, say) is connected directly. Django caches on the same Redis use
+:class:`SentinelPool` (``OPTIONS["pool_class"]``; the tag cache sets it itself).
+
+A Sentinel-managed pool that connects to a master it has not checked yet (its first one, or a
+new one after a failover) records it under ``<prefix>:redis:master`` before its caller's
+command runs there, and calls the :func:`on_new_master` listeners: the tag cache ends its epoch
+there, so that no value built before a failover (under a generation bump the failover lost) is
+read after it.
+A master seen for the first time by everyone (its replication id differs from the recorded
+one) is also logged in ``<prefix>:redis:failovers`` (:func:`failovers`, the ``redis_failover``
+alert).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from functools import cache
 from typing import Any
 
 import redis
 import redis.asyncio as aredis
+import redis.asyncio.sentinel as asentinel
+import redis.sentinel
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.connection import SSLConnection, parse_url
 from redis.lock import Lock
 from redis.retry import Retry
 
 from hms_tasks import conf, tls
 
-__all__ = ["async_client", "binary_client", "client", "key", "lock", "reset", "single_flight"]
+__all__ = [
+    "NoReplicasError",
+    "SentinelConnection",
+    "SentinelPool",
+    "SentinelSSLConnection",
+    "async_client",
+    "binary_client",
+    "client",
+    "failovers",
+    "key",
+    "lock",
+    "on_new_master",
+    "reset",
+    "sentinel_managed",
+    "single_flight",
+]
+
+logger = logging.getLogger(__name__)
 
 # Connection options of every client: a dead TCP peer must not hang a worker, and a firewall
 # that drops idle connections is noticed before a command is lost on one.
@@ -56,9 +93,12 @@ def _checked(url: str) -> str:
 def _client(url: str, decode: bool, socket_timeout: float | None) -> redis.Redis:
     # redis-py's pool notices a fork (pid check) and reconnects in the child, so one client per
     # process and URL is safe with the prefork pool.
-    return redis.Redis.from_url(
-        url, decode_responses=decode, socket_keepalive=True,
-        health_check_interval=HEALTH_CHECK_INTERVAL, **_options(socket_timeout))
+    options: dict[str, Any] = {
+        "decode_responses": decode, "socket_keepalive": True,
+        "health_check_interval": HEALTH_CHECK_INTERVAL, **_options(socket_timeout)}
+    if sentinel_managed(url):
+        return redis.Redis(connection_pool=SentinelPool.from_url(url, **options))
+    return redis.Redis.from_url(url, **options)
 
 
 def client(*, decode: bool = True, url: str | None = None,
@@ -84,14 +124,188 @@ def async_client(*, url: str | None = None, decode: bool = True,
     options = _options(socket_timeout)
     if "retry" in options:
         options["retry"] = AsyncRetry(NoBackoff(), 0)
-    return aredis.Redis.from_url(
-        _checked(url or conf.get().redis_url), decode_responses=decode, socket_keepalive=True,
-        health_check_interval=HEALTH_CHECK_INTERVAL, **options)
+    url = _checked(url or conf.get().redis_url)
+    options.update(decode_responses=decode, socket_keepalive=True,
+                   health_check_interval=HEALTH_CHECK_INTERVAL)
+    if sentinel_managed(url):
+        addresses, sentinel_kwargs, master_kwargs = _sentinel_config(url, options)
+        manager = _AsyncSentinel(addresses, sentinel_kwargs=sentinel_kwargs)
+        master: aredis.Redis = manager.master_for(
+            _master_name(), redis_class=aredis.Redis, **master_kwargs)
+        return master
+    return aredis.Redis.from_url(url, **options)
 
 
 def reset() -> None:
-    """Forget cached clients (after the Redis URL changed, for example in tests)."""
+    """Forget cached clients (after the Redis URL or the sentinels changed, for example in
+    tests)."""
     _client.cache_clear()
+
+
+# -- Sentinel ---------------------------------------------------------------------------------
+
+# redis-py's Sentinel classes and URL parser are untyped.
+_Sentinel: Any = redis.sentinel.Sentinel
+_AsyncSentinel: Any = asentinel.Sentinel
+_parse_url: Any = parse_url
+
+#: Called as ``listener(execute, replid, switched)`` by every Sentinel-managed pool (each
+#: client of the store, each Django cache on it), on each master it connects to for the first
+#: time: ``execute(*command)`` runs a command on that master (before the pool's caller sends
+#: its own), ``replid`` is the master's replication id (a new one at every promotion),
+#: ``switched`` whether the pool was connected to another master before (it may have written
+#: there after the promotion: writes the failover loses).
+MasterListener = Callable[[Callable[..., Any], str, bool], None]
+_listeners: list[MasterListener] = []
+#: Seconds a failover stays in ``<prefix>:redis:failovers``.
+FAILOVER_HISTORY = 7 * 86400
+
+# Record the master (its replication id) and, when it replaces a recorded one, the failover.
+# KEYS: 1 master key, 2 failovers zset. ARGV: 1 replid, 2 now, 3 history seconds.
+# Returns 0 (known), 1 (a new master: a failover), 2 (none recorded: a fresh Redis).
+_RECORD_MASTER = """
+local had = redis.call('GET', KEYS[1])
+if had == ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+if not had then return 2 end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2] - ARGV[3])
+return 1
+"""
+
+
+def on_new_master(listener: MasterListener) -> None:
+    """Register ``listener`` (see :data:`MasterListener`; once per function). An exception
+    out of it fails the command that needed the connection (redis-py's retry, or the
+    caller's, tries again), so what a listener does is done before the pool is used."""
+    if listener not in _listeners:
+        _listeners.append(listener)
+
+
+def sentinel_managed(url: str | None = None) -> bool:
+    """Whether a client of ``url`` (None: ``HMS_TASKS_REDIS_URL``) goes through the sentinels:
+    they are configured, and ``url`` is the hms-tasks Redis."""
+    core = conf.get()
+    return bool(core.redis_sentinels) and (url is None or url == core.redis_url)
+
+
+def _master_name() -> str:
+    return conf.get().redis_sentinel_master or ""
+
+
+def _sentinel_config(url: str, options: dict[str, Any]) -> tuple[
+        list[tuple[str, int]], dict[str, Any], dict[str, Any]]:
+    """(sentinel addresses, options of the sentinels' clients, options of the master's)
+    from the settings and ``url`` (whose host and port are not used)."""
+    core = conf.get()
+    master = {k: v for k, v in _parse_url(tls.normalized_url(url)).items()
+              if k not in ("host", "port", "path")}
+    master.update(options)
+    if master.pop("connection_class", None) is SSLConnection:
+        master["ssl"] = True
+    sentinel: dict[str, Any] = {
+        k: v for k, v in options.items() if k in ("socket_timeout", "socket_connect_timeout")}
+    sentinel.setdefault("socket_timeout", SOCKET_TIMEOUT)
+    sentinel.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
+    if core.redis_sentinel_username:
+        sentinel["username"] = core.redis_sentinel_username
+    if core.redis_sentinel_password:
+        sentinel["password"] = core.redis_sentinel_password
+    if core.redis_sentinel_tls:
+        sentinel["ssl"] = True
+        sentinel.update({k: v for k, v in master.items() if k.startswith("ssl_")})
+    addresses = []
+    for entry in core.redis_sentinels:
+        host, _, port = entry.rpartition(":")
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses, sentinel, master
+
+
+def _check_master(conn: Any, *, switched: bool) -> None:
+    """Record the master ``conn`` is connected to and run the listeners on it."""
+
+    def execute(*command: Any) -> Any:
+        conn.send_command(*command)
+        return conn.read_response()
+
+    info = execute("INFO", "replication")
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    replid = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                   if line.startswith("master_replid:")), "")
+    seen = execute("EVAL", _RECORD_MASTER, 2, key("redis", "master"),
+                   key("redis", "failovers"), replid, time.time(), FAILOVER_HISTORY)
+    for listener in _listeners:
+        listener(execute, replid, switched)
+    if int(seen) == 1:
+        logger.warning("Redis failover: a new master serves %r", _master_name())
+
+
+class NoReplicasError(redis.ConnectionError):
+    """The master refused a write for want of replicas (``min-replicas-to-write``), as a
+    newly promoted master does until the sentinels have given it its replicas (a second or
+    so). A connection error, so that every client (kombu, Celery's backend, ours) retries it
+    as it retries the switch itself, instead of failing a task or stopping a worker."""
+
+
+class SentinelConnection(redis.sentinel.SentinelManagedConnection):
+    """redis-py's Sentinel-managed connection, raising :class:`NoReplicasError` for a
+    ``NOREPLICAS`` reply (redis-py raises a plain ResponseError, which nothing retries)."""
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        base: Any = super()
+        try:
+            return base.read_response(*args, **kwargs)
+        except redis.ResponseError as exc:
+            if str(exc).startswith("NOREPLICAS"):
+                raise NoReplicasError(str(exc)) from None
+            raise
+
+
+class SentinelSSLConnection(SentinelConnection, SSLConnection):
+    """:class:`SentinelConnection` over TLS."""
+
+
+class SentinelPool(redis.sentinel.SentinelConnectionPool):
+    """redis-py's Sentinel connection pool of the master named by the settings, which checks
+    each master it connects to for the first time (:func:`on_new_master`).
+
+    ``from_url`` takes the URL the way Django's Redis cache hands it over (``pool_class``):
+    TLS, credentials and database from the URL, the master's address from the sentinels.
+    """
+
+    #: The master (host, port) this pool checked last.
+    hms_checked: tuple[str, int] | None = None
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> SentinelPool:
+        addresses, sentinel_kwargs, master = _sentinel_config(_checked(url), kwargs)
+        master["connection_class"] = (SentinelSSLConnection if master.pop("ssl", False)
+                                      else SentinelConnection)
+        manager = _Sentinel(addresses, sentinel_kwargs=sentinel_kwargs)
+        return cls(_master_name(), manager, **master)
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        conn: Any = super().get_connection(*args, **kwargs)
+        address = (conn.host, conn.port)
+        if address != self.hms_checked:
+            try:
+                _check_master(conn, switched=self.hms_checked is not None)
+            except (redis.RedisError, OSError) as exc:
+                conn.disconnect()
+                self.release(conn)
+                raise redis.ConnectionError("a new Redis master could not be checked") from exc
+            except BaseException:
+                conn.disconnect()
+                self.release(conn)
+                raise
+            self.hms_checked = address
+        return conn
+
+
+def failovers(*, since: float = 0.0) -> int:
+    """How many Redis failovers processes saw since ``since`` (a Unix time), as recorded in
+    ``<prefix>:redis:failovers`` (kept a week)."""
+    return int(client().zcount(key("redis", "failovers"), since, "+inf"))
 
 
 def key(*parts: str) -> str:

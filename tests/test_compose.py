@@ -43,7 +43,10 @@ def _our_services(compose: dict[str, Any]) -> dict[str, Any]:
 
 def test_expected_services(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {"redis", "postgres", "migrate", "web", "worker",
-                                        "worker-loadtest", "beat", "flower"}
+                                        "worker-loadtest", "beat", "flower",
+                                        # profile sentinel
+                                        "redis-master", "redis-replica-1", "redis-replica-2",
+                                        "sentinel-1", "sentinel-2", "sentinel-3"}
     assert "--appendonly yes" in compose["services"]["redis"]["command"]
     assert (REPO / "Dockerfile").exists()
     assert all(s["build"] == "." for s in _our_services(compose).values())
@@ -95,6 +98,25 @@ def test_long_running_services_have_health_checks(compose: dict[str, Any]) -> No
     for name, service in compose["services"].items():
         if name != "migrate":
             assert "healthcheck" in service, name
+
+
+def test_the_sentinel_profile(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    profile = {n for n, s in services.items() if "sentinel" in s.get("profiles", [])}
+    assert profile == {"redis-master", "redis-replica-1", "redis-replica-2", "sentinel-1",
+                       "sentinel-2", "sentinel-3"}
+    for name in ("redis-master", "redis-replica-1", "redis-replica-2"):
+        assert "--min-replicas-to-write 1" in services[name]["command"], name
+        assert "--appendonly yes" in services[name]["command"], name
+    for name in ("redis-replica-1", "redis-replica-2"):
+        assert "--replicaof redis-master 6379" in services[name]["command"]
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        script = services[name]["command"][-1]
+        assert "sentinel monitor mymaster redis-master 6379 2" in script
+        assert "--sentinel" in script
+    # Every hms-tasks process reads the sentinels from the environment (demo settings).
+    env = services["worker"]["environment"]
+    assert {"REDIS_SENTINELS", "REDIS_SENTINEL_MASTER"} <= set(env)
 
 
 def test_every_variable_is_documented() -> None:

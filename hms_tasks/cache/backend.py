@@ -31,9 +31,11 @@ from typing import Any
 
 import orjson
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from django.core.cache import caches
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.cache.backends.redis import RedisCache
 
+from hms_tasks import store
 from hms_tasks.cache import lua, settings
 from hms_tasks.cache.tags import ALL, check_tags
 
@@ -83,14 +85,39 @@ class HmsSerializer:
         return orjson.loads(data)
 
 
+def _new_epoch(execute: Any, replid: str, switched: bool) -> None:
+    """On a Redis master a pool of this process has not used yet (see docs/cache.md,
+    "Failover"): give the cache-wide tag a new generation, so that every value built before
+    (perhaps under a tag bump the failover lost) reads as a miss. A pool that comes from
+    another master does so always: until its connection there broke, its writes went to the
+    old master and may be lost, and a value filled on the new master meanwhile may predate
+    them. A pool's first master ever does so only once per master (a fresh process must not
+    empty the cache). Runs before the pool sends anything to the new master
+    (:func:`hms_tasks.store.on_new_master`)."""
+    be = caches[settings.get().cache_alias]
+    if not isinstance(be, TaggedRedisCache):
+        return
+    if execute("EVAL", lua.NEW_EPOCH, 2, be.internal_key("epoch"), be.gen_prefix + ALL,
+               replid, secrets.token_hex(8), GENERATION_TTL, "1" if switched else "0"):
+        logger.warning("new Redis master: every value cached before it now reads as a miss")
+
+
 class TaggedRedisCache(RedisCache):
     """Django's ``RedisCache`` with tags: see the module docstring."""
 
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         super().__init__(server, params)
         keys = settings.get().cache_encryption_keys
-        options: dict[str, Any] = getattr(self, "_options", {})
-        self._options = {**options, "serializer": HmsSerializer(keys)}
+        options: dict[str, Any] = {**getattr(self, "_options", {}),
+                                   "serializer": HmsSerializer(keys)}
+        servers = server if isinstance(server, (list, tuple)) else [server]
+        if "pool_class" not in options and store.sentinel_managed(
+                str(servers[0]).split(";")[0].split(",")[0].strip()):
+            # On the hms-tasks Redis behind sentinels: follow its master, and end the
+            # cache's epoch on each new one (docs/cache.md, "Failover").
+            options["pool_class"] = store.SentinelPool
+            store.on_new_master(_new_epoch)
+        self._options = options
 
     # -- plumbing ---------------------------------------------------------------------------
 

@@ -222,7 +222,8 @@ class InvalidatingQuerySet(models.QuerySet[Any]):
 def _cache_url() -> str:
     """The cache's Redis: the first server of its ``LOCATION``, the one Django's backend
     writes to."""
-    location = settings.CACHES[cache_settings.get().cache_alias]["LOCATION"]
+    cache: Any = settings.CACHES[cache_settings.get().cache_alias]
+    location = cache["LOCATION"]
     servers = location if isinstance(location, (list, tuple)) else re.split("[;,]", location)
     return str(servers[0]).strip()
 

@@ -23,6 +23,7 @@ __all__ = [
     "GENERATIONS",
     "HEADER_MAGIC",
     "INVALIDATE",
+    "NEW_EPOCH",
     "READ",
     "READ_MANY",
     "RECORD_CHANGES",
@@ -259,4 +260,17 @@ local removed = hms_invalidate(tags, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
                                tonumber(ARGV[7]), hot)
 if ARGV[8] == '1' and redis.call('LLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]) end
 return {#batches, #tags, removed, unpack(hot)}
+"""
+
+# A new Redis master (after a failover): every value built before it dies, whatever bumps the
+# failover lost, by a new generation of the cache-wide tag: once per master (its replid), or
+# always when ARGV[4] is '1' (a client that was writing to the old master moves over).
+# KEYS: 1 epoch key, 2 generation key of the cache-wide tag. ARGV: 1 replid, 2 new-generation
+# token, 3 generation ttl s, 4 '1' to end the epoch even if this master has. Returns 1 when it
+# ended the epoch, 0 when not.
+NEW_EPOCH = r"""
+if ARGV[4] ~= '1' and redis.call('GET', KEYS[1]) == ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import dj_database_url
 
@@ -43,6 +44,16 @@ def _env_number(name: str, default: int, low: int, high: int) -> int:
     return int(text)
 
 REDIS_URL = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+# Redis behind Sentinel: REDIS_SENTINELS (host:port,host:port,...) and REDIS_SENTINEL_MASTER
+# (default mymaster) take precedence over REDIS_URL's host and port: every client asks the
+# sentinels for the master, and REDIS_URL gives only TLS, credentials and the database.
+# REDIS_SENTINEL_PASSWORD is the sentinels' own requirepass, if any.
+REDIS_SENTINELS = [s.strip() for s in os.environ.get("REDIS_SENTINELS", "").split(",")
+                   if s.strip()]
+if REDIS_SENTINELS:
+    HMS_TASKS_REDIS_SENTINELS = REDIS_SENTINELS
+    HMS_TASKS_REDIS_SENTINEL_MASTER = os.environ.get("REDIS_SENTINEL_MASTER") or "mymaster"
+    HMS_TASKS_REDIS_SENTINEL_PASSWORD = os.environ.get("REDIS_SENTINEL_PASSWORD") or None
 
 # The demo never serves real patients; a deployment sets DJANGO_SECRET_KEY.
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or "hms-tasks-demo-insecure-key"
@@ -121,7 +132,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
             "timeout": float(_env_number("HMS_DB_POOL_TIMEOUT", 10, 1, 300)),
         }
 
-CACHES = {
+CACHES: dict[str, dict[str, Any]] = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
@@ -134,6 +145,9 @@ CACHES = {
         "KEY_PREFIX": "hms-cache",
     },
 }
+if REDIS_SENTINELS:
+    # Behind sentinels, the master they name (the tag cache sets this itself).
+    CACHES["default"]["OPTIONS"] = {"pool_class": "hms_tasks.store.SentinelPool"}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
@@ -151,7 +165,8 @@ HMS_TASKS_SERVICES = {
                       "json_value": "ok"}},
     "database": {"instances": ["default"], "check": {"type": "database"}},
 }
-if REDIS_URL.startswith(("redis://", "rediss://")):  # a redis check takes no unix:// socket
+if REDIS_URL.startswith(("redis://", "rediss://")) and not REDIS_SENTINELS:
+    # A redis check takes no unix:// socket; behind sentinels REDIS_URL names no server.
     HMS_TASKS_SERVICES["redis"] = {"instances": [REDIS_URL], "check": {"type": "redis"}}
 
 # Load tests: the demo API is the one target, and the nightly smoke test of it is on.

@@ -271,6 +271,8 @@ def celery_sample(*, now: float, nodes_expected: list[str],
     # letter list: the total (a counter) and the last hour's (the alert rule's series).
     points.append(("celery.deadletter_total", now, float(deadletter.total())))
     points.append(("celery.deadletter_recent", now, float(deadletter.recent())))
+    # Redis failovers processes saw in the last hour (the redis_failover rule's series).
+    points.append(("redis.failovers_recent", now, float(store.failovers(since=now - 3600))))
     limit = len(nodes_expected) or None
     inspect = app.control.inspect(timeout=timeout, limit=limit)
     active = inspect.active() or {}

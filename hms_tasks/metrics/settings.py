@@ -94,6 +94,10 @@ DEFAULT_ALERT_RULES: dict[str, dict[str, Any]] = {
     # docs/queries.md): the pool is too small for the node's concurrency.
     "db_pool_wait_p95": {"series": "db.pool.wait_p95_ms", "op": ">", "threshold": 100,
                          "clear": 20, "for": 300, "clear_for": 300, "severity": "warning"},
+    # Sentinel promoted a new Redis master in the last hour (recorded by the first process
+    # that connected to it: hms_tasks.store.failovers): fires at once, resolves an hour on.
+    "redis_failover": {"series": "redis.failovers_recent", "op": ">", "threshold": 0,
+                       "clear": 0, "for": 0, "clear_for": 0, "severity": "warning"},
 }
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")

@@ -1,0 +1,46 @@
+"""Redis failovers under load (the short run of ``bench/failover.py``): 2 ``SENTINEL FAILOVER``s
+and 2 SIGKILLs of the master on a loopback Sentinel stack, with HMS writes at 200/s, reads
+through the cache, warm tasks on a prefork worker, and beat.
+
+Afterwards: no read returned a value older than an invalidation a master had acknowledged
+more than 1 s after a switch; every task whose publish returned ran; the worker and beat are
+still running and consuming or publishing; the failovers were recorded (the ``redis_failover``
+alert's series). ``make bench BENCH=failover`` runs 20 and prints the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.faults
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_failovers_under_load_lose_no_task_and_read_nothing_stale(tmp_path: Path) -> None:
+    out = tmp_path / "failover.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.failover", "--failovers", "2", "--kills", "2",
+         "--steady", "2", "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    r = json.loads(out.read_text())
+    print(f"\nfailover run: {json.dumps({k: v for k, v in r.items() if k != 'stale_offsets'})}")
+    assert len(r["switches"]) == 4
+    assert r["stale_late"] == 0, "a read returned a value an acknowledged invalidation killed"
+    assert r["lost"] == [], "a task whose publish returned never ran"
+    assert r["published"] > 0
+    assert r["worker_alive"]
+    assert r["beat_alive"]
+    assert all(math.isfinite(s) for s in r["resume_s"]), "the worker stopped consuming"
+    assert r["ticks_after_last"] >= 1, "beat stopped publishing"
+    assert r["failovers_seen"] >= 1

@@ -1,0 +1,193 @@
+"""Redis Sentinel: the settings, the Celery options they produce, and the clients of a real
+loopback Sentinel stack (master, 2 replicas, 3 sentinels, passwords) following a failover."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from django.core.cache import caches
+from django.test import override_settings
+
+from bench.sentinel_stack import MASTER_NAME, SentinelStack
+from hms_tasks import broker, conf, store
+from hms_tasks.errors import ConfigurationError
+from tests.helpers import wait_for
+
+PASSWORD = "sentinel-test-pw"
+SECRET = "not-a-host-but-a-secret"
+
+
+def _sentinel_settings(stack: SentinelStack) -> dict[str, Any]:
+    return {"HMS_TASKS_REDIS_URL": stack.url(), "HMS_TASKS_REDIS_SENTINELS": stack.sentinels,
+            "HMS_TASKS_REDIS_SENTINEL_MASTER": MASTER_NAME,
+            "HMS_TASKS_REDIS_SENTINEL_PASSWORD": PASSWORD}
+
+
+# -- settings and options (no Redis) -----------------------------------------------------------
+
+
+def test_sentinels_without_a_master_name_are_refused() -> None:
+    with override_settings(HMS_TASKS_REDIS_SENTINELS=["127.0.0.1:26379"]), \
+            pytest.raises(ConfigurationError, match="HMS_TASKS_REDIS_SENTINEL_MASTER"):
+        conf.get()
+
+
+def test_a_sentinel_that_is_not_host_port_is_named_not_quoted() -> None:
+    with override_settings(HMS_TASKS_REDIS_SENTINELS=[SECRET],
+                           HMS_TASKS_REDIS_SENTINEL_MASTER="m"), \
+            pytest.raises(ConfigurationError) as err:
+        conf.get()
+    assert "HMS_TASKS_REDIS_SENTINELS[0]: must be host:port" in str(err.value)
+    assert SECRET not in str(err.value)
+
+
+def test_without_sentinels_nothing_changes() -> None:
+    from hms_tasks.celery import celery_defaults
+
+    assert not store.sentinel_managed()
+    options = celery_defaults()
+    assert options["broker_url"].startswith("redis://")
+    assert "broker_failover_strategy" not in options
+    assert broker.transport_for(options["broker_url"]) == broker.TRANSPORT
+
+
+def test_sentinel_celery_options() -> None:
+    from hms_tasks.celery import celery_defaults
+
+    with override_settings(HMS_TASKS_REDIS_URL="redis://:pw%40x@ignored:6379/3",
+                           HMS_TASKS_REDIS_SENTINELS=["10.0.0.1:26379", "10.0.0.2:26380"],
+                           HMS_TASKS_REDIS_SENTINEL_MASTER="hms",
+                           HMS_TASKS_REDIS_SENTINEL_PASSWORD="spw"):
+        options = celery_defaults()
+        assert store.sentinel_managed()
+        assert store.sentinel_managed("redis://:pw%40x@ignored:6379/3")
+        assert not store.sentinel_managed("redis://10.0.0.9:6379/0")  # a checked instance
+    assert options["broker_url"] == ("sentinel://:pw%40x@10.0.0.1:26379/3;"
+                                     "sentinel://:pw%40x@10.0.0.2:26380/3")
+    assert broker.transport_for(options["broker_url"]) == broker.SENTINEL_TRANSPORT
+    assert options["result_backend"] == broker.SENTINEL_BACKEND + "+" + options["broker_url"]
+    for key in ("broker_transport_options", "result_backend_transport_options"):
+        assert options[key]["master_name"] == "hms"
+        assert options[key]["sentinel_kwargs"]["password"] == "spw"
+        assert options[key]["visibility_timeout"] == conf.get().visibility_timeout
+    beat = options["redbeat_redis_options"]
+    assert options["redbeat_redis_url"].startswith("redis-sentinel")
+    assert beat["sentinels"] == [("10.0.0.1", 26379), ("10.0.0.2", 26380)]
+    assert (beat["service_name"], beat["db"], beat["password"]) == ("hms", 3, "pw@x")
+    assert next(broker.keep_sentinels(options["broker_url"].split(";"))) == "10.0.0.1"
+
+
+# -- a real Sentinel stack ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelStack]:
+    s = SentinelStack(Path(tmp_path_factory.mktemp("sentinel")), password=PASSWORD)
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def on_sentinel(stack: SentinelStack) -> Iterator[SentinelStack]:
+    hms_cache = {"BACKEND": "hms_tasks.cache.TaggedRedisCache", "LOCATION": stack.url(),
+                 "KEY_PREFIX": "hms-cache"}
+    with override_settings(**_sentinel_settings(stack),
+                           CACHES={"default": {"BACKEND":
+                                               "django.core.cache.backends.locmem.LocMemCache"},
+                                   "hms": hms_cache}):
+        store.reset()
+        yield stack
+    store.reset()
+
+
+def _until_written(client: redis.Redis, key: str, *, on: redis.Redis) -> None:
+    """Write ``key`` through ``client`` until the master ``on`` has it: until the old master
+    is demoted, a write may still land there (and be lost), as replication is asynchronous."""
+
+    def written() -> bool:
+        try:
+            client.set(key, "1")
+        except redis.ConnectionError:
+            return False
+        return on.get(key) == "1"
+
+    wait_for(written, timeout=30, interval=0.05, what="a write on the new master")
+
+
+def test_the_store_follows_a_failover_and_records_it(on_sentinel: SentinelStack) -> None:
+    client = store.client()
+    client.set(store.key("t", "before"), "1")
+    first = on_sentinel.master_port()
+    assert client.connection_pool.connection_kwargs["password"] == PASSWORD
+    seen = store.failovers()
+    new = on_sentinel.failover()
+    assert new != first
+    # The client writes to the master the sentinels name, and a process saw the new one.
+    _until_written(client, store.key("t", "after"), on=on_sentinel.client(new))
+    assert store.failovers() == seen + 1
+
+
+def test_a_value_whose_invalidation_the_failover_lost_reads_as_a_miss(
+    on_sentinel: SentinelStack,
+) -> None:
+    """The issue's sequence: a value built at g1 is replicated; an invalidation bumps its tag
+    to g2 on the master only (the replicas are paused); the master dies; a replica without the
+    bump is promoted and still holds the value at g1. It must read as a miss."""
+    stack = on_sentinel
+    be = caches["hms"]
+    tag_gen = be.gen_prefix + "patient:1"
+    be.set("patient-1", {"v": 1}, 600, tags=["patient:1"])
+    old = stack.master_port()
+    stack.client(old).wait(2, 5000)  # the value and its generations are on both replicas
+    replicas = [p for p in stack.redis_ports if p != old]
+    for port in replicas:
+        stack.pause(port)
+    master = stack.client(old)
+    # Cut the replication links (the paused replicas cannot reconnect), and let the master
+    # write without replicas: min-replicas-to-write would otherwise refuse the bump (which
+    # is what it is for; this test is about the cache's own guard).
+    master.config_set("min-replicas-to-write", 0)
+    master.client_kill_filter(_type="replica")
+    try:
+        be.invalidate_tags(["patient:1"])  # acknowledged by the old master alone
+        assert be.get("patient-1") is None
+    finally:
+        new = stack.kill_master(healthy_first=False,
+                                before_switch=lambda: [stack.resume(p) for p in replicas])
+    raw = stack.client(new).execute_command("GET", be.make_key("patient-1"))
+    assert raw is not None, "the promoted replica must still hold the value"
+    # Teeth: the new master lost the bump, so the value's header matches its tag's generation.
+    assert f"patient:1={stack.client(new).get(tag_gen)}" in raw
+
+    def read() -> Any:
+        try:
+            return be.get("patient-1", "miss")
+        except redis.ConnectionError:
+            return None
+
+    assert wait_for(read, timeout=30, interval=0.05, what="a read on the new master") == "miss"
+    # A value built after the switch is a hit again (the epoch ended once, not per read).
+    be.set("patient-1", {"v": 2}, 600, tags=["patient:1"])
+    assert be.get("patient-1") == {"v": 2}
+    stack.wait_healthy()
+
+
+def test_the_async_client_asks_the_sentinels_too(on_sentinel: SentinelStack) -> None:
+    import asyncio
+
+    async def roundtrip() -> Any:
+        client = store.async_client()
+        try:
+            await client.set(store.key("t", "async"), "1")
+            return await client.get(store.key("t", "async"))
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(roundtrip()) == "1"
+    master = on_sentinel.client(on_sentinel.master_port())
+    assert wait_for(lambda: master.get(store.key("t", "async")), timeout=10) == "1"
