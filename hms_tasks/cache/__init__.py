@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hms_tasks.capabilities import lazy_exports
+from hms_tasks.capabilities import lazy_exports as _lazy_exports
 
 if TYPE_CHECKING:
     from hms_tasks.cache.backend import TaggedRedisCache
@@ -99,4 +99,4 @@ _HOME = {
 }
 
 
-__getattr__ = lazy_exports(__name__, _HOME)
+__getattr__ = _lazy_exports(__name__, _HOME)

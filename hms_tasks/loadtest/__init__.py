@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hms_tasks.capabilities import lazy_exports
+from hms_tasks.capabilities import lazy_exports as _lazy_exports
 
 if TYPE_CHECKING:
     from hms_tasks.loadtest.orchestrate import abort_run, merge_run, start_run, status
@@ -46,4 +46,4 @@ _HOME = {"LoadTestSpec": "spec", "Thresholds": "spec", "configured": "spec", "pa
          "status": "orchestrate"}
 
 
-__getattr__ = lazy_exports(__name__, _HOME)
+__getattr__ = _lazy_exports(__name__, _HOME)

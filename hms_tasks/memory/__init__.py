@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hms_tasks.capabilities import lazy_exports
+from hms_tasks.capabilities import lazy_exports as _lazy_exports
 
 if TYPE_CHECKING:
     from hms_tasks.memory.hooks import MemoryEvent, events
@@ -60,4 +60,4 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 }
 
 
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__ = _lazy_exports(__name__, _EXPORTS)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hms_tasks.capabilities import lazy_exports
+from hms_tasks.capabilities import lazy_exports as _lazy_exports
 
 if TYPE_CHECKING:
     from hms_tasks.queries.audits import ProbeFailed, Report, audit
@@ -44,4 +44,4 @@ _HOME = {
 }
 
 
-__getattr__ = lazy_exports(__name__, _HOME)
+__getattr__ = _lazy_exports(__name__, _HOME)
