@@ -122,13 +122,16 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Django's own psycopg pool, one per process (HMS_DB_POOL=0 turns it off: persistent
     # connections then, as on SQLite before). A gunicorn sync worker or a prefork child runs
     # one request or task at a time, so a few connections per process suffice; threaded
-    # workers need up to one per thread. ``timeout``: seconds a request waits for a
-    # connection before PoolTimeout. Watched by hms-tasks (`hms-tasks db`, docs/queries.md).
+    # workers need up to one per thread (a Django thread keeps its connection until it closes
+    # it): 10 covers the demo's threaded processes (the test suite runs 8 database threads in
+    # one process; at 4 they waited out the pool's timeout). ``timeout``: seconds a request
+    # waits for a connection before PoolTimeout. Watched by hms-tasks (`hms-tasks db`,
+    # docs/queries.md).
     if os.environ.get("HMS_DB_POOL", "1") != "0":
         DATABASES["default"]["CONN_MAX_AGE"] = 0  # the pool keeps the connections instead
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
             "min_size": _env_number("HMS_DB_POOL_MIN_SIZE", 1, 0, 100),
-            "max_size": _env_number("HMS_DB_POOL_MAX_SIZE", 4, 1, 100),
+            "max_size": _env_number("HMS_DB_POOL_MAX_SIZE", 10, 1, 100),
             "timeout": float(_env_number("HMS_DB_POOL_TIMEOUT", 10, 1, 300)),
         }
 
