@@ -12,8 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import hms_tasks
 
 PACKAGE = Path(hms_tasks.__file__).resolve().parent
@@ -127,9 +125,5 @@ def test_demo_settings_picked_by_default_warn_once(tmp_path: Path) -> None:
 
 
 def test_the_core_fallback_warns_once_per_process(tmp_path: Path) -> None:
-    from hms_tasks import conf
-
-    if not hasattr(conf, "SETTINGS_DEFAULTED_ENV"):
-        pytest.skip("the core does not mark its fallback to the demo settings yet")
     code = f"import hms_tasks.celery; from hms_tasks.celery import app; {_SETUP}"
     assert _python(code, _env(tmp_path)).count(_WARNING) == 1

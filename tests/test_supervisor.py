@@ -337,20 +337,9 @@ def test_flower_env_opens_the_api_on_loopback_only() -> None:
     assert off["FLOWER_BASIC_AUTH"] == "a:b"
 
 
-def _core_cli_defines(name: str) -> bool:
-    from hms_tasks import cli
-
-    command = cli.cli.commands.get(name)
-    return command is not None and getattr(command.callback, "__module__", "") == "hms_tasks.cli"
-
-
 @pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 @pytest.mark.skipif(
     not (REPO / ".venv" / "bin" / "hms-tasks").exists(), reason="no .venv/bin/hms-tasks"
-)
-@pytest.mark.skipif(
-    _core_cli_defines("run"),
-    reason="hms_tasks/cli.py still defines its own `run`, so `hms-tasks run` is not the demo's",
 )
 def test_make_run_takes_args_and_exits_0_on_ctrl_c(
     redis_server: RedisServer, tmp_path: Path
