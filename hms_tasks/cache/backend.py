@@ -251,13 +251,19 @@ class TaggedRedisCache(RedisCache):
     def fill(self, made_key: str, value: Any, *, tags: Sequence[str], gens: Sequence[str],
              timeout: int | None, lock: tuple[str, str] = ("", "")) -> bool:
         """Store ``value`` at the made key if ``tags`` still have ``gens``; release ``lock``."""
+        return bool(self._scripts["FILL"](keys=[made_key], args=self.fill_args(
+            value, tags=tags, gens=gens, timeout=timeout, lock=lock)))
+
+    def fill_args(self, value: Any, *, tags: Sequence[str], gens: Sequence[str],
+                  timeout: int | None, lock: tuple[str, str] = ("", "")) -> list[Any]:
+        """The ``FILL`` script's arguments (after its key) for :meth:`fill`."""
         ttl = int(timeout) if timeout else 86400
         args: list[Any] = [self.gen_prefix, self.index_prefix,
                            self.encode_tagged(value, tags, gens), ttl, self.index_ttl(ttl),
                            lock[0], lock[1]]
         for tag, gen in zip(tags, gens, strict=True):
             args += [tag, gen]
-        return bool(self._scripts["FILL"](keys=[made_key], args=args))
+        return args
 
     def fill_many(self, items: Sequence[tuple[str, Any, Sequence[str], Sequence[str]]], *,
                   timeout: int) -> int:
