@@ -6,11 +6,11 @@ from one shard to two, and the cost of merging a big run.
   and users, alternated in the same run, both against a fast loopback endpoint (an asyncio
   server in its own process answering a fixed 2-byte body). Requests per second as each side
   reports them (requests / load window). Target: ratio >= 0.95.
-- **Containment**: the same shard with its runner in a network namespace, reaching the target
-  through the shard's forwarder (``HMS_TASKS_LOADTEST_CONTAINMENT`` "required"), against the
-  Python-level guard alone ("off"): a worker of each kind in turn, alternated in each round.
-  The capacity row uses the contained shard. The shard's process (the forwarder's thread, the
-  checkpoints) counts as generator CPU on both sides.
+- **Containment**: the same shard with its runner in a network namespace, its connections to
+  the target made by the shard and handed over (``HMS_TASKS_LOADTEST_CONTAINMENT``
+  "required"), against the Python-level guard alone ("off"): a worker of each kind in turn,
+  alternated in each round. The capacity row uses the contained shard. The shard's process
+  (the connector's thread, the checkpoints) counts as generator CPU on both sides.
 - **Scaling**: the same users as 1 shard and as 2 shards against the same endpoint, with the
   CPU each process used, to say which side saturates (on this 2-core machine the target and
   the generators share the cores).
@@ -211,7 +211,7 @@ def _measure(*, port: int, server: int, load_start: float, load_end: float,
 
 
 def _pool_pids(worker: int) -> list[int]:
-    """The worker's pool processes (where the shard and its forwarder run)."""
+    """The worker's pool processes (where the shard and its connector run)."""
     try:
         return [c.pid for c in psutil.Process(worker).children()]
     except psutil.Error:
@@ -415,7 +415,7 @@ def run() -> list[Row]:
                  f" after a {WARMUP:g} s warm-up, mean of {ROUNDS} alternated"
                  f" ({_saturation(ours_m[-1])}; baseline: {_saturation(base_m[-1])})",
             ours=o, baseline=b, unit="req/s", target=">= 0.95", ratio=o / b, ok=o / b >= 0.95),
-        Row(what=f"containment: 1 shard in a network namespace through its forwarder vs the"
+        Row(what=f"containment: 1 shard in a network namespace (sockets from the shard) vs the"
                  f" same shard with the Python-level guard only, mean of {ROUNDS} alternated"
                  f" ({_saturation(ours_m[-1])}; uncontained: {_saturation(off_m[-1])})",
             ours=o, baseline=f, unit="req/s", target="report", ratio=o / f, ok=None),

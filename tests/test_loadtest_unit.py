@@ -657,9 +657,11 @@ def test_the_shard_hands_a_contained_runner_sockets_to_the_target_and_to_nothing
         number = sock.fileno()
         dialer.connect(sock, "127.0.0.1", target.port)
         with sock:
-            # The same object and file number, now connected to the target; options the
-            # caller set before connecting are kept, and the runner's children do not inherit it.
+            # The same object and file number, now connected to the target; its blocking mode
+            # and the options the caller set before connecting are kept, and the runner's
+            # children do not inherit it.
             assert sock.fileno() == number
+            assert os.get_blocking(number)
             assert sock.getpeername() == ("127.0.0.1", target.port)
             assert sock.recv(2) == b"hi"
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

@@ -259,7 +259,8 @@ class Dialer:
         fd = self.connected_fd(address, port, sock.gettimeout() or None)
         try:
             kept = [(level, name, sock.getsockopt(level, name)) for level, name in _KEPT_OPTIONS]
-            os.set_blocking(fd, False)  # gevent's sockets are non-blocking underneath
+            # As the descriptor it replaces: gevent's sockets are non-blocking underneath.
+            os.set_blocking(fd, os.get_blocking(sock.fileno()))
             os.dup2(fd, sock.fileno(), inheritable=False)
         finally:
             os.close(fd)
