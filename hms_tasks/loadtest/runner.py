@@ -106,10 +106,10 @@ def _install_guard(base_url: str, counter: list[int],
             except OSError:
                 return None
             found = [(info[0], str(ipaddress.ip_address(info[4][0]))) for info in infos]
-            if not found or not {ip for _, ip in found} <= ips:
+            if not found or not {a for _, a in found} <= ips:
                 return None
             # The address a connect would take: the first of the socket's family.
-            return next((ip for family, ip in found if family == sock.family), found[0][1])
+            return next((a for family, a in found if family == sock.family), found[0][1])
         return ip if ip in ips else None
 
     def through_shard(sock: Any, ip: str) -> bool:
