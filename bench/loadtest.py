@@ -14,6 +14,10 @@ from one shard to two, and the cost of merging a big run.
 - **Scaling**: the same users as 1 shard and as 2 shards against the same endpoint, with the
   CPU each process used, to say which side saturates (on this 2-core machine the target and
   the generators share the cores).
+- **Connect cost**: what containment costs per new connection instead (a socket from the shard:
+  the request over the socket pair, the shard's connect, ``SCM_RIGHTS`` back, ``dup2``) against
+  a plain ``connect``, both ends in this process, CPU from ``os.times()``. Alone:
+  ``python -c "from bench.loadtest import connect_cost; print(connect_cost())"``.
 - **Merge**: ``merge_run`` of 8 shards' results of a 10-minute run with 20 endpoints (built in
   Redis as the shards store them), report and HTML page included. Target: under 1 s.
 """
@@ -29,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -327,6 +332,49 @@ def _merge_cost(app: Any) -> float:
     return elapsed
 
 
+def connect_cost(n: int = 3000) -> dict[str, float]:
+    """CPU and wall microseconds per connection, plain and through the shard (best of 2)."""
+    from hms_tasks.loadtest import containment
+
+    with socket.create_server(("127.0.0.1", 0), backlog=4096) as listener:
+        port = int(listener.getsockname()[1])
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                conn.close()
+
+        threading.Thread(target=accept, daemon=True).start()
+        ours, theirs = containment.socket_pair()
+        connector = containment.Connector(ours, containment.Target(
+            "127.0.0.1", port, ("127.0.0.1",)))
+        connector.start()
+        dialer = containment.Dialer(theirs.detach())
+        ways: dict[str, Any] = {
+            "plain": lambda s: s.connect(("127.0.0.1", port)),
+            "shard": lambda s: dialer.connect(s, "127.0.0.1", port)}
+        out: dict[str, float] = {}
+        try:
+            for _ in range(2):
+                for name, connect in ways.items():
+                    t0, c0 = time.perf_counter(), sum(os.times()[:2])
+                    for _ in range(n):
+                        with socket.socket() as s:
+                            connect(s)
+                    wall = (time.perf_counter() - t0) / n * 1e6
+                    used = (sum(os.times()[:2]) - c0) / n * 1e6
+                    out[f"{name}_cpu_us"] = min(out.get(f"{name}_cpu_us", used), used)
+                    out[f"{name}_wall_us"] = min(out.get(f"{name}_wall_us", wall), wall)
+        finally:
+            dialer.channel.close()
+            connector.close()
+            listener.shutdown(socket.SHUT_RDWR)
+    return out
+
+
 def run() -> list[Row]:
     from django.test import override_settings
 
@@ -393,6 +441,7 @@ def run() -> list[Row]:
                 base_rps.append(b["rps"])
             two = shard("required", shards=2)
             merge_s = _merge_cost(app)
+    per_connection = connect_cost()
     o, b, f = (statistics.mean(ours_rps), statistics.mean(base_rps),
                statistics.mean(off_rps))
     one = statistics.mean(m["rps"] for m in ours_m)
@@ -423,6 +472,10 @@ def run() -> list[Row]:
                  f" {_saturation(two)})",
             ours=two["rps"], baseline=one, unit="req/s", target="report",
             ratio=two["rps"] / one, ok=None),
+        Row(what="containment's cost per new connection: CPU for a socket from the shard vs a"
+                 " plain connect (3,000 connects, best of 2; nothing per request)",
+            ours=per_connection["shard_cpu_us"], baseline=per_connection["plain_cpu_us"],
+            unit="us", target="report", ratio=None, ok=None),
         Row(what="merge: 8 shards x 10 min x 20 endpoints (merge_run: Redis, merge, verdict,"
                  " report, HTML)", ours=merge_s * 1000, baseline=None, unit="ms",
             target="< 1000 ms", ratio=None, ok=merge_s < 1.0),

@@ -34,10 +34,12 @@ container without ``CAP_SYS_ADMIN``, no ``unshare`` or ``ip``), only the Python-
 holds: ``HMS_TASKS_LOADTEST_CONTAINMENT`` says whether that is acceptable (``auto`` warns,
 ``required`` fails the shard).
 
-Cost: one request to the shard per connection (Locust's users keep theirs alive), nothing per
-request. The relay this replaced (listening sockets in the namespace, every byte copied by the
-shard to the target) cost 15-16 us of CPU per request, mostly the kernel's second loopback
-TCP hop (bench/RESULTS.md).
+Cost, measured (bench/RESULTS.md, "containment without a relay"): about 150 us of CPU per new
+connection (a plain connect: 37 us), nothing per request, and Locust's users keep their
+connections alive; a contained shard did 0.98 of plain Locust's requests per generator
+CPU-second. The relay this replaced (listening sockets in the namespace, every byte copied by
+the shard to the target) cost 15-16 us of CPU per request, mostly the kernel's second loopback
+TCP hop, and left a contained shard at 0.70-0.80 of an uncontained one.
 
 This module is imported by the runner subprocess too: it stays free of Django, Celery, pydantic,
 Locust and gevent (the runner imports it after gevent's monkey-patching, so its ``socket`` and
@@ -279,8 +281,9 @@ class Connector:
     target that does not answer) holds up no other; :meth:`close` stops it, and so does the
     runner's end closing.
 
-    Cost: per connection, not per request (the shard's process does nothing per request).
-    The byte-for-byte relay it replaced cost 15-16 us of CPU per request.
+    Cost: about 150 us of CPU per connection for both ends (bench.loadtest.connect_cost), and
+    nothing per request: the shard's process takes no part in the requests. The byte-for-byte
+    relay it replaced cost 15-16 us of CPU per request.
     """
 
     channel: socket.socket
