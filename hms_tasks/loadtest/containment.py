@@ -183,7 +183,8 @@ def enter(spec: dict[str, Any]) -> None:
     fails: the runner must not go on uncontained."""
     target = Target(str(spec["host"]), int(spec["port"]), tuple(spec["addresses"]))
     ip = shutil.which("ip") or "ip"
-    # Loopback up: a locustfile's connect to 127.0.0.1 is refused at once instead of hanging.
+    # Loopback up, as on any host: code in the runner that talks to itself over 127.0.0.1
+    # works, and nothing outside is on it.
     subprocess.run([ip, "link", "set", "lo", "up"], check=True, capture_output=True)
     if target.is_name:
         _hosts_file(target)
