@@ -6,14 +6,18 @@ from one shard to two, and the cost of merging a big run.
   and users, alternated in the same run, both against a fast loopback endpoint (an asyncio
   server in its own process answering a fixed 2-byte body). Requests per second as each side
   reports them (requests / load window). Target: ratio >= 0.95.
-- **Containment**: the same shard with its runner in a network namespace, reaching the target
-  through the shard's forwarder (``HMS_TASKS_LOADTEST_CONTAINMENT`` "required"), against the
-  Python-level guard alone ("off"): a worker of each kind in turn, alternated in each round.
-  The capacity row uses the contained shard. The shard's process (the forwarder's thread, the
-  checkpoints) counts as generator CPU on both sides.
+- **Containment**: the same shard with its runner in a network namespace, its connections to
+  the target made by the shard and handed over (``HMS_TASKS_LOADTEST_CONTAINMENT``
+  "required"), against the Python-level guard alone ("off"): a worker of each kind in turn,
+  alternated in each round. The capacity row uses the contained shard. The shard's process
+  (the connector's thread, the checkpoints) counts as generator CPU on both sides.
 - **Scaling**: the same users as 1 shard and as 2 shards against the same endpoint, with the
   CPU each process used, to say which side saturates (on this 2-core machine the target and
   the generators share the cores).
+- **Connect cost**: what containment costs per new connection instead (a socket from the shard:
+  the request over the socket pair, the shard's connect, ``SCM_RIGHTS`` back, ``dup2``) against
+  a plain ``connect``, both ends in this process, CPU from ``os.times()``. Alone:
+  ``python -c "from bench.loadtest import connect_cost; print(connect_cost())"``.
 - **Merge**: ``merge_run`` of 8 shards' results of a 10-minute run with 20 endpoints (built in
   Redis as the shards store them), report and HTML page included. Target: under 1 s.
 """
@@ -29,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -211,7 +216,7 @@ def _measure(*, port: int, server: int, load_start: float, load_end: float,
 
 
 def _pool_pids(worker: int) -> list[int]:
-    """The worker's pool processes (where the shard and its forwarder run)."""
+    """The worker's pool processes (where the shard and its connector run)."""
     try:
         return [c.pid for c in psutil.Process(worker).children()]
     except psutil.Error:
@@ -327,6 +332,49 @@ def _merge_cost(app: Any) -> float:
     return elapsed
 
 
+def connect_cost(n: int = 3000) -> dict[str, float]:
+    """CPU and wall microseconds per connection, plain and through the shard (best of 2)."""
+    from hms_tasks.loadtest import containment
+
+    with socket.create_server(("127.0.0.1", 0), backlog=4096) as listener:
+        port = int(listener.getsockname()[1])
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                conn.close()
+
+        threading.Thread(target=accept, daemon=True).start()
+        ours, theirs = containment.socket_pair()
+        connector = containment.Connector(ours, containment.Target(
+            "127.0.0.1", port, ("127.0.0.1",)))
+        connector.start()
+        dialer = containment.Dialer(theirs.detach())
+        ways: dict[str, Any] = {
+            "plain": lambda s: s.connect(("127.0.0.1", port)),
+            "shard": lambda s: dialer.connect(s, "127.0.0.1", port)}
+        out: dict[str, float] = {}
+        try:
+            for _ in range(2):
+                for name, connect in ways.items():
+                    t0, c0 = time.perf_counter(), sum(os.times()[:2])
+                    for _ in range(n):
+                        with socket.socket() as s:
+                            connect(s)
+                    wall = (time.perf_counter() - t0) / n * 1e6
+                    used = (sum(os.times()[:2]) - c0) / n * 1e6
+                    out[f"{name}_cpu_us"] = min(out.get(f"{name}_cpu_us", used), used)
+                    out[f"{name}_wall_us"] = min(out.get(f"{name}_wall_us", wall), wall)
+        finally:
+            dialer.channel.close()
+            connector.close()
+            listener.shutdown(socket.SHUT_RDWR)
+    return out
+
+
 def run() -> list[Row]:
     from django.test import override_settings
 
@@ -393,6 +441,7 @@ def run() -> list[Row]:
                 base_rps.append(b["rps"])
             two = shard("required", shards=2)
             merge_s = _merge_cost(app)
+    per_connection = connect_cost()
     o, b, f = (statistics.mean(ours_rps), statistics.mean(base_rps),
                statistics.mean(off_rps))
     one = statistics.mean(m["rps"] for m in ours_m)
@@ -415,7 +464,7 @@ def run() -> list[Row]:
                  f" after a {WARMUP:g} s warm-up, mean of {ROUNDS} alternated"
                  f" ({_saturation(ours_m[-1])}; baseline: {_saturation(base_m[-1])})",
             ours=o, baseline=b, unit="req/s", target=">= 0.95", ratio=o / b, ok=o / b >= 0.95),
-        Row(what=f"containment: 1 shard in a network namespace through its forwarder vs the"
+        Row(what=f"containment: 1 shard in a network namespace (sockets from the shard) vs the"
                  f" same shard with the Python-level guard only, mean of {ROUNDS} alternated"
                  f" ({_saturation(ours_m[-1])}; uncontained: {_saturation(off_m[-1])})",
             ours=o, baseline=f, unit="req/s", target="report", ratio=o / f, ok=None),
@@ -423,6 +472,10 @@ def run() -> list[Row]:
                  f" {_saturation(two)})",
             ours=two["rps"], baseline=one, unit="req/s", target="report",
             ratio=two["rps"] / one, ok=None),
+        Row(what="containment's cost per new connection: CPU for a socket from the shard vs a"
+                 " plain connect (3,000 connects, best of 2; nothing per request)",
+            ours=per_connection["shard_cpu_us"], baseline=per_connection["plain_cpu_us"],
+            unit="us", target="report", ratio=None, ok=None),
         Row(what="merge: 8 shards x 10 min x 20 endpoints (merge_run: Redis, merge, verdict,"
                  " report, HTML)", ours=merge_s * 1000, baseline=None, unit="ms",
             target="< 1000 ms", ratio=None, ok=merge_s < 1.0),

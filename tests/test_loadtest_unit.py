@@ -3,11 +3,13 @@ regressions, the HTML report, and that nothing a worker imports pulls in Locust 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -609,3 +611,84 @@ def test_the_last_hop_waits_only_what_is_left(scenarios: Path) -> None:
     [sent] = _queued(capabilities.queue("loadtest"))
     wait = datetime.fromisoformat(sent["eta"]).timestamp() - now
     assert 3 + orchestrate.FINAL_MERGE_DELAY - 1 <= wait <= 3 + orchestrate.FINAL_MERGE_DELAY + 1
+
+
+class _Listener:
+    """A TCP listener on 127.0.0.1 that counts the connections it accepted and greets each."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.sendall(b"hi")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # stops listening and wakes accept() now
+        self.sock.close()
+
+
+def test_the_shard_hands_a_contained_runner_sockets_to_the_target_and_to_nothing_else() -> None:
+    """The two ends of containment's channel, in this process (no namespace needed): the
+    runner's :class:`Dialer` gets a socket connected to the target in place of its own; any
+    other address or port is refused by the shard without a packet sent, whatever the runner
+    asks (a locustfile could talk to the channel itself)."""
+    from hms_tasks.loadtest import containment
+
+    target, other = _Listener(), _Listener()
+    ours, theirs = containment.socket_pair()
+    connector = containment.Connector(ours, containment.Target(
+        "127.0.0.1", target.port, ("127.0.0.1",)))
+    connector.start()
+    dialer = containment.Dialer(theirs.detach())
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        number = sock.fileno()
+        dialer.connect(sock, "127.0.0.1", target.port)
+        with sock:
+            # The same object and file number, now connected to the target; its blocking mode
+            # and the options the caller set before connecting are kept, and the runner's
+            # children do not inherit it.
+            assert sock.fileno() == number
+            assert os.get_blocking(number)
+            assert sock.getpeername() == ("127.0.0.1", target.port)
+            assert sock.recv(2) == b"hi"
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            assert not os.get_inheritable(number)
+        for address, port in (("127.0.0.1", other.port), ("127.0.0.2", target.port),
+                              ("::1", target.port)):
+            with pytest.raises(PermissionError):
+                dialer.connected_fd(address, port, 5.0)
+        # A reply "socket" that is not one (a pipe): the shard drops the request, and serves on.
+        r, w = os.pipe()
+        request = json.dumps({"address": "127.0.0.1", "port": target.port, "timeout": 5})
+        socket.send_fds(dialer.channel, [request.encode()], [r])
+        os.close(r)
+        os.close(w)
+        fd = dialer.connected_fd("127.0.0.1", target.port, 5.0)
+        with socket.socket(fileno=fd) as again:
+            again.setblocking(True)  # it comes non-blocking, as gevent's sockets are
+            assert again.recv(2) == b"hi"
+        wait_for(lambda: target.accepted == 2, what="the target to accept both connections")
+        # The target's own failure reaches the runner as its errno.
+        target.close()
+        with pytest.raises(ConnectionRefusedError):
+            dialer.connected_fd("127.0.0.1", target.port, 5.0)
+    finally:
+        dialer.channel.close()
+        connector.close()
+        other.close()
+    assert other.accepted == 0
+    assert target.accepted == 2
+    assert (connector.connections, connector.refused, connector.failed) == (2, 3, 1)

@@ -23,14 +23,19 @@ its sum of ticks against them.
 
 Safety: only the target may be contacted. Where the host allows it, the shard starts this
 module in a network namespace of its own, set up by :mod:`hms_tasks.loadtest.containment`
-(which then runs this module in the same process): nothing but the target's address and port
-leads out of it, whatever code connects. In every case, after Locust is imported, every socket
-``connect`` made through Python's socket class (gevent's: FastHttpUser, HttpUser, ``socket``
-in a locustfile) is checked against the target's resolved addresses and port, and anything
-else (another host, another port, a redirect elsewhere, a Unix socket) fails with
-``ConnectionRefusedError`` before a packet is sent; such attempts are counted (``b``). That
-guard is Python-level only: ``_socket`` or a C extension opens sockets beneath it, and only
-the namespace stops those.
+(which then runs this module in the same process): nothing leads out of it, whatever code
+connects. In every case, after Locust is imported, every socket ``connect`` made through
+Python's socket class (``gevent.socket.socket``, which monkey-patching makes ``socket.socket``:
+FastHttpUser's geventhttpclient, HttpUser's urllib3, ``socket`` in a locustfile) is checked
+against the target's resolved addresses and port, and anything else (another host, another
+port, a redirect elsewhere, a Unix socket) fails with ``ConnectionRefusedError`` before a
+packet is sent; such attempts are counted (``b``). A connect to the target from a contained
+runner then goes through the shard: the shard connects in the host's namespace and sends the
+connected socket back over the socket pair the configuration names (``connect_fd``), which
+takes the place of the caller's socket (:class:`~hms_tasks.loadtest.containment.Dialer`); the
+requests then flow directly, with nothing relayed. The guard is Python-level only: ``_socket``
+or a C extension opens sockets beneath it, and only the namespace stops those (they reach
+nothing, the target included).
 
 The run is bounded on its own: at ``end_at`` the users stop (in-flight requests finish within
 ``stop_timeout``), at ``hard_deadline`` the process exits whatever happens, and it stops when
@@ -48,8 +53,11 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:  # imported in main(), after gevent's monkey-patching (it imports asyncio)
+    from hms_tasks.loadtest import containment
 
 __all__ = ["main"]
 
@@ -70,48 +78,79 @@ def _allowed_addresses(base_url: str) -> tuple[set[str], int]:
         return {str(ipaddress.ip_address(i[4][0])) for i in infos}, port
 
 
-def _install_guard(base_url: str, counter: list[int]) -> None:
-    """Refuse every connection but to the target (see the module docstring)."""
-    from gevent import _socketcommon  # type: ignore[import-untyped]
+def _install_guard(base_url: str, counter: list[int],
+                   dialer: containment.Dialer | None) -> None:
+    """Refuse every connection but to the target, and with ``dialer`` (a contained runner)
+    get the target's from the shard (see the module docstring). Patches ``connect`` and
+    ``connect_ex`` of gevent's public socket class, which every gevent socket (and, after
+    monkey-patching, every ``socket.socket``) is."""
+    from gevent import socket as gsocket  # type: ignore[import-untyped]
 
     ips, port = _allowed_addresses(base_url)
-    original_connect = _socketcommon.SocketMixin.connect
-    original_connect_ex = _socketcommon.SocketMixin.connect_ex
+    cls = gsocket.socket
+    original_connect = cls.connect
+    original_connect_ex = cls.connect_ex
 
-    def permitted(sock: Any, address: Any) -> bool:
+    def target_address(sock: Any, address: Any) -> str | None:
+        """The target's address ``address`` names, or ``None`` if it is not the target."""
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return False
+            return None
         if not isinstance(address, tuple) or len(address) < 2 or address[1] != port:
-            return False
+            return None
         host = address[0]
         try:
-            return str(ipaddress.ip_address(host)) in ips
+            ip = str(ipaddress.ip_address(host))
         except ValueError:
             try:
-                found = {str(ipaddress.ip_address(i[4][0]))
-                         for i in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except OSError:
-                return False
-            return bool(found) and found <= ips
+                return None
+            found = [(info[0], str(ipaddress.ip_address(info[4][0]))) for info in infos]
+            if not found or not {a for _, a in found} <= ips:
+                return None
+            # The address a connect would take: the first of the socket's family.
+            return next((a for family, a in found if family == sock.family), found[0][1])
+        return ip if ip in ips else None
+
+    def through_shard(sock: Any, ip: str) -> bool:
+        # Only a TCP socket of the address's family can take the shard's socket's place; any
+        # other connect goes on as it would (contained, into the empty namespace).
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        return dialer is not None and sock.family == family and sock.type == socket.SOCK_STREAM
 
     def refuse() -> ConnectionRefusedError:
         counter[0] += 1
         return ConnectionRefusedError(errno.EACCES, "hms-tasks load test: only the target may"
                                                     " be contacted")
 
-    def connect(self: Any, address: Any) -> Any:
-        if not permitted(self, address):
+    def connect(self: Any, address: Any) -> None:
+        ip = target_address(self, address)
+        if ip is None:
             raise refuse()
-        return original_connect(self, address)
+        if not through_shard(self, ip):
+            return original_connect(self, address)  # type: ignore[no-any-return]
+        assert dialer is not None
+        dialer.connect(self, ip, port)
+        return None
 
-    def connect_ex(self: Any, address: Any) -> Any:
-        if not permitted(self, address):
+    def connect_ex(self: Any, address: Any) -> int:
+        ip = target_address(self, address)
+        if ip is None:
             refuse()
             return errno.EACCES
-        return original_connect_ex(self, address)
+        if not through_shard(self, ip):
+            return original_connect_ex(self, address)  # type: ignore[no-any-return]
+        assert dialer is not None
+        try:
+            dialer.connect(self, ip, port)
+        except TimeoutError:
+            return errno.EAGAIN  # what gevent's connect_ex answers to a timeout
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        return 0
 
-    _socketcommon.SocketMixin.connect = connect
-    _socketcommon.SocketMixin.connect_ex = connect_ex
+    cls.connect = connect
+    cls.connect_ex = connect_ex
 
 
 def _endpoint_users(config: dict[str, Any]) -> list[type[Any]]:
@@ -252,10 +291,14 @@ def main() -> int:
     import locust
     from locust.env import Environment
 
+    from hms_tasks.loadtest import containment
+
     blocked = [0]
     stopping = {"reason": ""}
     try:
-        _install_guard(config["host"], blocked)
+        connect_fd = config.get("connect_fd")
+        dialer = containment.Dialer(int(connect_fd)) if connect_fd is not None else None
+        _install_guard(config["host"], blocked, dialer)
         kind = config["scenario"]["kind"]
         if kind == "endpoints":
             user_classes = _endpoint_users(config)

@@ -180,13 +180,14 @@ def _supervise(run_id: str, index: int, *, config: dict[str, Any], node: str, us
     log = tempfile.TemporaryFile()  # noqa: SIM115  (closed in finally)
     command = [sys.executable, "-m", "hms_tasks.loadtest.runner"]
     pass_fds: tuple[int, ...] = (write_fd,)
-    forwarder: containment.Forwarder | None = None
+    connector: containment.Connector | None = None
     theirs: socket.socket | None = None
     if contain is not None:
-        # The runner's namespace hands its listening sockets over this pair (see containment).
-        ours, theirs = socket.socketpair()
-        forwarder = containment.Forwarder(ours)
-        setup = {**contain.target.to_json(), "fd": theirs.fileno(), "out_fd": write_fd}
+        # The runner asks for its connections to the target over this pair (see containment).
+        ours, theirs = containment.socket_pair()
+        connector = containment.Connector(ours, contain.target)
+        config = {**config, "connect_fd": theirs.fileno()}  # the same number in the runner
+        setup = {**contain.target.to_json(), "out_fd": write_fd}
         command = [*contain.prefix, sys.executable, "-m", "hms_tasks.loadtest.containment",
                    json.dumps(setup)]
         pass_fds = (write_fd, theirs.fileno())
@@ -198,16 +199,16 @@ def _supervise(run_id: str, index: int, *, config: dict[str, Any], node: str, us
         os.close(read_fd)
         os.close(write_fd)
         log.close()
-        if forwarder is not None:
-            forwarder.channel.close()
+        if connector is not None:
+            connector.channel.close()
         return _end(run_id, index, state="failed", data=data, node=node,
                     reason=f"the load generator could not be started ({type(exc).__name__})",
                     contained=contain is not None)
     finally:
         if theirs is not None:
             theirs.close()
-    if forwarder is not None:
-        forwarder.start()
+    if connector is not None:
+        connector.start()
     os.close(write_fd)
     assert proc.stdin is not None
     try:
@@ -294,8 +295,8 @@ def _supervise(run_id: str, index: int, *, config: dict[str, Any], node: str, us
                 proc.wait(timeout=5)
         selector.close()
         os.close(read_fd)
-        if forwarder is not None:
-            forwarder.close()
+        if connector is not None:
+            connector.close()
         tail = _tail(log)
         log.close()
     code = proc.wait()

@@ -1,18 +1,21 @@
-"""A locustfile's native-code sockets reach nothing but the target: the runner's network namespace.
+"""A locustfile's native-code sockets reach nothing, the target included: the runner's namespace.
 
 A user's locustfile (in the scenarios directory, as an operator would put it) opens sockets with
 ``_socket``, beneath the runner's Python-level connect guard, every few milliseconds for the
 whole run: to a forbidden listener on 127.0.0.1 (bound to every address), to the same listener
-through this machine's own non-loopback address (when it has one), and to the tests' Redis,
-sending it ``SET`` of a canary key. Its other task sends requests to the allowed target, a
-loopback HTTP server that counts what it served.
+through this machine's own non-loopback address (when it has one), to the target itself, and to
+the tests' Redis, sending it ``SET`` of a canary key. Its other tasks (a FastHttpUser and an
+HttpUser) send requests to the allowed target, a loopback HTTP server that counts what it
+served.
 
 The shard runs for real (:func:`hms_tasks.loadtest.shard.run_shard` in this process: its
-runner subprocess with real Locust, its forwarder thread), with
+runner subprocess with real Locust, its connector thread), with
 ``HMS_TASKS_LOADTEST_CONTAINMENT`` "required": the forbidden listener accepts 0 connections,
-the canary never appears in Redis, every native connect fails, and the target serves the
-allowed requests. The control run, containment "off", must reach the listener and Redis with
-the same locustfile (the vector is live: the Python-level guard alone does not stop it).
+the canary never appears in Redis, every native connect fails (the one to the target too: the
+runner's own connections to the target are made by the shard and handed over), and the target
+serves the allowed requests of both user classes. The control run, containment "off", must
+reach the listener and Redis with the same locustfile (the vector is live: the Python-level
+guard alone does not stop it).
 
 Figure: connections the forbidden listener accepted and canary writes, contained vs off; native
 connects attempted; requests the target served.
@@ -95,9 +98,18 @@ LOCUSTFILE = """
 import _socket
 import time
 
-from locust import FastHttpUser, constant, task
+from locust import FastHttpUser, HttpUser, constant, task
 
 VECTORS = {vectors!r}
+
+
+class Plain(HttpUser):
+    # urllib3's sockets: they too get theirs from the shard when contained.
+    wait_time = constant(0.02)
+
+    @task
+    def allowed(self):
+        self.client.get("/ok", name="/ok (HttpUser)")
 
 
 class Native(FastHttpUser):
@@ -137,6 +149,9 @@ def setup(redis_server: RedisServer, celery_app: Any, tmp_path: Path) -> Iterato
     forbidden = _Forbidden()
     vectors: list[tuple[str, str, int, bytes]] = [
         ("loopback listener", "127.0.0.1", forbidden.port, b""),
+        # Even the target: native code gets nothing out of the namespace (the runner's own
+        # connections to the target come from the shard, through Python's socket class).
+        ("target", "127.0.0.1", target.server_port, b""),
         ("redis", "127.0.0.1", redis_server.port,
          f"SET {CANARY} reached\r\n".encode()),
     ]
@@ -186,7 +201,10 @@ def _run(setup: dict[str, Any], mode: str, *, duration: int = 3) -> dict[str, An
             "forbidden_connections": forbidden.hits - hits,
             "canary": store.client().get(CANARY) is not None,
             "served": _Target.served - served,
-            "allowed": data.endpoints["GET /ok"].requests if "GET /ok" in data.endpoints else 0,
+            "allowed": sum(data.endpoints[k].requests for k in ("GET /ok", "GET /ok (HttpUser)")
+                           if k in data.endpoints),
+            "http_user": (data.endpoints["GET /ok (HttpUser)"].requests
+                          if "GET /ok (HttpUser)" in data.endpoints else 0),
             "native_attempts": sum(e.requests for e in native.values()),
             "native_failures": sum(e.failures for e in native.values()),
             "native": {k: (e.requests, e.failures) for k, e in native.items()},
@@ -221,8 +239,10 @@ def test_native_sockets_in_a_locustfile_reach_only_the_target(setup: dict[str, A
     assert contained["forbidden_connections"] == 0
     assert not contained["canary"]
     assert contained["native_failures"] == contained["native_attempts"], contained["native"]
-    # ...while the target was served, through the forwarder, every request the shard counted.
+    # ...while the target was served every request the shard counted, FastHttpUser's and
+    # HttpUser's, on sockets the shard connected.
     assert contained["allowed"] > 0
+    assert contained["http_user"] > 0
     assert contained["served"] == contained["allowed"]
     # Teeth: the same locustfile without containment gets through the Python-level guard.
     assert control["summary"]["contained"] is False
