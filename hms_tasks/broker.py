@@ -36,6 +36,7 @@ import binascii
 import itertools
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from queue import Empty
@@ -66,6 +67,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a publish refused for want of replicas (``NOREPLICAS``) waits before kombu's
+#: publish retry tries again: with ``task_publish_retry_policy``'s 20 retries, a publish
+#: rides out about 5 s of a master refusing writes, then raises in the caller.
+NOREPLICAS_PAUSE = 0.25
 #: The value of ``broker_transport`` that selects this transport.
 TRANSPORT = "hms_tasks.broker:Transport"
 #: The same, over Redis Sentinel (``sentinel://`` broker URLs).
@@ -317,11 +322,30 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     connection_class = store.SentinelConnection
     connection_class_ssl = store.SentinelSSLConnection
 
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        try:
+            super()._put(queue, message, **kwargs)
+        except store.NoReplicasError:
+            # The master refused the push (nothing was written) and will until the sentinels
+            # give it a replica, about a second after a promotion. kombu's publish retry
+            # reconnects, which succeeds at once here, and tries again: without a pause it
+            # would spend all its retries within milliseconds and raise in the caller.
+            time.sleep(NOREPLICAS_PAUSE)
+            raise
+
 
 class SentinelTransport(kombu_redis.SentinelTransport):
-    """kombu's Redis Sentinel transport with the guarded :class:`SentinelChannel`."""
+    """kombu's Redis Sentinel transport with the guarded :class:`SentinelChannel`.
+
+    Its connection errors are all *recoverable* (kombu's ``recoverable_connection_errors``):
+    without that attribute kombu's ``Connection.ensure`` (the publish retry policy) gives up
+    at the second connection error after a reconnect that worked, so a publish that met a
+    just-promoted master refusing writes raised in the caller after one retry, whatever
+    ``task_publish_retry_policy`` allowed."""
 
     Channel = SentinelChannel
+    recoverable_connection_errors = kombu_redis.SentinelTransport.connection_errors
+    recoverable_channel_errors = ()
 
 
 class SentinelBackend(celery_redis.SentinelBackend):

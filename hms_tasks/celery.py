@@ -191,7 +191,9 @@ def sentinel_options(options: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         # A publish during a failover retries until the sentinels name the new master (a
         # SIGKILLed master takes down-after-milliseconds plus an election: seconds), up to
-        # about 30 s; the cache's fan-out dispatch does not wait (its own retries).
+        # about 30 s, and while the new master refuses writes for want of a replica, up to
+        # about 5 s (broker.NOREPLICAS_PAUSE per retry); the cache's fan-out dispatch does
+        # not wait (its own retries).
         "task_publish_retry_policy": {"max_retries": 20, "interval_start": 0,
                                       "interval_step": 0.5, "interval_max": 2},
         "broker_url": sentinel_url,
