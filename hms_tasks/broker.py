@@ -62,14 +62,16 @@ __all__ = [
     "Transport",
     "keep_sentinels",
     "parked",
+    "pause_on_noreplicas",
     "transport_for",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds a publish refused for want of replicas (``NOREPLICAS``) waits before kombu's
-#: publish retry tries again: with ``task_publish_retry_policy``'s 20 retries, a publish
-#: rides out about 5 s of a master refusing writes, then raises in the caller.
+#: publish retry tries again (:func:`pause_on_noreplicas`): with the 20 retries of
+#: ``task_publish_retry_policy``, a publish rides out about 5 s of a master refusing writes,
+#: then raises in the caller.
 NOREPLICAS_PAUSE = 0.25
 #: The value of ``broker_transport`` that selects this transport.
 TRANSPORT = "hms_tasks.broker:Transport"
@@ -96,6 +98,17 @@ def keep_sentinels(urls: Sequence[str]) -> Iterator[str]:
     are the sentinels of one master, which the transport asks at each connect anyway: this
     strategy stays, naming the first URL's host only (a bare host keeps the transport)."""
     return itertools.repeat(urlsplit(urls[0]).hostname or "" if urls else "")
+
+
+def pause_on_noreplicas(exc: BaseException, interval: float) -> None:
+    """kombu's ``Connection.ensure`` errback, in ``task_publish_retry_policy`` with sentinels:
+    after a master refused a publish (or the declaration before it) for want of replicas,
+    wait :data:`NOREPLICAS_PAUSE` before the retry. Nothing was written, and the master
+    refuses until the sentinels give it a replica, about a second after a promotion; kombu's
+    retry reconnects first, which succeeds at once here, so without a pause its retries went
+    by within milliseconds and the publish raised in the caller."""
+    if isinstance(exc, store.NoReplicasError):
+        time.sleep(NOREPLICAS_PAUSE)
 
 
 def _stub(payload: Any) -> dict[str, Any]:
@@ -321,17 +334,6 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
 
     connection_class = store.SentinelConnection
     connection_class_ssl = store.SentinelSSLConnection
-
-    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        try:
-            super()._put(queue, message, **kwargs)
-        except store.NoReplicasError:
-            # The master refused the push (nothing was written) and will until the sentinels
-            # give it a replica, about a second after a promotion. kombu's publish retry
-            # reconnects, which succeeds at once here, and tries again: without a pause it
-            # would spend all its retries within milliseconds and raise in the caller.
-            time.sleep(NOREPLICAS_PAUSE)
-            raise
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):

@@ -241,6 +241,7 @@ def test_a_publish_rides_out_a_master_refusing_writes(on_sentinel: SentinelStack
     """A publish meeting a master that refuses writes for want of replicas (a new master in
     its first second) is retried until the master takes it, not raised in the caller."""
     import threading
+    import time
 
     from kombu import Connection, Exchange, Producer, Queue
 
@@ -269,9 +270,12 @@ def test_a_publish_rides_out_a_master_refusing_writes(on_sentinel: SentinelStack
         thread = threading.Thread(target=publish)
         try:
             thread.start()
-            # Refused after a reconnect too: kombu's ensure() alone raised there.
-            wait_for(lambda: _noreplicas(master) >= refused + 2 or outcome, timeout=30,
-                     what="the publish to be refused twice")
+            wait_for(lambda: _noreplicas(master) > refused or outcome, timeout=30,
+                     what="the publish to be refused")
+            # The fault itself, not a wait for anything: a new master refuses writes for
+            # about a second. kombu's ensure() alone raised at the second refusal; with the
+            # retries but no pause between them, all 20 went by within this second.
+            time.sleep(1.0)
         finally:
             master.config_set("min-replicas-to-write", 1)
             thread.join(timeout=60)
