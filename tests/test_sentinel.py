@@ -282,3 +282,36 @@ def test_a_publish_rides_out_a_master_refusing_writes(on_sentinel: SentinelStack
     assert outcome == ["published"]
     assert master.llen("hms-test-noreplicas") == 1
     master.delete("hms-test-noreplicas")
+
+
+def test_a_client_refused_by_a_stale_sentinels_master_follows_the_newest_epoch(
+    on_sentinel: SentinelStack,
+) -> None:
+    """Right after a failover the sentinels disagree for up to a second. A client whose write
+    the master named by the first sentinel refused must not be sent back there while another
+    sentinel names a master of a newer configuration epoch (redis-py takes the first answer:
+    the cache's commits stayed buffered while readers used the new master)."""
+    stack = on_sentinel
+    first = stack.client(stack.sentinel_ports[0])
+    if int(first.sentinel_master(MASTER_NAME)["config-epoch"]) == 0:
+        stack.failover()  # the stale view below must be older than the others' (epoch 0)
+    master = stack.wait_healthy()
+    replica = next(p for p in stack.redis_ports if p != master)
+    client = store.client(socket_timeout=1.0)
+    key = store.key("t", "newest-epoch")
+
+    def monitor(port: int) -> None:
+        first.sentinel_remove(MASTER_NAME)
+        first.sentinel_monitor(MASTER_NAME, "127.0.0.1", port, 2)
+        first.sentinel_set(MASTER_NAME, "auth-pass", PASSWORD)
+        first.sentinel_set(MASTER_NAME, "down-after-milliseconds", 1000)
+
+    monitor(replica)  # the first sentinel now names a replica, at configuration epoch 0
+    try:
+        with pytest.raises(redis.ConnectionError):
+            client.set(key, "1")  # the replica refuses (READONLY): a refused write
+        client.set(key, "1")  # the next connection goes where the newest epoch says
+    finally:
+        monitor(master)
+    assert stack.client(master).get(key) == "1"
+    stack.wait_healthy()
