@@ -94,6 +94,14 @@ class SentinelStack:
                 return int(addr[1])
         raise redis.ConnectionError("no sentinel answers")
 
+    def promotions(self) -> int:
+        """Failovers the sentinels made since the stack started (a spurious one too: a master
+        just promoted that they judged down at once): ``+switch-master`` lines in the first
+        sentinel's log. (Their config epoch counts elections, an aborted one too.)"""
+        log = self.workdir / f"sentinel-{self.sentinel_ports[0]}" / "sentinel.log"
+        return sum(1 for line in log.read_text(errors="replace").splitlines()
+                   if "+switch-master" in line)
+
     # -- processes --------------------------------------------------------------------------
 
     def _redis_args(self, port: int) -> list[str]:

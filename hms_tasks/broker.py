@@ -36,6 +36,7 @@ import binascii
 import itertools
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from queue import Empty
@@ -61,11 +62,17 @@ __all__ = [
     "Transport",
     "keep_sentinels",
     "parked",
+    "pause_on_noreplicas",
     "transport_for",
 ]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a publish refused for want of replicas (``NOREPLICAS``) waits before kombu's
+#: publish retry tries again (:func:`pause_on_noreplicas`): with the 20 retries of
+#: ``task_publish_retry_policy``, a publish rides out about 5 s of a master refusing writes,
+#: then raises in the caller.
+NOREPLICAS_PAUSE = 0.25
 #: The value of ``broker_transport`` that selects this transport.
 TRANSPORT = "hms_tasks.broker:Transport"
 #: The same, over Redis Sentinel (``sentinel://`` broker URLs).
@@ -91,6 +98,17 @@ def keep_sentinels(urls: Sequence[str]) -> Iterator[str]:
     are the sentinels of one master, which the transport asks at each connect anyway: this
     strategy stays, naming the first URL's host only (a bare host keeps the transport)."""
     return itertools.repeat(urlsplit(urls[0]).hostname or "" if urls else "")
+
+
+def pause_on_noreplicas(exc: BaseException, interval: float) -> None:
+    """kombu's ``Connection.ensure`` errback, in ``task_publish_retry_policy`` with sentinels:
+    after a master refused a publish (or the declaration before it) for want of replicas,
+    wait :data:`NOREPLICAS_PAUSE` before the retry. Nothing was written, and the master
+    refuses until the sentinels give it a replica, about a second after a promotion; kombu's
+    retry reconnects first, which succeeds at once here, so without a pause its retries went
+    by within milliseconds and the publish raised in the caller."""
+    if isinstance(exc, store.NoReplicasError):
+        time.sleep(NOREPLICAS_PAUSE)
 
 
 def _stub(payload: Any) -> dict[str, Any]:
@@ -319,9 +337,17 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):
-    """kombu's Redis Sentinel transport with the guarded :class:`SentinelChannel`."""
+    """kombu's Redis Sentinel transport with the guarded :class:`SentinelChannel`.
+
+    Its connection errors are all *recoverable* (kombu's ``recoverable_connection_errors``):
+    without that attribute kombu's ``Connection.ensure`` (the publish retry policy) gives up
+    at the second connection error after a reconnect that worked, so a publish that met a
+    just-promoted master refusing writes raised in the caller after one retry, whatever
+    ``task_publish_retry_policy`` allowed."""
 
     Channel = SentinelChannel
+    recoverable_connection_errors = kombu_redis.SentinelTransport.connection_errors
+    recoverable_channel_errors = ()
 
 
 class SentinelBackend(celery_redis.SentinelBackend):

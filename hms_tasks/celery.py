@@ -191,9 +191,12 @@ def sentinel_options(options: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         # A publish during a failover retries until the sentinels name the new master (a
         # SIGKILLed master takes down-after-milliseconds plus an election: seconds), up to
-        # about 30 s; the cache's fan-out dispatch does not wait (its own retries).
+        # about 30 s, and while the new master refuses writes for want of a replica, up to
+        # about 5 s (broker.pause_on_noreplicas); the cache's fan-out dispatch does not wait
+        # (its own retries). kombu's ensure() takes the errback from the policy.
         "task_publish_retry_policy": {"max_retries": 20, "interval_start": 0,
-                                      "interval_step": 0.5, "interval_max": 2},
+                                      "interval_step": 0.5, "interval_max": 2,
+                                      "errback": broker.pause_on_noreplicas},
         "broker_url": sentinel_url,
         # kombu would switch to kombu's own transport on a connection error (keep_sentinels).
         "broker_failover_strategy": broker.keep_sentinels,

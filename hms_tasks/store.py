@@ -48,6 +48,7 @@ from redis.retry import Retry
 from hms_tasks import conf, tls
 
 __all__ = [
+    "LatestSentinel",
     "NoReplicasError",
     "SentinelConnection",
     "SentinelPool",
@@ -145,7 +146,7 @@ def reset() -> None:
 # -- Sentinel ---------------------------------------------------------------------------------
 
 # redis-py's Sentinel classes and URL parser are untyped.
-_Sentinel: Any = redis.sentinel.Sentinel
+_Sentinel: Any = None  # LatestSentinel, below (redis-py's Sentinel classes are untyped)
 _AsyncSentinel: Any = asentinel.Sentinel
 _parse_url: Any = parse_url
 
@@ -240,6 +241,51 @@ def _check_master(conn: Any, *, switched: bool) -> None:
         logger.warning("Redis failover: a new master serves %r", _master_name())
 
 
+#: Seconds after a master refused a write during which discovery double-checks it.
+REFUSAL_MEMORY = 10.0
+#: Master address -> when (monotonic) it last refused a write (``NOREPLICAS``, or demoted).
+_refused: dict[tuple[str, int], float] = {}
+
+
+class LatestSentinel(redis.sentinel.Sentinel):
+    """redis-py's Sentinel, which does not send a client back to a master that just refused
+    its writes while a sentinel already names a newer one.
+
+    redis-py takes the first sentinel that answers. Right after a failover the sentinels do
+    not agree for up to a second (the leader knows first, the others learn it from its hello
+    messages): a client whose write the old master refused (``NOREPLICAS``, or ``READONLY``
+    once demoted) reconnected to it again and again through a sentinel that still named it,
+    while other clients used the new master. The cache's commits then stayed buffered while
+    readers elsewhere were served by the new master: stale reads up to a second after the
+    switch in the failover fault test. Here, when the first answer names a master that
+    refused a write within :data:`REFUSAL_MEMORY` seconds, every sentinel is asked and the
+    master of the newest configuration epoch is taken. Otherwise it is one sentinel, as in
+    redis-py: a sentinel host that drops packets costs its timeout only in that window."""
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        base: Any = super()
+        address: tuple[str, int] = base.discover_master(service_name)
+        refused = _refused.get((str(address[0]), int(address[1])))
+        if refused is None or time.monotonic() - refused > REFUSAL_MEMORY:
+            return address
+        newest: tuple[int, tuple[str, int]] | None = None
+        check: Any = self.check_master_state
+        for sentinel in self.sentinels:
+            try:
+                masters: Any = sentinel.sentinel_masters()
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue
+            state = masters.get(service_name)
+            if state and check(state, service_name):
+                epoch = int(state.get("config-epoch", 0))
+                if newest is None or epoch > newest[0]:
+                    newest = (epoch, (state["ip"], state["port"]))
+        return newest[1] if newest is not None else address
+
+
+_Sentinel = LatestSentinel
+
+
 class NoReplicasError(redis.ConnectionError):
     """The master refused a write for want of replicas (``min-replicas-to-write``), as a
     newly promoted master does until the sentinels have given it its replicas (a second or
@@ -257,7 +303,13 @@ class SentinelConnection(redis.sentinel.SentinelManagedConnection):
             return base.read_response(*args, **kwargs)
         except redis.ResponseError as exc:
             if str(exc).startswith("NOREPLICAS"):
+                _refused[(str(self.host), int(self.port))] = time.monotonic()
                 raise NoReplicasError(str(exc)) from None
+            raise
+        except redis.ConnectionError:
+            # redis-py's own: a READONLY reply from the master, demoted (its message names
+            # it: "The previous master is now a slave"); or the connection broke.
+            _refused[(str(self.host), int(self.port))] = time.monotonic()
             raise
 
 

@@ -342,7 +342,11 @@ def _wait_for(be: TaggedRedisCache, made: str, seconds: float) -> dict[str, Any]
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         time.sleep(0.002)
-        (raw,) = be._scripts["READ_MANY"](keys=[made], args=[be.gen_prefix])
+        try:
+            (raw,) = be._scripts["READ_MANY"](keys=[made], args=[be.gen_prefix])
+        except redis.RedisError as exc:  # the caller reads the database: no error page
+            _degraded(exc)
+            return None
         if raw:
             value = be.decode(raw, _MISSING)
             if value is not _MISSING:

@@ -9,6 +9,18 @@ to the index of its keys) and then unlinks the keys indexed under the tag (so th
 not just dead). Anything missing (an evicted generation, say) reads as a miss, never as a hit:
 eviction can cost hits, never correctness.
 
+Only on a master that takes writes. Every script starts with a ``#!lua`` shebang and no
+``no-writes`` flag, which makes Redis (7.0 or later) refuse it before it runs, as a write, on a
+master that refuses writes: ``NOREPLICAS`` under ``min-replicas-to-write`` (a newly promoted
+master until the sentinels give it a replica), ``READONLY`` on a demoted one, ``MISCONF`` when it
+cannot persist, ``OOM`` past ``maxmemory`` with nothing to evict (``scriptPrepareForRun`` in
+Redis's ``src/script.c``). That includes the reads: a master that cannot take this process's
+invalidations (they are buffered until it can, :mod:`hms_tasks.cache.changes`) must not serve
+values those invalidations kill. Without the shebang a script that only reads runs anywhere
+(Redis checks each write inside a shebang-less script as it comes), and during a failover
+served values whose invalidation no master could take yet. The callers read the database
+instead (``get_or_build``: a miss).
+
 The fill race (a value computed from data read before an invalidation, stored after it) is
 closed the way the NSDI'13 memcache leases close it: the reader takes the tags' generations
 *before* reading the database, and the fill stores the value only if they are unchanged.
@@ -18,6 +30,7 @@ from __future__ import annotations
 
 __all__ = [
     "APPLY_CHANGES",
+    "CURRENT_GENERATIONS",
     "FILL",
     "FILL_MANY",
     "GENERATIONS",
@@ -31,9 +44,12 @@ __all__ = [
 
 HEADER_MAGIC = "\x00hms1|"
 
-# Shared helper: is the value (string) still valid? Returns payload and header ("tag=gen,...",
-# '' for an untagged value), or false.
-_VALID = r"""
+#: The first line of every script (see the module docstring): refused where writes are.
+_WRITABLE = "#!lua\n"
+
+# Shared helper (after the shebang): is the value (string) still valid? Returns payload and
+# header ("tag=gen,...", '' for an untagged value), or false.
+_VALID = _WRITABLE + r"""
 local function hms_valid(v, genprefix)
   if string.sub(v, 1, 6) ~= '\0hms1|' then
     return v, ''
@@ -104,9 +120,15 @@ end
 return out
 """
 
+# The current generations of KEYS (generation keys), creating none: MGET, as a script so that
+# a master that refuses writes does not confirm a client's copy (a 304) either.
+CURRENT_GENERATIONS = _WRITABLE + r"""
+return redis.call('MGET', unpack(KEYS))
+"""
+
 # Generations of tags, creating missing ones (used by batch warming before its DB read).
 # ARGV: 1 gen prefix, 2 new-generation token, 3 generation ttl s, 4.. tags. Returns gens.
-GENERATIONS = r"""
+GENERATIONS = _WRITABLE + r"""
 local out = {}
 for i = 4, #ARGV do
   local g = ARGV[1] .. ARGV[i]
@@ -124,7 +146,7 @@ return out
 # KEYS[1]: value key. ARGV: 1 gen prefix, 2 tag-index prefix, 3 value (header+payload),
 # 4 value ttl s, 5 index/generation ttl s, 6 lock key ('' for none), 7 lock token,
 # 8.. tag, gen pairs. Returns 1 if stored, 0 if refused as stale.
-FILL = r"""
+FILL = _WRITABLE + r"""
 local stored = 1
 for i = 8, #ARGV, 2 do
   if redis.call('GET', ARGV[1] .. ARGV[i]) ~= ARGV[i + 1] then stored = 0 break end
@@ -149,7 +171,7 @@ return stored
 
 # Shared helper: give each tag a new generation, then unlink every key indexed under it.
 # Returns keys unlinked; appends the unlinked keys whose heat is >= hotscore to ``hot``.
-_INVALIDATE_FN = r"""
+_INVALIDATE_FN = _WRITABLE + r"""
 local function hms_invalidate(tags, genprefix, idxprefix, token, genttl, heatkey, hotscore, hot)
   local removed = 0
   for i, tag in ipairs(tags) do
@@ -177,7 +199,7 @@ end
 # prefix, 3 ttl s, 4 index ttl s, then one value per key. The tags and the generations a value
 # was built under are read from its own header ("\0hms1|tag=gen,tag=gen|..."), not passed
 # beside it: a sixth of the arguments to pack and send. Returns how many were stored.
-FILL_MANY = r"""
+FILL_MANY = _WRITABLE + r"""
 local stored = 0
 local current = {}  -- generations read once per call: 'all' is on every key
 for k = 1, #KEYS do
@@ -227,7 +249,7 @@ return hot
 # KEYS: 1 change list, 2 pending flag. ARGV: 1 gen prefix, 2 new-generation token,
 # 3 generation ttl s, 4 pending ttl s, 5.. batches (JSON lists of tags).
 # Returns 1 if the caller must dispatch the fan-out task.
-RECORD_CHANGES = r"""
+RECORD_CHANGES = _WRITABLE + r"""
 local n = 0
 for b = 5, #ARGV do
   for _, tag in ipairs(cjson.decode(ARGV[b])) do
@@ -268,7 +290,7 @@ return {#batches, #tags, removed, unpack(hot)}
 # KEYS: 1 epoch key, 2 generation key of the cache-wide tag. ARGV: 1 replid, 2 new-generation
 # token, 3 generation ttl s, 4 '1' to end the epoch even if this master has. Returns 1 when it
 # ended the epoch, 0 when not.
-NEW_EPOCH = r"""
+NEW_EPOCH = _WRITABLE + r"""
 if ARGV[4] ~= '1' and redis.call('GET', KEYS[1]) == ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
