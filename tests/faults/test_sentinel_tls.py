@@ -30,6 +30,8 @@ from django.core.cache import caches
 from django.db import transaction
 from django.test import override_settings
 from kombu import Connection
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from bench.sentinel_stack import MASTER_NAME, SentinelStack, TlsFiles
 from hms_tasks import broker, store
@@ -283,8 +285,9 @@ def test_wrong_ca_missing_client_cert_and_plain_text_are_refused(stack: Stack) -
     store.reset()
     # No port of the stack answers plain text.
     for port in stack.redis_ports + stack.sentinel_ports:
+        # No retries: each would be refused alike, after a backoff.
         plain = redis.Redis(port=port, password=PASSWORD, socket_timeout=2,
-                            socket_connect_timeout=2)
+                            socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
         with pytest.raises(redis.ConnectionError):
             plain.ping()
         refused += 1
