@@ -8,6 +8,11 @@ a quorum of 2. Brokers' settings: AOF ``everysec``, ``noeviction``, and
 acknowledging for 10 s refuses writes, which bounds what a failover can lose to that window.
 ``python -m bench.sentinel_stack`` starts it in the foreground (Ctrl-C stops it) and prints the
 settings that point hms-tasks at it.
+
+With ``tls`` (:class:`TlsFiles`, certificates the caller made), every server and sentinel
+listens on TLS only (``port 0``, ``tls-port``), replication and the sentinels' links to the
+servers and to each other are TLS (``tls-replication yes``), and every client must present a
+certificate the CA signed (``tls-auth-clients yes``): tests/faults/test_sentinel_tls.py.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import redis
 
@@ -51,13 +58,27 @@ def _wait(check: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a TLS stack: the CA every party trusts, the certificate every server and
+    sentinel presents (as a server, and as a client to each other: it needs both key usages),
+    and the certificate clients present."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+
 class SentinelStack:
     """One master, two replicas, three sentinels on 127.0.0.1 (``ports``: 3 Redis, then 3
     sentinels; free ports when None). ``password`` sets ``requirepass`` on every server and
-    sentinel (and the sentinels' ``auth-pass``)."""
+    sentinel (and the sentinels' ``auth-pass``); ``tls`` makes every port TLS only (module
+    docstring)."""
 
     def __init__(self, workdir: Path, *, ports: list[int] | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, tls: TlsFiles | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH: apt-get install redis-server")
@@ -66,6 +87,7 @@ class SentinelStack:
         ports = ports or [free_port() for _ in range(6)]
         self.redis_ports, self.sentinel_ports = ports[:3], ports[3:]
         self.password = password
+        self.tls = tls
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     # -- addresses --------------------------------------------------------------------------
@@ -77,11 +99,32 @@ class SentinelStack:
     def url(self, db: int = 0) -> str:
         """The Redis URL for hms-tasks: host and port are not used with sentinels."""
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.redis_ports[0]}/{db}"
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.redis_ports[0]}/{db}"
+        query = "&".join(f"{k}={quote(str(v), safe='')}" for k, v in self.tls_query().items())
+        return f"rediss://{auth}127.0.0.1:{self.redis_ports[0]}/{db}?{query}"
+
+    def tls_query(self) -> dict[str, Path]:
+        """The ``ssl_*`` options of a client of this stack (none without TLS)."""
+        if self.tls is None:
+            return {}
+        return {"ssl_ca_certs": self.tls.ca, "ssl_certfile": self.tls.client_cert,
+                "ssl_keyfile": self.tls.client_key}
 
     def client(self, port: int) -> redis.Redis:
+        tls: dict[str, Any] = {k: str(v) for k, v in self.tls_query().items()}
         return redis.Redis(port=port, password=self.password, socket_timeout=2,
-                           socket_connect_timeout=1, decode_responses=True)
+                           socket_connect_timeout=1, decode_responses=True,
+                           ssl=bool(tls), **tls)
+
+    def _listen(self, port: int) -> list[tuple[str, str]]:
+        """The redis.conf directives that make ``port`` the listening port (TLS only, with
+        TLS links to the other servers, with ``tls``)."""
+        if self.tls is None:
+            return [("port", str(port))]
+        return [("port", "0"), ("tls-port", str(port)), ("tls-cert-file", str(self.tls.cert)),
+                ("tls-key-file", str(self.tls.key)), ("tls-ca-cert-file", str(self.tls.ca)),
+                ("tls-replication", "yes"), ("tls-auth-clients", "yes")]
 
     def master_port(self) -> int:
         """The master's port, as the first sentinel that answers says."""
@@ -107,7 +150,8 @@ class SentinelStack:
     def _redis_args(self, port: int) -> list[str]:
         d = self.workdir / f"redis-{port}"
         d.mkdir(parents=True, exist_ok=True)
-        args = [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        args = [self.binary, *(w for k, v in self._listen(port) for w in (f"--{k}", v)),
+                "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes", "--appendfsync", "everysec",
                 "--maxmemory-policy", "noeviction",
                 "--min-replicas-to-write", "1", "--min-replicas-max-lag", "10",
@@ -130,7 +174,8 @@ class SentinelStack:
     def _start_sentinel(self, port: int) -> None:
         d = self.workdir / f"sentinel-{port}"
         d.mkdir(parents=True, exist_ok=True)
-        lines = [f"port {port}", "bind 127.0.0.1", f"dir {d}", f"logfile {d / 'sentinel.log'}",
+        lines = [*(f"{k} {v}" for k, v in self._listen(port)), "bind 127.0.0.1",
+                 f"dir {d}", f"logfile {d / 'sentinel.log'}",
                  f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.redis_ports[0]} 2",
                  f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}",
                  f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}",

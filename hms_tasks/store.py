@@ -145,10 +145,72 @@ def reset() -> None:
 
 # -- Sentinel ---------------------------------------------------------------------------------
 
-# redis-py's Sentinel classes and URL parser are untyped.
-_Sentinel: Any = None  # LatestSentinel, below (redis-py's Sentinel classes are untyped)
-_AsyncSentinel: Any = asentinel.Sentinel
+# redis-py's URL parser is untyped.
 _parse_url: Any = parse_url
+
+
+def _no_master(name: str, reasons: list[str]) -> str:
+    why = "; ".join(reasons) or ("every sentinel answered, none names a healthy master by"
+                                 " that name (HMS_TASKS_REDIS_SENTINEL_MASTER)")
+    return f"No master found for {name!r}: {why}"
+
+
+def _sentinel_reason(sentinel: Any, exc: BaseException) -> str:
+    address = sentinel.connection_pool.connection_kwargs
+    return f"sentinel {address.get('host')}:{address.get('port')}: {exc}"
+
+
+class _ExplainingSentinel(redis.sentinel.Sentinel):
+    """redis-py's Sentinel, whose ``MasterNotFoundError`` says why each sentinel failed.
+
+    redis-py 8 puts each sentinel's error in that message as ``repr(error)``, which its
+    exceptions reduce to their type (``network:ConnectionError``): a CA that did not sign the
+    sentinels' certificate, a missing client certificate, plain text to a TLS port, a wrong
+    password and a sentinel that is down all read alike. This is redis-py's
+    ``discover_master`` loop keeping each error's text instead (redis-py's messages name the
+    address and the TLS reason, never a password); hms-tasks never sets ``force_master_ip``,
+    which it leaves out.
+    """
+
+    def discover_master(self, service_name: str) -> Any:
+        this: Any = self  # redis-py's Sentinel is partly untyped
+        reasons = []
+        for i, sentinel in enumerate(this.sentinels):
+            try:
+                masters = sentinel.sentinel_masters()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                reasons.append(_sentinel_reason(sentinel, exc))
+                continue
+            state = masters.get(service_name)
+            if state and this.check_master_state(state, service_name):
+                # The sentinel that answered is asked first next time (as redis-py does).
+                this.sentinels[0], this.sentinels[i] = sentinel, this.sentinels[0]
+                return state["ip"], state["port"]
+        raise redis.sentinel.MasterNotFoundError(_no_master(service_name, reasons))
+
+
+class _ExplainingAsyncSentinel(asentinel.Sentinel):
+    """:class:`_ExplainingSentinel` for asyncio clients."""
+
+    async def discover_master(self, service_name: str) -> Any:
+        this: Any = self  # redis-py's Sentinel is partly untyped
+        reasons = []
+        for i, sentinel in enumerate(this.sentinels):
+            try:
+                masters = await sentinel.sentinel_masters()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                reasons.append(_sentinel_reason(sentinel, exc))
+                continue
+            state = masters.get(service_name)
+            if state and this.check_master_state(state, service_name):
+                this.sentinels[0], this.sentinels[i] = sentinel, this.sentinels[0]
+                return state["ip"], state["port"]
+        raise asentinel.MasterNotFoundError(_no_master(service_name, reasons))
+
+
+# redis-py's Sentinel constructors are untyped.
+_Sentinel: Any = _ExplainingSentinel
+_AsyncSentinel: Any = _ExplainingAsyncSentinel
 
 #: Called as ``listener(execute, replid, switched)`` by every Sentinel-managed pool (each
 #: client of the store, each Django cache on it), on each master it connects to for the first
@@ -204,8 +266,12 @@ def _sentinel_config(url: str, options: dict[str, Any]) -> tuple[
     master.update(options)
     if master.pop("connection_class", None) is SSLConnection:
         master["ssl"] = True
+    # A caller that must give up quickly (its own timeout, no retries) gives up as quickly
+    # when the sentinels fail: with redis-py's default retries, asking three sentinels that
+    # refuse took 12 s (a commit's 0.1 s invalidation call included).
     sentinel: dict[str, Any] = {
-        k: v for k, v in options.items() if k in ("socket_timeout", "socket_connect_timeout")}
+        k: v for k, v in options.items()
+        if k in ("socket_timeout", "socket_connect_timeout", "retry")}
     sentinel.setdefault("socket_timeout", SOCKET_TIMEOUT)
     sentinel.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
     if core.redis_sentinel_username:
@@ -247,7 +313,7 @@ REFUSAL_MEMORY = 10.0
 _refused: dict[tuple[str, int], float] = {}
 
 
-class LatestSentinel(redis.sentinel.Sentinel):
+class LatestSentinel(_ExplainingSentinel):
     """redis-py's Sentinel, which does not send a client back to a master that just refused
     its writes while a sentinel already names a newer one.
 

@@ -3,6 +3,8 @@ loopback Sentinel stack (master, 2 replicas, 3 sentinels, passwords) following a
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,48 @@ def test_sentinel_celery_options() -> None:
     assert beat["sentinels"] == [("10.0.0.1", 26379), ("10.0.0.2", 26380)]
     assert (beat["service_name"], beat["db"], beat["password"]) == ("hms", 3, "pw@x")
     assert next(broker.keep_sentinels(options["broker_url"].split(";"))) == "10.0.0.1"
+
+
+class _Refusing:
+    """A loopback "sentinel" that accepts each connection and closes it at once (a sentinel
+    whose TLS handshake fails, or that is going down), counting them."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+
+def test_a_client_that_must_give_up_quickly_asks_each_sentinel_once() -> None:
+    """A client with a timeout of its own (a commit's invalidation call, a check) makes no
+    retries: not on the master, and not on the sentinels either. With redis-py's default
+    retries each failing sentinel was asked 4 times, with backoff: seconds, not the caller's
+    0.1 s. An error names each sentinel's reason (redis-py 8 gives only its type)."""
+    refusing = [_Refusing(), _Refusing()]
+    try:
+        with override_settings(HMS_TASKS_REDIS_SENTINELS=[r.address for r in refusing],
+                               HMS_TASKS_REDIS_SENTINEL_MASTER="m"):
+            store.reset()
+            with pytest.raises(redis.ConnectionError) as err:
+                store.client(socket_timeout=0.5).ping()
+    finally:
+        store.reset()
+        for r in refusing:
+            r.sock.close()
+    assert [r.accepted for r in refusing] == [1, 1]
+    for r in refusing:
+        assert f"sentinel {r.address}: " in str(err.value)
+    assert "network:ConnectionError" not in str(err.value)
 
 
 # -- a real Sentinel stack ---------------------------------------------------------------------

@@ -47,13 +47,15 @@ REDIS_URL = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
 # Redis behind Sentinel: REDIS_SENTINELS (host:port,host:port,...) and REDIS_SENTINEL_MASTER
 # (default mymaster) take precedence over REDIS_URL's host and port: every client asks the
 # sentinels for the master, and REDIS_URL gives only TLS, credentials and the database.
-# REDIS_SENTINEL_PASSWORD is the sentinels' own requirepass, if any.
+# REDIS_SENTINEL_PASSWORD is the sentinels' own requirepass, if any; REDIS_SENTINEL_TLS=1 talks
+# to the sentinels over TLS too, verified with REDIS_URL's ssl_* query (docs/configuration.md).
 REDIS_SENTINELS = [s.strip() for s in os.environ.get("REDIS_SENTINELS", "").split(",")
                    if s.strip()]
 if REDIS_SENTINELS:
     HMS_TASKS_REDIS_SENTINELS = REDIS_SENTINELS
     HMS_TASKS_REDIS_SENTINEL_MASTER = os.environ.get("REDIS_SENTINEL_MASTER") or "mymaster"
     HMS_TASKS_REDIS_SENTINEL_PASSWORD = os.environ.get("REDIS_SENTINEL_PASSWORD") or None
+    HMS_TASKS_REDIS_SENTINEL_TLS = os.environ.get("REDIS_SENTINEL_TLS", "") == "1"
 
 # The demo never serves real patients; a deployment sets DJANGO_SECRET_KEY.
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or "hms-tasks-demo-insecure-key"

@@ -8,8 +8,6 @@ at start-up (check, dispatch, worker), and connections those refusals made to Re
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import shutil
 import ssl
@@ -21,71 +19,16 @@ from urllib.parse import quote
 
 import pytest
 import redis
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from kombu import Connection
 
 from hms_tasks import store, tls
 from hms_tasks.errors import ConfigurationError
 from tests.helpers import free_port, stop, wait_for
+from tests.tlscerts import make_ca, make_cert
 
 pytestmark = pytest.mark.faults
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def make_ca(directory: Path, common: str) -> tuple[Path, ec.EllipticCurvePrivateKey,
-                                                   x509.Certificate]:
-    """A self-signed CA, its certificate written to ``<directory>/<common>.pem``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(_name(common)).issuer_name(_name(common))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    path = directory / f"{common}.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path, key, cert
-
-
-def make_server_cert(directory: Path, ca_key: ec.EllipticCurvePrivateKey,
-                     ca_cert: x509.Certificate) -> tuple[Path, Path]:
-    """A server certificate for 127.0.0.1 and localhost signed by the CA: (cert, key) paths."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(_name("redis-test"))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "server.pem", directory / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 class TlsRedis:
@@ -95,7 +38,7 @@ class TlsRedis:
         directory.mkdir(parents=True, exist_ok=True)
         self.ca, ca_key, ca_cert = make_ca(directory, "test-ca")
         self.other_ca, _, _ = make_ca(directory, "other-ca")
-        cert, key = make_server_cert(directory, ca_key, ca_cert)
+        cert, key = make_cert(directory, ca_key, ca_cert)
         self.port = free_port()
         binary = shutil.which("redis-server")
         assert binary is not None, "redis-server is not on PATH"
