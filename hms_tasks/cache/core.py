@@ -252,19 +252,17 @@ class _Sender:
         self.connection: Any = None
         self.pool: Any = None
         self.owed = 0
-        self.loaded = False
 
     def send(self, be: TaggedRedisCache, args: Sequence[Any]) -> None:
         try:
             self._collect(be, block=self.owed >= MAX_PENDING_FILLS)
-            if not self.loaded:  # once per thread, and after a NOSCRIPT
-                be.client().script_load(be._scripts["FILL"].script)
-                self.loaded = True
             if self.connection is None:
                 self.pool = be.client().connection_pool
                 self.connection = self.pool.get_connection()
-            # No health check (a PING whose reply would be read in place of an owed one).
-            self.connection.send_command("EVALSHA", be._scripts["FILL"].sha, 1, *args,
+            # EVAL, not EVALSHA: a NOSCRIPT (Redis restarted) would be seen only after the
+            # fact, its fill lost; the script's 650 bytes cost less than that. No health
+            # check (a PING whose reply would be read in place of an owed one).
+            self.connection.send_command("EVAL", be._scripts["FILL"].script, 1, *args,
                                          check_health=not self.owed)
             self.owed += 1
         except redis.RedisError as exc:
@@ -279,10 +277,6 @@ class _Sender:
             self.owed -= 1
             try:
                 conn.read_response(disable_decoding=True)
-            except redis.exceptions.NoScriptError:
-                # Redis restarted (or was flushed) since the script was loaded: that fill is
-                # lost (a later read builds the value again); load it for the next ones.
-                self.loaded = False
             except redis.ResponseError as exc:  # READONLY, NOREPLICAS, OOM: not stored
                 logger.warning("cache fill refused (%s); the value was not stored",
                                type(exc).__name__)
