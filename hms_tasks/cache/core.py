@@ -130,9 +130,9 @@ def get_or_build(kind: str, id_: int) -> dict[str, Any] | None:
     wait up to ``HMS_TASKS_CACHE_WAIT_MS`` for it and otherwise read the database themselves
     without storing. A build stores its payload only if no tag of it was invalidated since
     the generations were read, which happens before the database is. Returns None when the
-    row does not exist (nothing is cached then). The fill runs on a thread of this process
-    just after the payload is returned (a read straight after may wait for it briefly, as it
-    waits for any builder). If Redis is down, payloads come from the database. Hits and
+    row does not exist (nothing is cached then). The fill is sent, without waiting for its
+    reply, before the payload is returned (a read straight after, on another connection, may
+    wait for it briefly, as it waits for any builder). If Redis is down, payloads come from the database. Hits and
     misses are counted per kind and per minute; every read adds to the key's heat (what makes
     it hot for refresh-ahead).
     """
