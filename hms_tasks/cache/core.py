@@ -4,6 +4,7 @@ call. See :mod:`hms_tasks.cache.lua` for the consistency protocol.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -132,9 +133,9 @@ def get_or_build(kind: str, id_: int) -> dict[str, Any] | None:
     the generations were read, which happens before the database is. Returns None when the
     row does not exist (nothing is cached then). The fill is sent, without waiting for its
     reply, before the payload is returned (a read straight after, on another connection, may
-    wait for it briefly, as it waits for any builder). If Redis is down, payloads come from the database. Hits and
-    misses are counted per kind and per minute; every read adds to the key's heat (what makes
-    it hot for refresh-ahead).
+    wait for it briefly, as it waits for any builder). If Redis is down, payloads come from
+    the database. Hits and misses are counted per kind and per minute; every read adds to the
+    key's heat (what makes it hot for refresh-ahead).
     """
     return read_through(kind, id_)[0]
 
@@ -292,7 +293,8 @@ class _Sender:
             self.pool.release(conn)
 
     def __del__(self) -> None:  # the thread ended with replies owed
-        self.drop()
+        with contextlib.suppress(Exception):  # at interpreter exit the pool may be gone
+            self.drop()
 
 
 _senders = threading.local()
@@ -314,8 +316,13 @@ def _fill_soon(be: TaggedRedisCache, made: str, value: Any, *, tags: Sequence[st
     sender = getattr(_senders, "sender", None)
     if sender is None:
         sender = _senders.sender = _Sender()
-    sender.send(be, [made, *be.fill_args(value, tags=tags, gens=gens, timeout=timeout,
-                                         lock=lock)])
+    try:
+        args = be.fill_args(value, tags=tags, gens=gens, timeout=timeout, lock=lock)
+    except Exception as exc:  # the reader has its payload: a fill must never fail it
+        # Never the payload or the exception's text: either may quote patient data.
+        logger.error("cache fill failed (%s); the value was not stored", type(exc).__name__)
+        return
+    sender.send(be, [made, *args])
 
 
 def _build_one(k: Kind, id_: int) -> dict[str, Any] | None:
