@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -113,3 +115,32 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(timeout=10)
         self.proc = None
+
+
+class CountingListener:
+    """A TCP listener (``host``, a free port) that counts the connections it accepted, sends
+    each ``greeting`` (if any) and closes it."""
+
+    def __init__(self, host: str = "127.0.0.1", greeting: bytes = b"") -> None:
+        self.sock = socket.create_server((host, 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.address = f"127.0.0.1:{self.port}"
+        self.greeting = greeting
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                if self.greeting:
+                    conn.sendall(self.greeting)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # stops listening and wakes accept() now
+        self.sock.close()

@@ -3,7 +3,6 @@ regressions, the HTML report, and that nothing a worker imports pulls in Locust 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -27,7 +26,7 @@ from hms_tasks import capabilities, store
 from hms_tasks.errors import ConfigurationError, InvalidArguments
 from hms_tasks.loadtest import keys, names, orchestrate, report, settings, spec, stats, text
 from hms_tasks.loadtest.stats import EndpointStats, RunData
-from tests.helpers import wait_for
+from tests.helpers import CountingListener, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -613,31 +612,6 @@ def test_the_last_hop_waits_only_what_is_left(scenarios: Path) -> None:
     assert 3 + orchestrate.FINAL_MERGE_DELAY - 1 <= wait <= 3 + orchestrate.FINAL_MERGE_DELAY + 1
 
 
-class _Listener:
-    """A TCP listener on 127.0.0.1 that counts the connections it accepted and greets each."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.sock.getsockname()[1])
-        self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            with conn:
-                conn.sendall(b"hi")
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # stops listening and wakes accept() now
-        self.sock.close()
-
-
 def test_the_shard_hands_a_contained_runner_sockets_to_the_target_and_to_nothing_else() -> None:
     """The two ends of containment's channel, in this process (no namespace needed): the
     runner's :class:`Dialer` gets a socket connected to the target in place of its own; any
@@ -645,7 +619,7 @@ def test_the_shard_hands_a_contained_runner_sockets_to_the_target_and_to_nothing
     asks (a locustfile could talk to the channel itself)."""
     from hms_tasks.loadtest import containment
 
-    target, other = _Listener(), _Listener()
+    target, other = CountingListener(greeting=b"hi"), CountingListener(greeting=b"hi")
     ours, theirs = containment.socket_pair()
     connector = containment.Connector(ours, containment.Target(
         "127.0.0.1", target.port, ("127.0.0.1",)))

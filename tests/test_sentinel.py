@@ -3,8 +3,6 @@ loopback Sentinel stack (master, 2 replicas, 3 sentinels, passwords) following a
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from django.test import override_settings
 from bench.sentinel_stack import MASTER_NAME, SentinelStack
 from hms_tasks import broker, conf, store
 from hms_tasks.errors import ConfigurationError
-from tests.helpers import wait_for
+from tests.helpers import CountingListener, wait_for
 
 PASSWORD = "sentinel-test-pw"
 SECRET = "not-a-host-but-a-secret"
@@ -83,32 +81,12 @@ def test_sentinel_celery_options() -> None:
     assert next(broker.keep_sentinels(options["broker_url"].split(";"))) == "10.0.0.1"
 
 
-class _Refusing:
-    """A loopback "sentinel" that accepts each connection and closes it at once (a sentinel
-    whose TLS handshake fails, or that is going down), counting them."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            conn.close()
-
-
 def test_a_client_that_must_give_up_quickly_asks_each_sentinel_once() -> None:
     """A client with a timeout of its own (a commit's invalidation call, a check) makes no
     retries: not on the master, and not on the sentinels either. With redis-py's default
     retries each failing sentinel was asked 4 times, with backoff: seconds, not the caller's
     0.1 s. An error names each sentinel's reason (redis-py 8 gives only its type)."""
-    refusing = [_Refusing(), _Refusing()]
+    refusing = [CountingListener(), CountingListener()]
     try:
         with override_settings(HMS_TASKS_REDIS_SENTINELS=[r.address for r in refusing],
                                HMS_TASKS_REDIS_SENTINEL_MASTER="m"):

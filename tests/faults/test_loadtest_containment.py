@@ -42,7 +42,7 @@ from django.test import override_settings
 
 from hms_tasks import store
 from hms_tasks.loadtest import containment, keys, shard, stats
-from tests.helpers import RedisServer
+from tests.helpers import CountingListener, RedisServer
 
 pytestmark = pytest.mark.faults
 
@@ -62,25 +62,6 @@ class _Target(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:
         pass
-
-
-class _Forbidden:
-    """A listener on every address that counts the connections it accepted."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("0.0.0.0", 0))  # every address: reachable twice
-        self.port = int(self.sock.getsockname()[1])
-        self.hits = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.hits += 1
-            conn.close()
 
 
 def _own_address() -> str | None:
@@ -146,7 +127,7 @@ def setup(redis_server: RedisServer, celery_app: Any, tmp_path: Path) -> Iterato
     target = ThreadingHTTPServer(("127.0.0.1", 0), _Target)
     target.daemon_threads = True
     threading.Thread(target=target.serve_forever, daemon=True).start()
-    forbidden = _Forbidden()
+    forbidden = CountingListener("0.0.0.0")  # every address: reachable twice
     vectors: list[tuple[str, str, int, bytes]] = [
         ("loopback listener", "127.0.0.1", forbidden.port, b""),
         # Even the target: native code gets nothing out of the namespace (the runner's own
@@ -190,7 +171,7 @@ def _run(setup: dict[str, Any], mode: str, *, duration: int = 3) -> dict[str, An
         "end_at": start_at + duration, "deadline": start_at + duration + 5, "shards": 1,
         "users": 2, "node": "test", "done": 0, "abort": "0"}, created_at=now)
     forbidden = setup["forbidden"]
-    hits, served = forbidden.hits, _Target.served
+    hits, served = forbidden.accepted, _Target.served
     store.client().delete(CANARY)
     with override_settings(**setup["settings"], HMS_TASKS_LOADTEST_CONTAINMENT=mode):
         summary = shard.run_shard(run_id, 0)
@@ -198,7 +179,7 @@ def _run(setup: dict[str, Any], mode: str, *, duration: int = 3) -> dict[str, An
     data = stats.RunData.from_json(json.loads(meta["result"]))
     native = {k: v for k, v in data.endpoints.items() if k.startswith("NATIVE ")}
     return {"summary": summary, "contained": meta.get("contained"),
-            "forbidden_connections": forbidden.hits - hits,
+            "forbidden_connections": forbidden.accepted - hits,
             "canary": store.client().get(CANARY) is not None,
             "served": _Target.served - served,
             "allowed": sum(data.endpoints[k].requests for k in ("GET /ok", "GET /ok (HttpUser)")
@@ -256,13 +237,13 @@ def test_required_containment_refuses_to_run_without_namespaces(
     empty = tmp_path / "bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))  # no unshare, no ip: no namespace on this "host"
-    served, hits = _Target.served, setup["forbidden"].hits
+    served, hits = _Target.served, setup["forbidden"].accepted
     row = _run(setup, "required", duration=1)
     assert row["summary"]["state"] == "failed"
     assert row["summary"]["contained"] is False
     assert "HMS_TASKS_LOADTEST_CONTAINMENT is 'required'" in row["summary"]["reason"]
     assert "unshare, ip, mount not found on PATH" in row["summary"]["reason"]
-    assert (_Target.served, setup["forbidden"].hits) == (served, hits)  # nothing started
+    assert (_Target.served, setup["forbidden"].accepted) == (served, hits)  # nothing started
     assert row["native_attempts"] == 0
 
 
