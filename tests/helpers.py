@@ -144,3 +144,17 @@ class CountingListener:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)  # stops listening and wakes accept() now
         self.sock.close()
+
+
+def until_written(client: redis.Redis, key: str, *, on: redis.Redis) -> None:
+    """Write ``key`` through ``client`` until the master ``on`` has it: until the old master
+    is demoted, a write may still land there (and be lost), as replication is asynchronous."""
+
+    def written() -> bool:
+        try:
+            client.set(key, "1")
+        except redis.ConnectionError:
+            return False
+        return bool(on.get(key) in ("1", b"1"))
+
+    wait_for(written, timeout=30, interval=0.05, what="a write on the new master")

@@ -15,7 +15,7 @@ from django.test import override_settings
 from bench.sentinel_stack import MASTER_NAME, SentinelStack
 from hms_tasks import broker, conf, store
 from hms_tasks.errors import ConfigurationError
-from tests.helpers import CountingListener, wait_for
+from tests.helpers import CountingListener, until_written, wait_for
 
 PASSWORD = "sentinel-test-pw"
 SECRET = "not-a-host-but-a-secret"
@@ -127,20 +127,6 @@ def on_sentinel(stack: SentinelStack) -> Iterator[SentinelStack]:
     store.reset()
 
 
-def _until_written(client: redis.Redis, key: str, *, on: redis.Redis) -> None:
-    """Write ``key`` through ``client`` until the master ``on`` has it: until the old master
-    is demoted, a write may still land there (and be lost), as replication is asynchronous."""
-
-    def written() -> bool:
-        try:
-            client.set(key, "1")
-        except redis.ConnectionError:
-            return False
-        return on.get(key) == "1"
-
-    wait_for(written, timeout=30, interval=0.05, what="a write on the new master")
-
-
 def test_the_store_follows_a_failover_and_records_it(on_sentinel: SentinelStack) -> None:
     client = store.client()
     client.set(store.key("t", "before"), "1")
@@ -150,7 +136,7 @@ def test_the_store_follows_a_failover_and_records_it(on_sentinel: SentinelStack)
     new = on_sentinel.failover()
     assert new != first
     # The client writes to the master the sentinels name, and a process saw the new one.
-    _until_written(client, store.key("t", "after"), on=on_sentinel.client(new))
+    until_written(client, store.key("t", "after"), on=on_sentinel.client(new))
     assert store.failovers() == seen + 1
 
 

@@ -36,7 +36,7 @@ from redis.retry import Retry
 from bench.sentinel_stack import MASTER_NAME, SentinelStack, TlsFiles
 from hms_tasks import broker, store
 from hms_tasks.cache import changes
-from tests.helpers import stop, wait_for
+from tests.helpers import stop, until_written, wait_for
 from tests.tlscerts import make_ca, make_cert
 
 pytestmark = pytest.mark.faults
@@ -112,20 +112,6 @@ def _dispatch(env: dict[str, str], task: str) -> None:
     assert '"' in out.stdout  # the task's JSON summary, through the result backend
 
 
-def _until_written(client: redis.Redis, key: str, *, on: redis.Redis) -> None:
-    """Write through ``client`` until the master ``on`` has it (a write may land on the old
-    master until it is demoted: replication is asynchronous)."""
-
-    def written() -> bool:
-        try:
-            client.set(key, "1")
-        except redis.ConnectionError:
-            return False
-        return on.get(key) == "1"
-
-    wait_for(written, timeout=30, interval=0.05, what="a write on the new master")
-
-
 @pytest.mark.django_db(transaction=True)
 def test_store_and_tag_cache_over_tls_sentinels(on_stack: Stack) -> None:
     from hms_tasks.demo.models import Patient
@@ -181,7 +167,7 @@ def test_worker_redbeat_and_clients_follow_a_failover_over_tls(stack: Stack,
             first = stack.master_port()
             new = stack.failover()
             assert new != first
-            _until_written(client, store.key("t", "after"), on=stack.client(new))
+            until_written(client, store.key("t", "after"), on=stack.client(new))
             wait_for(lambda: _cache_roundtrip(be), timeout=30, interval=0.05,
                      what="the tag cache on the new master")
             assert stack.client(new).exists(be.make_key("after"))
