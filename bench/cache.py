@@ -720,7 +720,8 @@ def part_stale() -> list[dict[str, Any]]:
     seconds, rate = 10.0, 200.0
     with _worker("bench-stale@localhost"):
         after, stale, commits, worst = _stale_round(ids, seconds, rate)
-        with mock.patch.object(changes, "record_changes", naive):
+        with mock.patch.object(changes, "record_changes", naive), \
+                mock.patch.object(changes, "_record_at_commit", naive):
             b_after, b_stale, _, b_worst = _stale_round(ids, seconds, rate)
     return [
         _row(f"read after commit: stale reads among {after:,} started after a commit returned "

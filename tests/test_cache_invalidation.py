@@ -320,5 +320,6 @@ def test_invalidating_only_in_the_task_fails_that_check(
         return bool(append(keys=list(changes._keys()), args=[json.dumps(sorted(tags))]) == 1)
 
     monkeypatch.setattr(changes, "record_changes", naive)
+    monkeypatch.setattr(changes, "_record_at_commit", naive)
     (pid,) = patients(1)
     assert stale_reads(reader, pid, 20) > 0
