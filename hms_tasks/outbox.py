@@ -25,11 +25,14 @@ What it costs and what it does not do. One ``INFO replication`` per publish, in 
 trip. Duplicates: a message is published again when its offset bound is past the cut, which a
 message that made it can also be (other clients' writes between its ``LPUSH`` and the
 ``INFO``): hms tasks are idempotent and ``acks_late``, so a duplicate runs twice, harmlessly.
-Limits: a message is re-published at the process's next publish after the switch (a process
-that publishes nothing more keeps it until it exits); one kept shorter than the time from its
-publish to that next publish is not; a master that keeps taking writes while cut off from
-the sentinels but not from a replica (a partition) can lose more than any client sees. A
-write in Redis is durable only once a replica has it: docs/reliability.md, "Redis failover".
+The switch is also seen by the process's store clients (:func:`hms_tasks.store.on_new_master`:
+a cache read, a run report), which publish the lost messages again on their first connection
+to the new master. Limits: a process that neither publishes nor uses the store after the
+switch keeps them until it does; a message kept shorter than the time from its publish to the
+process's first sight of the new master is not published again; a master that keeps taking
+writes while cut off from the sentinels but not from a replica (a partition) can lose more
+than any client sees. A write in Redis is durable only once a replica has it:
+docs/reliability.md, "Redis failover".
 
 Why not a library. kombu's Redis transport has no publisher confirms, and Celery's publish
 retry covers a publish that failed, not one that returned; redbeat keeps a schedule; a
@@ -45,13 +48,16 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from kombu.utils.json import dumps, loads
 from kombu.utils.uuid import uuid
+
+from hms_tasks import conf, store
 
 __all__ = [
     "MAX_ENTRIES",
@@ -210,6 +216,49 @@ class Outbox:
 
 #: The process's outbox (kombu's channels of every connection share it).
 outbox = Outbox()
+
+
+def _text(reply: Any) -> str:
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+def _info(execute: Callable[..., Any]) -> Master:
+    fields = dict(line.split(":", 1) for line in _text(execute("INFO", "replication"))
+                  .splitlines() if ":" in line)
+    return Master.from_info({k: v.strip() for k, v in fields.items()})
+
+
+def _on_new_master(execute: Callable[..., Any], replid: str, switched: bool) -> None:
+    """A store client's first connection to a master (:func:`hms_tasks.store.on_new_master`):
+    publish again, there, what the outbox knows a failover discarded, so that a process that
+    publishes nothing after the switch but uses the store (a cache read, a run report) does
+    not keep them until its next publish. Only on a connection to the broker's database."""
+    seconds = conf.get().publish_outbox_seconds
+    box = outbox
+    if not seconds or not box.kept():
+        return
+    db = urlsplit(conf.get().redis_url).path.strip("/") or "0"
+    client = dict(part.split("=", 1) for part in _text(execute("CLIENT", "INFO")).split()
+                  if "=" in part)
+    if client.get("db") != db:
+        return
+    try:
+        again = box.landed(_info(execute), [], seconds=seconds)
+        while again:
+            copies = [(entry.key, with_new_tag(entry.payload)) for entry in again]
+            try:
+                for key, payload in copies:
+                    execute("LPUSH", key, payload)
+                master = _info(execute)
+            except BaseException:
+                box.unclaim(again)
+                raise
+            again = box.landed(master, copies, seconds=seconds, republished=True)
+    except MasterSuperseded:
+        return  # an old master: the store's own retry finds the new one
+
+
+store.on_new_master(_on_new_master)
 
 
 def _forget_in_child() -> None:

@@ -440,3 +440,31 @@ def test_messages_the_old_master_took_after_the_promotion_are_published_again(
           f"{box.stats['republished']}, duplicates {len(queued) - len(set(queued))}")
     assert not missing, f"{len(missing)} published messages lost in the failover"
     assert not errors
+
+
+def test_a_store_client_seeing_the_new_master_publishes_the_lost_messages_again(
+    on_sentinel: SentinelStack, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process that published on a master since replaced, and publishes nothing after the
+    switch, still publishes the lost messages again when a store client of it (a cache read,
+    a run report) first connects to the new master."""
+    import json
+
+    from hms_tasks import outbox
+
+    box = outbox.Outbox()
+    monkeypatch.setattr(outbox, "outbox", box)
+    name = "hms-test-outbox-store"
+    message = {"body": "e30=", "properties": {"delivery_tag": "t-1"}}
+    # Taken by a master this stack never had: the new master does not continue it.
+    box.landed(outbox.Master(replid="f" * 40, offset=10, replid2="0" * 40, second_offset=-1),
+               [(name, json.dumps(message))], seconds=60)
+    store.reset()
+    store.client().ping()  # the client's first connection: the listeners run there
+    master = on_sentinel.client(on_sentinel.master_port())
+    pushed = [json.loads(raw) for raw in master.lrange(name, 0, -1)]
+    master.delete(name)
+    assert len(pushed) == 1
+    assert pushed[0]["body"] == message["body"]
+    assert pushed[0]["properties"]["delivery_tag"] != "t-1"
+    assert box.kept() == 1  # kept again, under the master that took the copy
