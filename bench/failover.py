@@ -31,6 +31,7 @@ import bisect
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -258,8 +259,30 @@ def _publish_cost(samples: int = 1000) -> dict[str, float]:
     return out
 
 
+def _failover_with_backlog(stack: SentinelStack, worker: subprocess.Popen[bytes]) -> int:
+    """``SENTINEL FAILOVER`` with the worker's consumer stopped (SIGSTOP) from before it until
+    the old master is a replica: every task published to the old master after the promotion
+    is still queued there when it resyncs, and lost unless published again (the fault test's
+    sure case; with the worker consuming, one such window in ten lost tasks)."""
+    old = stack.wait_healthy()
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        new = stack.failover()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if stack.client(old).info("replication").get("role") == "slave":
+                    break
+            except Exception:
+                pass
+            time.sleep(0.05)
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    return new
+
+
 def measure(*, failovers: int, kills: int, steady: float, writes: float,
-            tasks: float) -> dict[str, Any]:
+            tasks: float, pause_worker: bool = False) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="hms-failover-"))
     stack = SentinelStack(workdir / "stack", password=PASSWORD)
     stack.start()
@@ -305,7 +328,10 @@ def measure(*, failovers: int, kills: int, steady: float, writes: float,
         for kind in order:
             time.sleep(steady)
             began = time.time()
-            new = stack.failover() if kind == "failover" else stack.kill_master()
+            if kind == "failover" and pause_worker:
+                new = _failover_with_backlog(stack, worker)
+            else:
+                new = stack.failover() if kind == "failover" else stack.kill_master()
             switches.append({"kind": kind, "began": began, "switched": time.time(),
                              "master": new})
         time.sleep(steady)
@@ -509,10 +535,12 @@ def main() -> None:
     parser.add_argument("--steady", type=float, default=3.0)
     parser.add_argument("--writes", type=float, default=200.0)
     parser.add_argument("--tasks", type=float, default=20.0)
+    parser.add_argument("--pause-worker", action="store_true",
+                        help="stop the worker's consumer across each SENTINEL FAILOVER")
     parser.add_argument("--json")
     args = parser.parse_args()
     result = measure(failovers=args.failovers, kills=args.kills, steady=args.steady,
-                     writes=args.writes, tasks=args.tasks)
+                     writes=args.writes, tasks=args.tasks, pause_worker=args.pause_worker)
     text = json.dumps(result, indent=1, default=str)
     if args.json:
         Path(args.json).write_text(text)
