@@ -378,7 +378,7 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
         with this.conn_or_acquire() as client:
             master = _push(client, pushed, expires=(
                 [this._q_for_pri(queue, p) for p in this.priority_steps], expires))
-            again = box.landed(master, pushed, seconds=seconds)
+            again = [] if master is None else box.landed(master, pushed, seconds=seconds)
             while again:
                 copies = [(entry.key, outbox.with_new_tag(entry.payload)) for entry in again]
                 try:
@@ -386,13 +386,20 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
                 except BaseException:
                     box.unclaim(again)
                     raise
-                again = box.landed(master, copies, seconds=seconds, republished=True)
+                again = [] if master is None else box.landed(
+                    master, copies, seconds=seconds, republished=True)
+
+
+#: Whether a refused ``INFO`` (an ACL user without it) was logged already.
+_info_refused_logged = False
 
 
 def _push(client: Any, messages: list[tuple[str, str]], *,
-          expires: tuple[list[str], int | None] = ([], None)) -> outbox.Master:
+          expires: tuple[list[str], int | None] = ([], None)) -> outbox.Master | None:
     """``LPUSH`` each (list, payload), then ``INFO replication``, in one pipeline on one
-    connection (kombu's ``PEXPIRE`` of a queue declared with an expiry after them)."""
+    connection (kombu's ``PEXPIRE`` of a queue declared with an expiry after them). The
+    master that took them, or None when it refused the ``INFO``: pushed, not kept."""
+    global _info_refused_logged
     with client.pipeline(transaction=False) as pipe:
         for key, payload in messages:
             pipe.lpush(key, payload)
@@ -401,7 +408,19 @@ def _push(client: Any, messages: list[tuple[str, str]], *,
             for key in keys:
                 pipe.pexpire(key, ms)
         pipe.info("replication")
-        return outbox.Master.from_info(pipe.execute()[-1])
+        # An error reply does not stop the pipeline: a push that failed raises (kombu's
+        # retry, nothing written), a refused INFO after pushes that worked must not.
+        *pushes, info = pipe.execute(raise_on_error=False)
+    for reply in pushes:
+        if isinstance(reply, Exception):
+            raise reply
+    if isinstance(info, Exception):
+        if not _info_refused_logged:
+            _info_refused_logged = True
+            logger.warning("publish outbox off: the broker's Redis refused INFO replication "
+                           "(%s); grant the broker's ACL user +info", type(info).__name__)
+        return None
+    return outbox.Master.from_info(info)
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):

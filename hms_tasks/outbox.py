@@ -238,11 +238,11 @@ def _on_new_master(execute: Callable[..., Any], replid: str, switched: bool) -> 
     if not seconds or not box.kept():
         return
     db = urlsplit(conf.get().redis_url).path.strip("/") or "0"
-    client = dict(part.split("=", 1) for part in _text(execute("CLIENT", "INFO")).split()
-                  if "=" in part)
-    if client.get("db") != db:
-        return
     try:
+        client = dict(part.split("=", 1) for part in _text(execute("CLIENT", "INFO")).split()
+                      if "=" in part)
+        if client.get("db") != db:
+            return
         again = box.landed(_info(execute), [], seconds=seconds)
         while again:
             copies = [(entry.key, with_new_tag(entry.payload)) for entry in again]
@@ -256,6 +256,10 @@ def _on_new_master(execute: Callable[..., Any], replid: str, switched: bool) -> 
             again = box.landed(master, copies, seconds=seconds, republished=True)
     except MasterSuperseded:
         return  # an old master: the store's own retry finds the new one
+    except redis.ResponseError:
+        # CLIENT INFO or INFO refused (an ACL user without them, Redis before 6.2): the
+        # messages wait for the process's next publish, which needs only INFO.
+        return
 
 
 store.on_new_master(_on_new_master)

@@ -69,3 +69,29 @@ def test_a_copy_has_a_new_delivery_tag_and_nothing_else_changed() -> None:
     original = json.loads(_payload(7))
     assert copy["properties"].pop("delivery_tag") != original["properties"].pop("delivery_tag")
     assert copy == original
+
+
+def test_a_broker_user_without_info_still_publishes(redis_server: object) -> None:
+    """An ACL user that may not run INFO: the push is made and the outbox keeps nothing
+    (a warning says so) instead of the publish failing after its push (and being retried:
+    a duplicate on every publish)."""
+    import os
+    import uuid
+
+    import redis
+
+    from hms_tasks import broker
+
+    admin = redis.Redis.from_url(os.environ["REDIS_URL"])
+    user, password = f"hms-test-noinfo-{uuid.uuid4().hex[:8]}", "noinfo-pw"
+    admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["~*"],
+                      channels=["*"], commands=["+@all", "-info"])
+    key = f"hms-test-noinfo-{uuid.uuid4().hex}"
+    try:
+        limited = redis.Redis.from_url(os.environ["REDIS_URL"], username=user,
+                                       password=password)
+        assert broker._push(limited, [(key, "message")]) is None
+        assert admin.lrange(key, 0, -1) == [b"message"]
+    finally:
+        admin.acl_deluser(user)
+        admin.delete(key)
