@@ -31,6 +31,7 @@ import bisect
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -233,8 +234,55 @@ def _write_path_cost(samples: int = 2000) -> dict[str, float]:
     return out
 
 
+def _publish_cost(samples: int = 1000) -> dict[str, float]:
+    """Median and p99 (ms) of a task publish with the publish outbox (``INFO replication``
+    in the push's pipeline) and without it (``HMS_TASKS_PUBLISH_OUTBOX_SECONDS = 0``),
+    alternated publish by publish. The tasks (n = -1) run and are not counted."""
+    from django.test import override_settings
+
+    from hms_tasks.celery import app
+
+    times: dict[str, list[float]] = {"outbox": [], "none": []}
+    for k in range(samples):
+        label = "outbox" if k % 2 == 0 else "none"
+        seconds = 60.0 if label == "outbox" else 0.0
+        with override_settings(HMS_TASKS_PUBLISH_OUTBOX_SECONDS=seconds):
+            t = time.perf_counter()
+            app.send_task("hms.test.failover_mark", kwargs={"n": -1, "ms": 0},
+                          ignore_result=True)
+            times[label].append((time.perf_counter() - t) * 1000)
+    out: dict[str, float] = {}
+    for label, values in times.items():
+        values.sort()
+        out[f"{label}_p50"] = values[len(values) // 2]
+        out[f"{label}_p99"] = values[int(len(values) * 0.99)]
+    return out
+
+
+def _failover_with_backlog(stack: SentinelStack, worker: subprocess.Popen[bytes]) -> int:
+    """``SENTINEL FAILOVER`` with the worker's consumer stopped (SIGSTOP) from before it until
+    the old master is a replica: every task published to the old master after the promotion
+    is still queued there when it resyncs, and lost unless published again (the fault test's
+    sure case; with the worker consuming, one such window in ten lost tasks)."""
+    old = stack.wait_healthy()
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        new = stack.failover()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if stack.client(old).info("replication").get("role") == "slave":
+                    break
+            except Exception:
+                pass
+            time.sleep(0.05)
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    return new
+
+
 def measure(*, failovers: int, kills: int, steady: float, writes: float,
-            tasks: float) -> dict[str, Any]:
+            tasks: float, pause_worker: bool = False) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="hms-failover-"))
     stack = SentinelStack(workdir / "stack", password=PASSWORD)
     stack.start()
@@ -251,7 +299,7 @@ def measure(*, failovers: int, kills: int, steady: float, writes: float,
         import django
 
         django.setup()
-        from hms_tasks import store
+        from hms_tasks import outbox, store
 
         deadline = time.monotonic() + 90
         while b"ready." not in (home / "worker.log").read_bytes():
@@ -259,6 +307,7 @@ def measure(*, failovers: int, kills: int, steady: float, writes: float,
                 raise RuntimeError("the worker did not start; see " + str(home / "worker.log"))
             time.sleep(0.2)
         cost = _write_path_cost()
+        publish_cost = _publish_cost()
         load = Load(writes=writes, tasks=tasks)
         threads = [threading.Thread(target=f, daemon=True)
                    for f in (load.writer, load.reader, load.publisher, load.prober,
@@ -279,7 +328,10 @@ def measure(*, failovers: int, kills: int, steady: float, writes: float,
         for kind in order:
             time.sleep(steady)
             began = time.time()
-            new = stack.failover() if kind == "failover" else stack.kill_master()
+            if kind == "failover" and pause_worker:
+                new = _failover_with_backlog(stack, worker)
+            else:
+                new = stack.failover() if kind == "failover" else stack.kill_master()
             switches.append({"kind": kind, "began": began, "switched": time.time(),
                              "master": new})
         time.sleep(steady)
@@ -300,6 +352,12 @@ def measure(*, failovers: int, kills: int, steady: float, writes: float,
             time.sleep(0.5)
         runs = _runs(home)
         done = {n for kind, n, _ in runs if kind == "done"}
+        # Tasks that ran more than once: the outbox's re-publishes that were not lost, and
+        # runs whose ack a failover lost (acks_late: the message came back).
+        done_counts: dict[int, int] = {}
+        for kind, n, _ in runs:
+            if kind == "done" and n in published:
+                done_counts[n] = done_counts.get(n, 0) + 1
         starts = sorted(t for kind, _, t in runs if kind == "start")
         ticks = sorted(t for kind, _, t in runs if kind == "tick")
         resume = []
@@ -342,6 +400,10 @@ def measure(*, failovers: int, kills: int, steady: float, writes: float,
             "ticks_after_last": sum(1 for t in ticks if switched and t > switched[-1] + 2),
             "worker_alive": worker.poll() is None, "beat_alive": beat.poll() is None,
             "write_path_ms": cost, "recorder": dict(load.recorder.stats),
+            "publish_ms": publish_cost,
+            "duplicates": sum(1 for c in done_counts.values() if c > 1),
+            "extra_runs": sum(c - 1 for c in done_counts.values() if c > 1),
+            "outbox": dict(outbox.outbox.stats),
         }
     finally:
         stop(worker)
@@ -419,7 +481,8 @@ def run() -> list[Row]:
     # What the rows do not show: why publishes raised, when buffered stale reads happened.
     print(json.dumps({k: r[k] for k in ("publish_errors", "publish_tracebacks",
                                         "failover_records", "promotions", "promotions_seen",
-                                        "recorder", "stale_buffered_detail")}, default=str))
+                                        "recorder", "stale_buffered_detail", "outbox")},
+                     default=str))
     resume = sorted(r["resume_s"])
     cost = r["write_path_ms"]
     hit = r["hit_rate"]
@@ -433,6 +496,16 @@ def run() -> list[Row]:
         Row("tasks published (publish returned)", r["published"], None, "tasks", "-"),
         Row("tasks whose publish raised (caller told)", r["publish_failed"], None, "tasks",
             "-"),
+        Row("tasks that ran more than once (outbox re-publish or a lost ack)",
+            r["duplicates"], None, "tasks", "-"),
+        Row("task messages the outbox published again (this process)",
+            r["outbox"]["republished"], None, "messages", "-"),
+        Row("publish p50, with the outbox (vs without)", r["publish_ms"]["outbox_p50"],
+            r["publish_ms"]["none_p50"], "ms", "-",
+            ratio=r["publish_ms"]["outbox_p50"] / r["publish_ms"]["none_p50"]),
+        Row("publish p99, with the outbox (vs without)", r["publish_ms"]["outbox_p99"],
+            r["publish_ms"]["none_p99"], "ms", "-",
+            ratio=r["publish_ms"]["outbox_p99"] / r["publish_ms"]["none_p99"]),
         Row("stale reads of a buffered invalidation, > 1 s after a switch",
             r["stale_buffered_late"], None, "reads", "0", ok=r["stale_buffered_late"] == 0),
         Row("reads refused (no master taking writes): read from the database",
@@ -462,10 +535,12 @@ def main() -> None:
     parser.add_argument("--steady", type=float, default=3.0)
     parser.add_argument("--writes", type=float, default=200.0)
     parser.add_argument("--tasks", type=float, default=20.0)
+    parser.add_argument("--pause-worker", action="store_true",
+                        help="stop the worker's consumer across each SENTINEL FAILOVER")
     parser.add_argument("--json")
     args = parser.parse_args()
     result = measure(failovers=args.failovers, kills=args.kills, steady=args.steady,
-                     writes=args.writes, tasks=args.tasks)
+                     writes=args.writes, tasks=args.tasks, pause_worker=args.pause_worker)
     text = json.dumps(result, indent=1, default=str)
     if args.json:
         Path(args.json).write_text(text)

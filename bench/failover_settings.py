@@ -14,6 +14,8 @@ HMS_TASKS_REDIS_SENTINEL_MASTER = os.environ["REDIS_SENTINEL_MASTER"]
 HMS_TASKS_REDIS_SENTINEL_PASSWORD = os.environ.get("REDIS_SENTINEL_PASSWORD") or None
 HMS_TASKS_REPORT_HISTORY = 20000
 HMS_TASKS_BEAT_SCHEDULE = "bench.failover_settings"
+# The publish outbox (0: off, to measure what it saves); the default otherwise.
+HMS_TASKS_PUBLISH_OUTBOX_SECONDS = float(os.environ.get("BENCH_PUBLISH_OUTBOX_SECONDS", "60"))
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
     "hms": {"BACKEND": "hms_tasks.cache.TaggedRedisCache", "LOCATION": HMS_TASKS_REDIS_URL,

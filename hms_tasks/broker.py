@@ -26,7 +26,11 @@ kept in the process the same way and pushed back onto its queue on reconnect.
 Every message whose task had started therefore runs again, at once after the reconnect rather
 than after the visibility timeout (all hms tasks are idempotent and ``acks_late``).
 
-Everything else (publishing, restores on a live connection, visibility timeout) is kombu's own.
+Publishing: a channel closed under a publish by kombu's nested retry is a connection error
+(the publish is retried) instead of an ``AttributeError`` (:meth:`Channel.basic_publish`);
+over Sentinel, each push also tells the publish outbox which master took the message
+(:mod:`hms_tasks.outbox`: what a failover discards is published again). Everything else
+(restores on a live connection, visibility timeout) is kombu's own.
 """
 
 from __future__ import annotations
@@ -43,11 +47,13 @@ from queue import Empty
 from typing import Any
 from urllib.parse import urlsplit
 
+import redis
 from celery.backends import redis as celery_redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.json import dumps
 
-from hms_tasks import deadletter, store
+from hms_tasks import conf, deadletter, outbox, store
 
 __all__ = [
     "SENTINEL_BACKEND",
@@ -294,6 +300,21 @@ class Channel(kombu_redis.Channel):
                            "their queues", len(tags))
         return len(tags)
 
+    def basic_publish(self, message: Any, exchange: str, routing_key: str,
+                      **kwargs: Any) -> Any:
+        # kombu (5.5 on, kombu#2174) declares a publish's queue with the publish's own retry
+        # policy, nested inside it: when the declaration meets a connection error, the inner
+        # retry closes the connection (this channel too) and reconnects, and the outer publish
+        # then goes on with this closed channel, whose client kombu can no longer build
+        # (AttributeError in ``_connparams``: ``connection`` is None), which no retry policy
+        # catches (kombu#2275 describes the flow). Seen as publishes raising in the caller
+        # during failovers. A connection error here makes the outer retry revive the producer
+        # on a new channel and publish again.
+        if self.connection is None:
+            raise redis.ConnectionError("the channel of this publish was closed by a reconnect"
+                                        " under it: publishing again on a new channel")
+        return super().basic_publish(message, exchange, routing_key, **kwargs)
+
     def decode_body(self, body: Any, encoding: str | None = None) -> Any:
         if encoding and encoding.lower() == "base64":
             return base64.b64decode(body, validate=True)
@@ -334,6 +355,72 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
 
     connection_class = store.SentinelConnection
     connection_class_ssl = store.SentinelSSLConnection
+
+    @property
+    def supports_batch_publish(self) -> bool:
+        # A batch (kombu's ``Producer.batch``) would push without :meth:`_put`: no outbox.
+        return False
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        """kombu's push of a message onto its queue, with ``INFO replication`` in the same
+        pipeline, so that the outbox (:mod:`hms_tasks.outbox`) knows which master took it and
+        publishes again what a failover discarded (kombu has no hook after the push; the
+        priority and expiry steps are kombu's own helpers)."""
+        seconds = conf.get().publish_outbox_seconds
+        if not seconds or kwargs.get("_publish_batch") is not None:
+            super()._put(queue, message, **kwargs)
+            return
+        this: Any = self
+        key = this._q_for_pri(queue, this._get_message_priority(message, reverse=False))
+        expires = this._expires.get(queue) if this._expires else None
+        box = outbox.outbox
+        pushed = [(key, str(dumps(message)))]
+        with this.conn_or_acquire() as client:
+            master = _push(client, pushed, expires=(
+                [this._q_for_pri(queue, p) for p in this.priority_steps], expires))
+            again = [] if master is None else box.landed(master, pushed, seconds=seconds)
+            while again:
+                copies = [(entry.key, outbox.with_new_tag(entry.payload)) for entry in again]
+                try:
+                    master = _push(client, copies)
+                except BaseException:
+                    box.unclaim(again)
+                    raise
+                again = [] if master is None else box.landed(
+                    master, copies, seconds=seconds, republished=True)
+
+
+#: Whether a refused ``INFO`` (an ACL user without it) was logged already.
+_info_refused_logged = False
+
+
+def _push(client: Any, messages: list[tuple[str, str]], *,
+          expires: tuple[list[str], int | None] = ([], None)) -> outbox.Master | None:
+    """``LPUSH`` each (list, payload), then ``INFO replication``, in one pipeline on one
+    connection (kombu's ``PEXPIRE`` of a queue declared with an expiry after them). The
+    master that took them, or None when it refused the ``INFO``: pushed, not kept."""
+    global _info_refused_logged
+    with client.pipeline(transaction=False) as pipe:
+        for key, payload in messages:
+            pipe.lpush(key, payload)
+        keys, ms = expires
+        if ms:
+            for key in keys:
+                pipe.pexpire(key, ms)
+        pipe.info("replication")
+        # An error reply does not stop the pipeline: a push that failed raises (kombu's
+        # retry, nothing written), a refused INFO after pushes that worked must not.
+        *pushes, info = pipe.execute(raise_on_error=False)
+    for reply in pushes:
+        if isinstance(reply, Exception):
+            raise reply
+    if isinstance(info, Exception):
+        if not _info_refused_logged:
+            _info_refused_logged = True
+            logger.warning("publish outbox off: the broker's Redis refused INFO replication "
+                           "(%s); grant the broker's ACL user +info", type(info).__name__)
+        return None
+    return outbox.Master.from_info(info)
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):

@@ -177,6 +177,10 @@ class CoreSettings(Settings):
     redis_sentinel_password: str | None = None
     #: Talk to the sentinels over TLS, verified like the master (the URL's ``ssl_*`` query).
     redis_sentinel_tls: bool = False
+    #: Seconds each task message published over Sentinel is kept with the master that took
+    #: it, to be published again if a failover discards it (:mod:`hms_tasks.outbox`); longer
+    #: than a publish retries through a switch (about 35 s). 0 turns the outbox off.
+    publish_outbox_seconds: Annotated[float, Field(ge=0, le=3600)] = 60.0
 
     @field_validator("redis_url")
     @classmethod
