@@ -32,25 +32,40 @@ vary the key).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from typing import TypeVar, cast
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import redis
+from django.core.exceptions import MiddlewareNotUsed
 from django.http import HttpRequest, HttpResponse, HttpResponseNotModified, JsonResponse
 from django.http.response import HttpResponseBase
-from django.utils.cache import patch_vary_headers
+from django.urls import Resolver404, resolve
 from django.utils.http import parse_etags
+from django.utils.module_loading import import_string
 
 from hms_tasks.cache import settings
 from hms_tasks.cache.core import backend, check_ids, read_through
 from hms_tasks.cache.registry import get_kind
 from hms_tasks.cache.tags import ALL
+from hms_tasks.errors import ConfigurationError, InvalidArguments
 
-__all__ = ["cached_response", "current_etag", "etag_of", "set_cache_control"]
+__all__ = [
+    "NotModifiedMiddleware",
+    "authenticated",
+    "cached_response",
+    "current_etag",
+    "etag_of",
+    "etag_view",
+    "set_cache_control",
+]
 
 R = TypeVar("R", bound=HttpResponseBase)
+V = TypeVar("V", bound=Callable[..., Any])
 # Longer If-None-Match headers are not parsed (no client keeps that many versions).
 _MAX_IF_NONE_MATCH = 4096
+# Largest id a BigAutoField holds; a larger one in a path goes the full way (to its 404).
+_MAX_ID = 2**63 - 1
 
 
 def etag_of(made_key: str, tags: Sequence[str], generations: Sequence[str]) -> str:
@@ -64,7 +79,8 @@ def etag_of(made_key: str, tags: Sequence[str], generations: Sequence[str]) -> s
 
 def _target(kind: str, id_: int) -> tuple[str, list[str]]:
     k = get_kind(kind)
-    (id_,) = check_ids([id_], argument="id")
+    if type(id_) is not int or id_ <= 0:
+        check_ids([id_], argument="id")  # raises, naming the argument
     return backend().make_key(k.key(id_)), [ALL, *k.tags(id_)]
 
 
@@ -97,16 +113,33 @@ def set_cache_control(response: R, kind: str) -> R:
 def _matches(if_none_match: str, etag: str) -> bool:
     # Weak comparison (RFC 9110 13.1.2): W/ does not matter.
     opaque = etag.removeprefix("W/")
+    if if_none_match in (etag, opaque):
+        return True  # what a client sends back, without parsing a list
     return any(t.removeprefix("W/") == opaque for t in parse_etags(if_none_match))
 
 
 def _headers(response: R, kind: str, etag: str | None) -> R:
+    """Headers of a response made here (it has no Vary yet)."""
     if etag is not None:
         response["ETag"] = etag
     set_cache_control(response, kind)
     # A 304 carries the Vary its 200 would (RFC 9110 15.4.5); the 200 is usually compressed.
-    patch_vary_headers(response, ("Accept-Encoding",))
+    response["Vary"] = "Accept-Encoding"
     return response
+
+
+def _not_modified(kind: str, made: str, tags: Sequence[str], wanted: str
+                  ) -> HttpResponseNotModified | None:
+    """The 304 if ``wanted`` (If-None-Match) holds the payload's current ETag: one round trip
+    reading the generations, which is also why no generation is ever kept in the process (a
+    client's ETag must stop matching as soon as a write commits)."""
+    gens = _read_generations(tags)
+    if gens is None:
+        return None
+    current = etag_of(made, tags, gens)
+    if not _matches(wanted, current):
+        return None
+    return _headers(HttpResponseNotModified(), kind, current)
 
 
 def cached_response(request: HttpRequest, kind: str, id_: int) -> HttpResponse | None:
@@ -123,11 +156,9 @@ def cached_response(request: HttpRequest, kind: str, id_: int) -> HttpResponse |
     if wanted is not None and len(wanted) > _MAX_IF_NONE_MATCH:
         wanted = None
     if wanted:
-        gens = _read_generations(tags)
-        if gens is not None:
-            current = etag_of(made, tags, gens)
-            if _matches(wanted, current):
-                return _headers(HttpResponseNotModified(), kind, current)
+        not_modified = _not_modified(kind, made, tags, wanted)
+        if not_modified is not None:
+            return not_modified
     # One round trip on a hit: the read returns the generations the payload was stored under.
     payload, stored = read_through(kind, id_)
     if payload is None:
@@ -136,3 +167,113 @@ def cached_response(request: HttpRequest, kind: str, id_: int) -> HttpResponse |
     if wanted is not None and etag is not None and parse_etags(wanted) == ["*"]:
         return _headers(HttpResponseNotModified(), kind, etag)
     return _headers(JsonResponse(payload), kind, etag)
+
+
+# -- 304s before the view ----------------------------------------------------------------------
+
+
+def etag_view(kind: str) -> Callable[[V], V]:
+    """Mark a view that answers a GET without a query string with
+    ``cached_response(request, kind, id)``, ``id`` being its URL's one (integer) variable.
+    :class:`NotModifiedMiddleware` answers a route's 304s early only if its view is so marked
+    for that kind. Put the mark under decorators that use ``functools.wraps`` (which copies
+    it)."""
+
+    def mark(view: V) -> V:
+        view.etag_kind = kind  # type: ignore[attr-defined]
+        return view
+
+    return mark
+
+
+def authenticated(request: HttpRequest, kind: str, id_: int) -> bool:
+    """The default ``HMS_TASKS_CACHE_NOT_MODIFIED_ALLOW``: ``request.user.is_authenticated``,
+    set by the HMS's authentication middleware above :class:`NotModifiedMiddleware`. Without
+    a ``request.user`` (no such middleware ran) nothing is answered early."""
+    return getattr(getattr(request, "user", None), "is_authenticated", False) is True
+
+
+_SETTING = "HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES"
+
+
+def _route_regex(route: str) -> re.Pattern[str]:
+    before, _, after = route.partition("<id>")
+    return re.compile(re.escape(before) + "([1-9][0-9]{0,18})" + re.escape(after))
+
+
+def _check_route(route: str, kind: str) -> None:
+    """The route must resolve (id 1 standing for any id) to a view marked :func:`etag_view`
+    of ``kind``, with the id as its only argument: otherwise the middleware would answer for
+    a URL whose view serves something else (or checks something it does not)."""
+    where = f"{_SETTING}[{route!r}]"
+    try:
+        get_kind(kind)
+    except InvalidArguments:
+        raise ConfigurationError(f"{where}: not a registered kind") from None
+    try:
+        match = resolve(route.replace("<id>", "1"))
+    except Resolver404:
+        raise ConfigurationError(f"{where}: ROOT_URLCONF resolves it to no view") from None
+    if getattr(match.func, "etag_kind", None) != kind:
+        raise ConfigurationError(
+            f"{where}: its view is not marked etag_view({kind!r}) (hms_tasks.cache.http)")
+    if [*match.args, *match.kwargs.values()] != [1]:
+        raise ConfigurationError(f"{where}: <id> must be the route's one variable, an int")
+
+
+class NotModifiedMiddleware:
+    """Answers a conditional GET of a registered cache-backed route with ``304 Not Modified``
+    before URL resolution, the middleware below it and the view: after one Redis round trip,
+    as :func:`cached_response` does, with the same headers.
+
+    Put it right after the HMS's authentication middleware (below anything that must see
+    every request). It answers only a GET or HEAD that
+
+    - has an ``If-None-Match`` and no query string (the view checks parameters: with any, the
+      request goes the full way),
+    - matches a route of ``HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES`` (``"/api/patients/<id>/":
+      "patient"``; ``request.urlconf`` unset, as the routes are checked against
+      ``ROOT_URLCONF``),
+    - is allowed by ``HMS_TASKS_CACHE_NOT_MODIFIED_ALLOW`` (default :func:`authenticated`),
+    - and holds the payload's current ETag, read from Redis for this request.
+
+    Anything else goes on down the stack unchanged (one dict lookup and a regex cost it).
+    Without routes Django leaves it out of the stack. When it loads it checks each route
+    against the URLconf (see :func:`etag_view`) and raises
+    :class:`~hms_tasks.errors.ConfigurationError` naming the one that does not fit.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+        s = settings.get()
+        if not s.cache_not_modified_routes:
+            raise MiddlewareNotUsed
+        for route, kind in s.cache_not_modified_routes.items():
+            _check_route(route, kind)
+        self.routes = [(_route_regex(route), kind)
+                       for route, kind in s.cache_not_modified_routes.items()]
+        try:
+            self.allow: Callable[[HttpRequest, str, int], bool] = import_string(
+                s.cache_not_modified_allow)
+        except ImportError:
+            raise ConfigurationError(
+                "HMS_TASKS_CACHE_NOT_MODIFIED_ALLOW: no such function") from None
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        meta = request.META
+        wanted = meta.get("HTTP_IF_NONE_MATCH")
+        if (wanted and len(wanted) <= _MAX_IF_NONE_MATCH and request.method in ("GET", "HEAD")
+                and not meta.get("QUERY_STRING") and not hasattr(request, "urlconf")):
+            path = request.path_info
+            for regex, kind in self.routes:
+                found = regex.fullmatch(path)
+                if found is None:
+                    continue
+                id_ = int(found[1])
+                if id_ <= _MAX_ID and self.allow(request, kind, id_):
+                    made, tags = _target(kind, id_)
+                    response = _not_modified(kind, made, tags, wanted)
+                    if response is not None:
+                        return response
+                break
+        return self.get_response(request)
