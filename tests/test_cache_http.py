@@ -687,3 +687,37 @@ def test_without_routes_django_leaves_it_out() -> None:
     with override_settings(**{**GUARDED, "HMS_TASKS_CACHE_NOT_MODIFIED_ALLOW": "no.such.fn"}), \
             pytest.raises(ConfigurationError, match="HMS_TASKS_CACHE_NOT_MODIFIED_ALLOW"):
         NotModifiedMiddleware(lambda request: HttpResponse())
+
+
+def test_after_a_redis_restart_the_early_304_still_answers(
+        hospital: Patient, guarded: Client, redis_server: RedisServer) -> None:
+    # The pooled connection is broken and the script cache empty: the early path's own
+    # EVALSHA gives way to redis-py's Script call, which reconnects and loads the script.
+    url = _guarded_url(hospital)
+    etag = guarded.get(url, headers=SIGNED_IN)["ETag"]
+    _stored(hospital)
+    assert guarded.get(url, headers={**SIGNED_IN, "If-None-Match": etag}).status_code == 304
+    redis_server.stop()
+    redis_server.start()
+    calls = len(seen_by_view)
+    again = guarded.get(url, headers={**SIGNED_IN, "If-None-Match": etag})
+    assert again.status_code == 304
+    assert len(seen_by_view) == calls
+
+
+def test_a_master_refusing_writes_answers_no_304(
+        hospital: Patient, guarded: Client, redis_server: RedisServer) -> None:
+    # A master that lost its replicas (min-replicas-to-write) may be the old side of a
+    # failover: it must not confirm a client's copy, early or in the view.
+    url = _guarded_url(hospital)
+    etag = guarded.get(url, headers=SIGNED_IN)["ETag"]
+    _stored(hospital)
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.config_set("min-replicas-to-write", 1)
+    try:
+        answer = guarded.get(url, headers={**SIGNED_IN, "If-None-Match": etag})
+    finally:
+        admin.config_set("min-replicas-to-write", 0)
+        admin.close()
+    assert answer.status_code == 200
+    assert answer.json()["id"] == hospital.pk
