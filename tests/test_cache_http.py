@@ -616,6 +616,9 @@ def test_an_early_304_skips_the_view_and_the_database_in_one_round_trip(
                         ).status_code == 405
     assert guarded.get(_guarded_url(hospital), headers={**SIGNED_IN, "If-None-Match": '"x"'}
                        ).status_code == 200
+    # A Host outside ALLOWED_HOSTS is refused as CommonMiddleware would, not answered.
+    assert guarded.get(_guarded_url(hospital), headers={
+        **SIGNED_IN, "If-None-Match": etag, "Host": "elsewhere.example"}).status_code == 400
     assert seen_by_view == [hospital.pk] * 4
 
 

@@ -237,7 +237,9 @@ class NotModifiedMiddleware:
     - is allowed by ``HMS_TASKS_CACHE_NOT_MODIFIED_ALLOW`` (default :func:`authenticated`),
     - and holds the payload's current ETag, read from Redis for this request.
 
-    Anything else goes on down the stack unchanged (one dict lookup and a regex cost it).
+    It validates the ``Host`` header as ``CommonMiddleware`` does (``ALLOWED_HOSTS``), so it
+    may sit above that one. Anything else goes on down the stack unchanged (a header lookup
+    and a regex per route cost it).
     Without routes Django leaves it out of the stack. When it loads it checks each route
     against the URLconf (see :func:`etag_view`) and raises
     :class:`~hms_tasks.errors.ConfigurationError` naming the one that does not fit.
@@ -271,6 +273,9 @@ class NotModifiedMiddleware:
                     continue
                 id_ = int(found[1])
                 if id_ <= _MAX_ID and self.allow(request, kind, id_):
+                    # The Host check CommonMiddleware makes (ALLOWED_HOSTS), in case this
+                    # runs above it: DisallowedHost turns into the same 400.
+                    request.get_host()
                     made, tags = _target(kind, id_)
                     response = _not_modified(kind, made, tags, wanted)
                     if response is not None:
