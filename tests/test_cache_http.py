@@ -724,3 +724,35 @@ def test_a_master_refusing_writes_answers_no_304(
         admin.close()
     assert answer.status_code == 200
     assert answer.json()["id"] == hospital.pk
+
+
+def test_the_generations_read_runs_meanwhile_once_on_either_path(
+        hospital: Patient, redis_server: RedisServer) -> None:
+    # The early 304 builds its response while the generations are on their way.
+    be = backend()
+    tags = ["all", f"patient:{hospital.pk}"]
+    be.generations([f"patient:{hospital.pk}"])
+    calls: list[int] = []
+    first = be.current_generations(tags, meanwhile=lambda: calls.append(1))
+    assert None not in first
+    assert calls == [1]
+    # The script cache emptied: the EVALSHA is refused (NOSCRIPT), the Script call loads it.
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        admin.script_flush()
+    finally:
+        admin.close()
+    assert be.current_generations(tags, meanwhile=lambda: calls.append(2)) == first
+    assert calls == [1, 2]
+    # A failure in it propagates, and the connection whose reply was never read is not
+    # handed out again: the next read gets its own reply.
+    with pytest.raises(ZeroDivisionError):
+        be.current_generations(tags, meanwhile=lambda: 1 / 0)
+    be.invalidate_tags([f"patient:{hospital.pk}"])  # a new generation: the old reply is stale
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        now = [g.decode() for g in admin.mget([be.gen_prefix + t for t in tags])]
+    finally:
+        admin.close()
+    assert now != first
+    assert be.current_generations(tags) == now

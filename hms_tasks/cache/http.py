@@ -84,12 +84,14 @@ def _target(kind: str, id_: int) -> tuple[str, list[str]]:
     return backend().make_key(k.key(id_)), [ALL, *k.tags(id_)]
 
 
-def _read_generations(tags: Sequence[str]) -> list[str] | None:
+def _read_generations(tags: Sequence[str], meanwhile: Callable[[], object] | None = None
+                      ) -> list[str] | None:
     """The tags' current generations in one ``MGET``; None if one is missing (nothing was
     ever cached under it, or it expired) or Redis is unreachable. Always the primary: a
-    lagging replica's generations would answer 304 for a changed payload."""
+    lagging replica's generations would answer 304 for a changed payload. ``meanwhile``: see
+    ``TaggedRedisCache.current_generations``."""
     try:
-        gens = backend().current_generations(tags)
+        gens = backend().current_generations(tags, meanwhile=meanwhile)
     except redis.RedisError:
         return None
     return None if None in gens else cast(list[str], gens)
@@ -133,13 +135,19 @@ def _not_modified(kind: str, made: str, tags: Sequence[str], wanted: str
     """The 304 if ``wanted`` (If-None-Match) holds the payload's current ETag: one round trip
     reading the generations, which is also why no generation is ever kept in the process (a
     client's ETag must stop matching as soon as a write commits)."""
-    gens = _read_generations(tags)
+    # The response is made while the generations are on their way (it costs a few us; when
+    # the ETag does not match, it is dropped).
+    made_304: list[HttpResponseNotModified] = []
+    gens = _read_generations(tags, lambda: made_304.append(
+        _headers(HttpResponseNotModified(), kind, None)))
     if gens is None:
         return None
     current = etag_of(made, tags, gens)
     if not _matches(wanted, current):
         return None
-    return _headers(HttpResponseNotModified(), kind, current)
+    response = made_304[0]
+    response["ETag"] = current
+    return response
 
 
 def cached_response(request: HttpRequest, kind: str, id_: int) -> HttpResponse | None:
