@@ -19,6 +19,11 @@ demo's middleware, in this process: no socket, so the figures are the server's w
   stack (Django's request cycle) and a Redis ``PING`` (one round trip). Rounds alternate the
   sides (``BENCH_RESPONSES_ROUNDS``, ``BENCH_RESPONSES_REQUESTS`` per side and round); the
   median round is reported, every round printed.
+
+A Redis round trip costs about twice as much when this process and redis-server run on
+different cores as on the same one (cross-core wake-ups), and the scheduler picks either.
+``BENCH_RESPONSES_CPUS=same`` pins both to CPU 0, ``apart`` this process to CPU 0 and Redis to
+CPU 1 (as with Redis on its own core or host); unset, the scheduler decides.
 """
 
 from __future__ import annotations
@@ -369,8 +374,26 @@ def _django_304(baseline: Handler, env: dict[str, Any]) -> dict[str, Any]:
     return conditional
 
 
+def _pin() -> None:
+    """Place this process and its redis-server as ``BENCH_RESPONSES_CPUS`` says."""
+    placement = os.environ.get("BENCH_RESPONSES_CPUS", "")
+    if not placement:
+        return
+    if placement not in ("same", "apart"):
+        raise SystemExit("BENCH_RESPONSES_CPUS must be same or apart")
+    import psutil
+
+    me = psutil.Process()
+    me.cpu_affinity([0])
+    for child in me.children():
+        if child.name() == "redis-server":
+            child.cpu_affinity([0] if placement == "same" else [1])
+    print(f"CPUs: this process on 0, redis-server on {0 if placement == 'same' else 1}")
+
+
 def run() -> list[Row]:
     with private_redis() as url, tempfile.TemporaryDirectory(prefix="hms-bench-resp-") as home:
+        _pin()
         database = f"sqlite:///{home}/hms.sqlite3"
         env = {**os.environ, "REDIS_URL": url, "DATABASE_URL": database,
                "HMS_TASKS_HOME": home, "DJANGO_SETTINGS_MODULE": "hms_tasks.demo.settings",
