@@ -45,6 +45,7 @@ from django.utils.http import parse_etags
 from django.utils.module_loading import import_string
 
 from hms_tasks.cache import settings
+from hms_tasks.cache.backend import TaggedRedisCache
 from hms_tasks.cache.core import backend, check_ids, read_through
 from hms_tasks.cache.registry import get_kind
 from hms_tasks.cache.tags import ALL
@@ -77,21 +78,23 @@ def etag_of(made_key: str, tags: Sequence[str], generations: Sequence[str]) -> s
     return f'W/"{h.hexdigest()}"'
 
 
-def _target(kind: str, id_: int) -> tuple[str, list[str]]:
+def _target(kind: str, id_: int) -> tuple[TaggedRedisCache, str, list[str]]:
+    """The backend (looked up once per request), the payload's made key and its tags."""
     k = get_kind(kind)
     if type(id_) is not int or id_ <= 0:
         check_ids([id_], argument="id")  # raises, naming the argument
-    return backend().make_key(k.key(id_)), [ALL, *k.tags(id_)]
+    be = backend()
+    return be, be.make_key(k.key(id_)), [ALL, *k.tags(id_)]
 
 
-def _read_generations(tags: Sequence[str], meanwhile: Callable[[], object] | None = None
-                      ) -> list[str] | None:
+def _read_generations(be: TaggedRedisCache, tags: Sequence[str],
+                      meanwhile: Callable[[], object] | None = None) -> list[str] | None:
     """The tags' current generations in one ``MGET``; None if one is missing (nothing was
     ever cached under it, or it expired) or Redis is unreachable. Always the primary: a
     lagging replica's generations would answer 304 for a changed payload. ``meanwhile``: see
     ``TaggedRedisCache.current_generations``."""
     try:
-        gens = backend().current_generations(tags, meanwhile=meanwhile)
+        gens = be.current_generations(tags, meanwhile=meanwhile)
     except redis.RedisError:
         return None
     return None if None in gens else cast(list[str], gens)
@@ -100,8 +103,8 @@ def _read_generations(tags: Sequence[str], meanwhile: Callable[[], object] | Non
 def current_etag(kind: str, id_: int) -> str | None:
     """The ETag a response of ``kind`` ``id_`` would carry now (one Redis round trip), or
     None if there is none yet (see :func:`_read_generations`)."""
-    made, tags = _target(kind, id_)
-    gens = _read_generations(tags)
+    be, made, tags = _target(kind, id_)
+    gens = _read_generations(be, tags)
     return None if gens is None else etag_of(made, tags, gens)
 
 
@@ -130,15 +133,15 @@ def _headers(response: R, kind: str, etag: str | None) -> R:
     return response
 
 
-def _not_modified(kind: str, made: str, tags: Sequence[str], wanted: str
-                  ) -> HttpResponseNotModified | None:
+def _not_modified(be: TaggedRedisCache, kind: str, made: str, tags: Sequence[str],
+                  wanted: str) -> HttpResponseNotModified | None:
     """The 304 if ``wanted`` (If-None-Match) holds the payload's current ETag: one round trip
     reading the generations, which is also why no generation is ever kept in the process (a
     client's ETag must stop matching as soon as a write commits)."""
     # The response is made while the generations are on their way (it costs a few us; when
     # the ETag does not match, it is dropped).
     made_304: list[HttpResponseNotModified] = []
-    gens = _read_generations(tags, lambda: made_304.append(
+    gens = _read_generations(be, tags, lambda: made_304.append(
         _headers(HttpResponseNotModified(), kind, None)))
     if gens is None:
         return None
@@ -159,12 +162,12 @@ def cached_response(request: HttpRequest, kind: str, id_: int) -> HttpResponse |
     (one round trip on a hit), whose generations make the ETag. If Redis is down the payload
     comes from the database, without an ETag.
     """
-    made, tags = _target(kind, id_)
+    be, made, tags = _target(kind, id_)
     wanted = request.headers.get("If-None-Match")
     if wanted is not None and len(wanted) > _MAX_IF_NONE_MATCH:
         wanted = None
     if wanted:
-        not_modified = _not_modified(kind, made, tags, wanted)
+        not_modified = _not_modified(be, kind, made, tags, wanted)
         if not_modified is not None:
             return not_modified
     # One round trip on a hit: the read returns the generations the payload was stored under.
@@ -284,8 +287,8 @@ class NotModifiedMiddleware:
                     # The Host check CommonMiddleware makes (ALLOWED_HOSTS), in case this
                     # runs above it: DisallowedHost turns into the same 400.
                     request.get_host()
-                    made, tags = _target(kind, id_)
-                    response = _not_modified(kind, made, tags, wanted)
+                    be, made, tags = _target(kind, id_)
+                    response = _not_modified(be, kind, made, tags, wanted)
                     if response is not None:
                         return response
                 break
