@@ -27,6 +27,11 @@ than the body (a write in between only costs the client one more 200).
 The response must be a function of the payload alone: the ETag does not cover query
 parameters or the user. A view whose output depends on them must not use this (or must
 vary the key).
+
+:class:`NotModifiedMiddleware` answers the same 304s before URL resolution and the view, for
+routes listed in ``HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES`` whose views are marked
+:func:`etag_view`, and only for requests ``HMS_TASKS_CACHE_NOT_MODIFIED_ALLOW`` allows (by
+default, an authenticated ``request.user``).
 """
 
 from __future__ import annotations
