@@ -9,13 +9,21 @@ demo's middleware, in this process: no socket, so the figures are the server's w
 - **Levels**: CPU time per response (``time.process_time``) and total bytes over the same
   pages for brotli 0-11 and gzip 1-9; the table the levels in ``hms_tasks.cache.settings``
   were chosen from.
-- **304**: ``GET /api/patients/<id>/`` with a current ``If-None-Match`` against the same request
+- **304**: ``GET /api/patients/<id>/`` with a current ``If-None-Match``, answered by
+  ``NotModifiedMiddleware`` before URL resolution and the view, against the same request
   answered as a full cache hit (target: at most 0.5x its time; also against the hit as the
-  endpoint answered it before ETags), and against Django's
-  ``ConditionalGetMiddleware`` on the same endpoint, which reads the cached payload, encodes
-  it and hashes the body before it can answer 304 (target: at least 3x faster). Rounds
-  alternate the sides (``BENCH_RESPONSES_ROUNDS``, ``BENCH_RESPONSES_REQUESTS`` per side and
-  round); the median round is reported, every round printed.
+  endpoint answered it before ETags, and the 304 the view itself answers, without the
+  middleware), and against Django's ``ConditionalGetMiddleware`` on the same endpoint, which
+  reads the cached payload, encodes it and hashes the body before it can answer 304 (target:
+  at least 3x faster). Beside them, what no 304 can go below: ``/healthz`` through the same
+  stack (Django's request cycle) and a Redis ``PING`` (one round trip). Rounds alternate the
+  sides (``BENCH_RESPONSES_ROUNDS``, ``BENCH_RESPONSES_REQUESTS`` per side and round); the
+  median round is reported, every round printed.
+
+A Redis round trip costs about twice as much when this process and redis-server run on
+different cores as on the same one (cross-core wake-ups), and the scheduler picks either.
+``BENCH_RESPONSES_CPUS=same`` pins both to CPU 0, ``apart`` this process to CPU 0 and Redis to
+CPU 1 (as with Redis on its own core or host); unset, the scheduler decides.
 """
 
 from __future__ import annotations
@@ -239,59 +247,82 @@ def _bytes(pages: dict[str, bytes]) -> list[Row]:
     return rows
 
 
-def _conditional(handler: Handler, baseline: Handler, before: Handler, patient_url: str,
-                 schedule_url: str) -> list[Row]:
-    from hms_tasks.cache.core import count_queries
+def _early(handler: Handler, env: dict[str, Any]) -> bool:
+    """Whether ``NotModifiedMiddleware`` answered: a 304 from the view passes CommonMiddleware,
+    which adds a Content-Length; one answered above it has none."""
+    status, headers, body = _call(handler, env)
+    return status.startswith("304") and body == b"" and "content-length" not in headers
+
+
+def _conditional(handler: Handler, viewpath: Handler, baseline: Handler, before: Handler,
+                 patient_url: str, schedule_url: str) -> list[Row]:
+    from hms_tasks.cache.core import backend, count_queries
 
     sched_env = _environ(schedule_url, {"Accept-Encoding": BROWSER_ENCODINGS})
     status, headers, _ = _call(handler, sched_env)
     _expect(status.startswith("200") and headers.get("content-encoding") == "br", "schedule")
     sched_304 = {**sched_env, "HTTP_IF_NONE_MATCH": headers["etag"]}
-    _expect(_call(handler, sched_304)[0].startswith("304"), "the schedule's 304")
+    _expect(_early(handler, sched_304), "the schedule's early 304")
 
     hit_env = _environ(patient_url, {"Accept-Encoding": BROWSER_ENCODINGS})
     status, headers, _ = _call(handler, hit_env)
     assert status.startswith("200")
     ours_env = {**hit_env, "HTTP_IF_NONE_MATCH": headers["etag"]}
-    status, _, body = _call(handler, ours_env)
-    _expect(status.startswith("304") and body == b"", "our 304")
+    _expect(_early(handler, ours_env), "our early 304")
+    status, _, body = _call(viewpath, ours_env)
+    _expect(status.startswith("304") and body == b"" and not _early(viewpath, ours_env),
+            "the view's 304")
     with count_queries() as queries:
         _call(handler, ours_env)
     assert queries[0] == 0, "the 304 path ran a query"
+    healthz_env = _environ("/healthz", {"Accept-Encoding": BROWSER_ENCODINGS})
+    _expect(_call(handler, healthz_env)[0].startswith("200"), "/healthz")
+    redis_client = backend().client()
     django_env = _django_304(baseline, hit_env)
     built_env = _django_304(baseline, {**hit_env, "PATH_INFO": hit_env["PATH_INFO"].replace(
         "/patients/", "/built/")})
 
-    sides = {"ours": (handler, ours_env), "hit": (handler, hit_env),
-             "django": (baseline, django_env), "django-built": (baseline, built_env),
-             "hit-before": (before, hit_env), "sched-304": (handler, sched_304),
-             "sched-hit": (handler, sched_env)}
-    for h, env in sides.values():
-        _per_request_us(h, env, 200)  # warm-up
+    sides: dict[str, tuple[Handler, dict[str, Any]]] = {
+        "ours": (handler, ours_env), "hit": (handler, hit_env),
+        "django": (baseline, django_env), "django-built": (baseline, built_env),
+        "hit-before": (before, hit_env), "sched-304": (handler, sched_304),
+        "sched-hit": (handler, sched_env), "view-304": (viewpath, ours_env),
+        "healthz": (handler, healthz_env), "redis-ping": (lambda e, s: redis_client.ping(), {})}
+
+    def measure(name: str, n: int) -> tuple[float, float]:
+        h, env = sides[name]
+        return _per_ping_us(h, n) if name == "redis-ping" else _per_request_us(h, env, n)
+
+    for name in sides:
+        measure(name, 200)  # warm-up
     rounds: dict[str, list[float]] = {name: [] for name in sides}
     cpu: dict[str, list[float]] = {name: [] for name in sides}
     order = list(sides)
     for r in range(ROUNDS):
         k = r % len(order)
         for name in order[k:] + order[:k]:  # rotate who goes first
-            h, env = sides[name]
-            wall, used = _per_request_us(h, env, REQUESTS)
+            wall, used = measure(name, REQUESTS)
             rounds[name].append(wall)
             cpu[name].append(used)
     print(f"\nper request, {ROUNDS} rounds of {REQUESTS} (wall us; CPU us of this process):")
     for name in sides:
         print(f"{name:>12}: " + " / ".join(f"{v:.0f}" for v in rounds[name]) + "  CPU "
               + " / ".join(f"{v:.0f}" for v in cpu[name]))
-    ours, hit, django, built, plain, s304, shit = (statistics.median(rounds[n]) for n in sides)
-    c_ours, c_hit, c_django, c_built, c_plain, _, _ = (statistics.median(cpu[n]) for n in sides)
+    ours, hit, django, built, plain, s304, shit, view, healthz, ping = (
+        statistics.median(rounds[n]) for n in sides)
+    c_ours, c_hit, c_django, c_built, c_plain, _, _, c_view, c_healthz, c_ping = (
+        statistics.median(cpu[n]) for n in sides)
     return [
-        Row(what=f"304 (If-None-Match, one MGET) vs a full cache hit, {patient_url} (median of"
-                 f" {ROUNDS} rounds x {REQUESTS})",
+        Row(what=f"304 (NotModifiedMiddleware, one EVALSHA) vs a full cache hit, {patient_url}"
+                 f" (median of {ROUNDS} rounds x {REQUESTS})",
             ours=ours, baseline=hit, unit="us", ratio=ours / hit, target="<= 0.50 (ours/hit)",
             ok=ours / hit <= 0.5),
         Row(what=f"304 vs a full cache hit, {schedule_url} (3.5 KB of JSON, sent in brotli)",
             ours=s304, baseline=shit, unit="us", ratio=s304 / shit,
             target="<= 0.50 (ours/hit)", ok=s304 / shit <= 0.5),
+        Row(what="304 before the view vs the 304 the view answers (cached_response, without"
+                 " the middleware)",
+            ours=ours, baseline=view, unit="us", ratio=ours / view, target="report (ours/view)"),
         Row(what="304 vs the hit as the endpoint answered it before ETags (get_or_build,"
                  " JsonResponse)",
             ours=ours, baseline=plain, unit="us", ratio=ours / plain, target="report (ours/hit)"),
@@ -302,8 +333,19 @@ def _conditional(handler: Handler, baseline: Handler, before: Handler, patient_u
         Row(what="304 ours vs ConditionalGetMiddleware over the summary built per request"
                  " (3 queries, JSON, hash)",
             ours=ours, baseline=built, unit="us", ratio=built / ours, target="report"),
+        Row(what="the floors: /healthz through the same stack (Django's request cycle, no"
+                 " Redis) vs one Redis round trip (PING)", ours=healthz, baseline=ping,
+            unit="us", target="report"),
+        Row(what="304 minus one PING: what the 304 costs besides its round trip, vs the same"
+                 " for ConditionalGetMiddleware over the cached payload",
+            ours=ours - ping, baseline=django - ping, unit="us",
+            ratio=(django - ping) / (ours - ping), target="report (x less)"),
         Row(what="CPU of the web process: 304 vs full cache hit", ours=c_ours, baseline=c_hit,
             unit="us", ratio=c_ours / c_hit, target="report (ours/hit)"),
+        Row(what="CPU of the web process: 304 before the view vs the view's 304", ours=c_ours,
+            baseline=c_view, unit="us", ratio=c_ours / c_view, target="report (ours/view)"),
+        Row(what="CPU of the web process: /healthz vs a PING", ours=c_healthz, baseline=c_ping,
+            unit="us", target="report"),
         Row(what="CPU of the web process: 304 vs the hit before ETags", ours=c_ours,
             baseline=c_plain, unit="us", ratio=c_ours / c_plain, target="report (ours/hit)"),
         Row(what="CPU of the web process: 304 vs ConditionalGetMiddleware, cached payload",
@@ -313,6 +355,13 @@ def _conditional(handler: Handler, baseline: Handler, before: Handler, patient_u
             ours=c_ours, baseline=c_built, unit="us", ratio=c_built / c_ours,
             target="report (x less)"),
     ]
+
+
+def _per_ping_us(ping: Handler, n: int) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        ping(None, None)
+    return (time.perf_counter() - t0) / n * 1e6, (time.process_time() - c0) / n * 1e6
 
 
 def _django_304(baseline: Handler, env: dict[str, Any]) -> dict[str, Any]:
@@ -325,8 +374,26 @@ def _django_304(baseline: Handler, env: dict[str, Any]) -> dict[str, Any]:
     return conditional
 
 
+def _pin() -> None:
+    """Place this process and its redis-server as ``BENCH_RESPONSES_CPUS`` says."""
+    placement = os.environ.get("BENCH_RESPONSES_CPUS", "")
+    if not placement:
+        return
+    if placement not in ("same", "apart"):
+        raise SystemExit("BENCH_RESPONSES_CPUS must be same or apart")
+    import psutil
+
+    me = psutil.Process()
+    me.cpu_affinity([0])
+    for child in me.children():
+        if child.name() == "redis-server":
+            child.cpu_affinity([0] if placement == "same" else [1])
+    print(f"CPUs: this process on 0, redis-server on {0 if placement == 'same' else 1}")
+
+
 def run() -> list[Row]:
     with private_redis() as url, tempfile.TemporaryDirectory(prefix="hms-bench-resp-") as home:
+        _pin()
         database = f"sqlite:///{home}/hms.sqlite3"
         env = {**os.environ, "REDIS_URL": url, "DATABASE_URL": database,
                "HMS_TASKS_HOME": home, "DJANGO_SETTINGS_MODULE": "hms_tasks.demo.settings",
@@ -340,15 +407,18 @@ def run() -> list[Row]:
         from django.test.utils import override_settings
 
         handler = WSGIHandler()
-        middleware = list(settings.MIDDLEWARE)
+        # The demo's stack without the early 304s: the view answers them.
+        middleware = [m for m in settings.MIDDLEWARE
+                      if m != "hms_tasks.cache.NotModifiedMiddleware"]
+        with override_settings(MIDDLEWARE=middleware):
+            viewpath = WSGIHandler()
+        with override_settings(MIDDLEWARE=["bench.responses.BaselineUrls", *middleware]):
+            before = WSGIHandler()
         # Where Django's docs put it: below compression, above what changes the body.
         middleware.insert(middleware.index("hms_tasks.cache.CompressionMiddleware") + 1,
                           "django.middleware.http.ConditionalGetMiddleware")
         with override_settings(MIDDLEWARE=["bench.responses.BaselineUrls", *middleware]):
             baseline = WSGIHandler()
-        with override_settings(MIDDLEWARE=["bench.responses.BaselineUrls",
-                                           *settings.MIDDLEWARE]):
-            before = WSGIHandler()
         pages = _pages(handler)
         rows = _bytes(pages)
         rows += _levels(pages)
@@ -357,7 +427,7 @@ def run() -> list[Row]:
         from hms_tasks.demo.cache import hot_practitioners
 
         schedule_url = f"/api/practitioners/{hot_practitioners(1)[0]}/appointments/today/"
-        rows += _conditional(handler, baseline, before, patient_url, schedule_url)
+        rows += _conditional(handler, viewpath, baseline, before, patient_url, schedule_url)
         return rows
 
 

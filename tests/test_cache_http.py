@@ -17,7 +17,8 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,26 @@ from typing import Any
 import brotli
 import pytest
 import redis
+from django.core.exceptions import MiddlewareNotUsed
 from django.db import connection
-from django.http import HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.test import Client, RequestFactory, override_settings
 from django.test.utils import CaptureQueriesContext
+from django.urls import path
 from django.utils import timezone
 
-from hms_tasks.cache import cached_response, current_etag, negotiate, register_kind
+from hms_tasks.cache import (
+    NotModifiedMiddleware,
+    cached_response,
+    current_etag,
+    etag_view,
+    negotiate,
+    register_kind,
+)
 from hms_tasks.cache.compression import CompressionMiddleware
 from hms_tasks.cache.core import backend
 from hms_tasks.cache.registry import get_kind
+from hms_tasks.demo import api
 from hms_tasks.demo.models import Appointment, Patient
 from hms_tasks.demo.seed import seed
 from hms_tasks.errors import ConfigurationError
@@ -198,6 +209,13 @@ def test_cache_control_defaults_and_per_kind() -> None:
     ("HMS_TASKS_CACHE_COMPRESS_MIN_BYTES", -1, "HMS_TASKS_CACHE_COMPRESS_MIN_BYTES: "),
     ("HMS_TASKS_CACHE_BROTLI_QUALITY", 12, "HMS_TASKS_CACHE_BROTLI_QUALITY: "),
     ("HMS_TASKS_CACHE_GZIP_LEVEL", 0, "HMS_TASKS_CACHE_GZIP_LEVEL: "),
+    ("HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES", {"/api/patients/": "patient"},
+     "HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES"),
+    ("HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES", {"/a/<id>/<id>/": "patient"},
+     "HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES"),
+    ("HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES", {"/a/(.*)/<id>/": "patient"},
+     "HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES"),
+    ("HMS_TASKS_CACHE_NOT_MODIFIED_ALLOW", SECRET, "HMS_TASKS_CACHE_NOT_MODIFIED_ALLOW: "),
 ])
 def test_bad_settings_are_refused_naming_the_setting(setting: str, value: Any,
                                                       message: str) -> None:
@@ -489,3 +507,252 @@ def test_over_http_the_contract_holds(served: int) -> None:
         assert body == b""
         assert headers["etag"] == etag
         assert "content-encoding" not in headers
+
+
+# -- NotModifiedMiddleware: 304s before the view, behind the HMS's authentication --------------
+
+TOKEN = "not-a-real-token"
+
+
+@dataclass(frozen=True)
+class _User:
+    is_authenticated: bool
+
+
+class BearerAuth:
+    """A small authentication middleware, as an HMS has one: ``request.user`` from a bearer
+    token."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        request.user = _User(  # type: ignore[attr-defined]
+            request.headers.get("Authorization") == f"Bearer {TOKEN}")
+        return self.get_response(request)
+
+
+#: Ids the guarded view was called with: a request answered early never reaches it.
+seen_by_view: list[int] = []
+
+
+@etag_view("patient")
+def guarded_patient(request: HttpRequest, patient_id: int) -> HttpResponse:
+    """The demo's patient endpoint behind a login, as an HMS would have it."""
+    seen_by_view.append(patient_id)
+    if not getattr(getattr(request, "user", None), "is_authenticated", False):
+        return JsonResponse({"error": "authentication required"}, status=401)
+    return api.patient(request, patient_id)
+
+
+def unmarked_patient(request: HttpRequest, patient_id: int) -> HttpResponse:
+    return api.patient(request, patient_id)
+
+
+@etag_view("patient")
+def two_ids(request: HttpRequest, patient_id: int, other: int) -> HttpResponse:
+    return api.patient(request, patient_id)
+
+
+urlpatterns = [
+    path("guarded/patients/<int:patient_id>/", guarded_patient),
+    path("unmarked/<int:patient_id>/", unmarked_patient),
+    path("two/<int:patient_id>/<int:other>/", two_ids),
+]
+
+GUARDED = {
+    "ROOT_URLCONF": __name__,
+    "MIDDLEWARE": [f"{__name__}.BearerAuth", "hms_tasks.cache.NotModifiedMiddleware"],
+    "HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES": {"/guarded/patients/<id>/": "patient"},
+    # The default, which the demo's settings replace (its API has no authentication).
+    "HMS_TASKS_CACHE_NOT_MODIFIED_ALLOW": "hms_tasks.cache.http.authenticated",
+}
+SIGNED_IN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def guarded(hospital: Patient) -> Iterator[Client]:
+    seen_by_view.clear()
+    with override_settings(**GUARDED):
+        yield Client()
+
+
+def _guarded_url(patient: Patient) -> str:
+    return f"/guarded/patients/{patient.pk}/"
+
+
+def test_an_early_304_skips_the_view_and_the_database_in_one_round_trip(
+        hospital: Patient, guarded: Client, builds: list[list[int]],
+        redis_server: RedisServer) -> None:
+    first = guarded.get(_guarded_url(hospital), headers=SIGNED_IN)
+    assert first.status_code == 200
+    etag = first["ETag"]
+    assert seen_by_view == [hospital.pk]
+    _stored(hospital)
+
+    before = _command_calls(redis_server)
+    with CaptureQueriesContext(connection) as queries:
+        again = guarded.get(_guarded_url(hospital), headers={**SIGNED_IN, "If-None-Match": etag})
+    after = _command_calls(redis_server)
+    assert again.status_code == 304
+    assert again.content == b""
+    assert again["ETag"] == etag
+    assert again["Cache-Control"] == "private, no-cache"
+    assert again["Vary"] == "Accept-Encoding"
+    assert seen_by_view == [hospital.pk]  # answered above the view
+    assert len(queries) == 0
+    assert builds == [[hospital.pk]]
+    assert after["evalsha"] - before.get("evalsha", 0) == 1
+    assert after["mget"] - before["mget"] == 1
+    for command in ("eval", "get"):
+        assert after.get(command, 0) == before.get(command, 0), command
+
+    # Anything the view would judge goes to the view: a query string, another method, an
+    # ETag that is not current.
+    refused = guarded.get(_guarded_url(hospital), {"limt": "5"},
+                          headers={**SIGNED_IN, "If-None-Match": etag})
+    assert refused.status_code == 400
+    assert guarded.post(_guarded_url(hospital), headers={**SIGNED_IN, "If-None-Match": etag}
+                        ).status_code == 405
+    assert guarded.get(_guarded_url(hospital), headers={**SIGNED_IN, "If-None-Match": '"x"'}
+                       ).status_code == 200
+    # A Host outside ALLOWED_HOSTS is refused as CommonMiddleware would, not answered.
+    assert guarded.get(_guarded_url(hospital), headers={
+        **SIGNED_IN, "If-None-Match": etag, "Host": "elsewhere.example"}).status_code == 400
+    assert seen_by_view == [hospital.pk] * 4
+
+
+def test_after_a_commit_the_old_etag_gets_a_200_at_once(hospital: Patient,
+                                                          guarded: Client) -> None:
+    url = _guarded_url(hospital)
+    etag = guarded.get(url, headers=SIGNED_IN)["ETag"]
+    _stored(hospital)
+    assert guarded.get(url, headers={**SIGNED_IN, "If-None-Match": etag}).status_code == 304
+    calls = len(seen_by_view)
+
+    hospital.family_name = "Renamed"
+    hospital.save()  # committed: the commit bumps the patient's generation, nothing in-process
+    after = guarded.get(url, headers={**SIGNED_IN, "If-None-Match": etag})
+    assert after.status_code == 200
+    assert after.json()["patient"]["family_name"] == "Renamed"
+    assert after["ETag"] != etag
+    assert len(seen_by_view) == calls + 1
+
+    # The new ETag is answered early again.
+    assert guarded.get(url, headers={**SIGNED_IN, "If-None-Match": after["ETag"]}
+                       ).status_code == 304
+    assert len(seen_by_view) == calls + 1
+
+
+def test_an_unauthenticated_request_is_never_answered_early(hospital: Patient,
+                                                            guarded: Client) -> None:
+    url = _guarded_url(hospital)
+    etag = guarded.get(url, headers=SIGNED_IN)["ETag"]
+    _stored(hospital)
+    for headers in ({"If-None-Match": etag},
+                    {"If-None-Match": etag, "Authorization": "Bearer wrong"}):
+        calls = len(seen_by_view)
+        answer = guarded.get(url, headers=headers)
+        assert answer.status_code == 401  # the view's answer, not a 304
+        assert len(seen_by_view) == calls + 1
+
+
+def test_without_an_authentication_middleware_nothing_is_answered_early(
+        hospital: Patient, guarded: Client) -> None:
+    # The default check wants request.user: with no middleware setting it, no early 304s.
+    etag = guarded.get(_guarded_url(hospital), headers=SIGNED_IN)["ETag"]
+    _stored(hospital)
+    with override_settings(MIDDLEWARE=["hms_tasks.cache.NotModifiedMiddleware"]):
+        answer = Client().get(_guarded_url(hospital), headers={"If-None-Match": etag})
+    assert answer.status_code == 401
+    assert seen_by_view == [hospital.pk] * 2
+
+
+@pytest.mark.parametrize(("routes", "message"), [
+    ({"/nowhere/<id>/": "patient"}, "resolves it to no view"),
+    ({"/unmarked/<id>/": "patient"}, "not marked etag_view('patient')"),
+    ({"/guarded/patients/<id>/": "census"}, "not marked etag_view('census')"),
+    ({"/guarded/patients/<id>/": "nosuchkind"}, "not a registered kind"),
+    ({"/two/<id>/1/": "patient"}, "<id> must be the route's one variable"),
+])
+def test_routes_are_checked_against_the_urlconf(routes: dict[str, str], message: str) -> None:
+    with override_settings(**{**GUARDED, "HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES": routes}), \
+            pytest.raises(ConfigurationError) as err:
+        NotModifiedMiddleware(lambda request: HttpResponse())
+    assert "HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES" in str(err.value)
+    assert message in str(err.value)
+
+
+def test_without_routes_django_leaves_it_out() -> None:
+    with override_settings(HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES={}), \
+            pytest.raises(MiddlewareNotUsed):
+        NotModifiedMiddleware(lambda request: HttpResponse())
+    with override_settings(**{**GUARDED, "HMS_TASKS_CACHE_NOT_MODIFIED_ALLOW": "no.such.fn"}), \
+            pytest.raises(ConfigurationError, match="HMS_TASKS_CACHE_NOT_MODIFIED_ALLOW"):
+        NotModifiedMiddleware(lambda request: HttpResponse())
+
+
+def test_after_a_redis_restart_the_early_304_still_answers(
+        hospital: Patient, guarded: Client, redis_server: RedisServer) -> None:
+    # The pooled connection is broken and the script cache empty: the early path's own
+    # EVALSHA gives way to redis-py's Script call, which reconnects and loads the script.
+    url = _guarded_url(hospital)
+    etag = guarded.get(url, headers=SIGNED_IN)["ETag"]
+    _stored(hospital)
+    assert guarded.get(url, headers={**SIGNED_IN, "If-None-Match": etag}).status_code == 304
+    redis_server.stop()
+    redis_server.start()
+    calls = len(seen_by_view)
+    again = guarded.get(url, headers={**SIGNED_IN, "If-None-Match": etag})
+    assert again.status_code == 304
+    assert len(seen_by_view) == calls
+
+
+def test_a_master_refusing_writes_answers_no_304(
+        hospital: Patient, guarded: Client, redis_server: RedisServer) -> None:
+    # A master that lost its replicas (min-replicas-to-write) may be the old side of a
+    # failover: it must not confirm a client's copy, early or in the view.
+    url = _guarded_url(hospital)
+    etag = guarded.get(url, headers=SIGNED_IN)["ETag"]
+    _stored(hospital)
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.config_set("min-replicas-to-write", 1)
+    try:
+        answer = guarded.get(url, headers={**SIGNED_IN, "If-None-Match": etag})
+    finally:
+        admin.config_set("min-replicas-to-write", 0)
+        admin.close()
+    assert answer.status_code == 200
+    assert answer.json()["id"] == hospital.pk
+
+
+def test_the_generations_read_runs_meanwhile_once_on_either_path(
+        hospital: Patient, redis_server: RedisServer) -> None:
+    # The early 304 builds its response while the generations are on their way.
+    be = backend()
+    tags = ["all", f"patient:{hospital.pk}"]
+    be.generations([f"patient:{hospital.pk}"])
+    calls: list[int] = []
+    first = be.current_generations(tags, meanwhile=lambda: calls.append(1))
+    assert None not in first
+    assert calls == [1]
+    # The script cache emptied: the EVALSHA is refused (NOSCRIPT), the Script call loads it.
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        admin.script_flush()
+    finally:
+        admin.close()
+    assert be.current_generations(tags, meanwhile=lambda: calls.append(2)) == first
+    assert calls == [1, 2]
+    # A failure in it propagates, and the connection whose reply was never read is not
+    # handed out again: the next read gets its own reply.
+    with pytest.raises(ZeroDivisionError):
+        be.current_generations(tags, meanwhile=lambda: 1 / 0)
+    be.invalidate_tags([f"patient:{hospital.pk}"])  # a new generation: the old reply is stale
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        now = [g.decode() for g in admin.mget([be.gen_prefix + t for t in tags])]
+    finally:
+        admin.close()
+    assert now != first
+    assert be.current_generations(tags) == now

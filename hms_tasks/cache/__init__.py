@@ -38,7 +38,13 @@ if TYPE_CHECKING:
     from hms_tasks.cache.changes import InvalidatingQuerySet, changed, changed_everything, flush
     from hms_tasks.cache.compression import CompressionMiddleware, negotiate
     from hms_tasks.cache.core import WarmSummary, get_or_build, get_or_build_many, warm
-    from hms_tasks.cache.http import cached_response, current_etag, set_cache_control
+    from hms_tasks.cache.http import (
+        NotModifiedMiddleware,
+        cached_response,
+        current_etag,
+        etag_view,
+        set_cache_control,
+    )
     from hms_tasks.cache.registry import Kind, TrackedModel, kinds, register_kind
     from hms_tasks.cache.settings import CacheSettings
     from hms_tasks.cache.tags import ALL
@@ -52,6 +58,7 @@ __all__ = [
     "Invalidated",
     "InvalidatingQuerySet",
     "Kind",
+    "NotModifiedMiddleware",
     "TaggedRedisCache",
     "TrackedModel",
     "WarmSummary",
@@ -59,6 +66,7 @@ __all__ = [
     "changed",
     "changed_everything",
     "current_etag",
+    "etag_view",
     "flush",
     "get_or_build",
     "get_or_build_many",
@@ -79,6 +87,7 @@ _HOME = {
     "Invalidated": "warming",
     "InvalidatingQuerySet": "changes",
     "Kind": "registry",
+    "NotModifiedMiddleware": "http",
     "TaggedRedisCache": "backend",
     "TrackedModel": "registry",
     "WarmSummary": "core",
@@ -86,6 +95,7 @@ _HOME = {
     "changed": "changes",
     "changed_everything": "changes",
     "current_etag": "http",
+    "etag_view": "http",
     "flush": "changes",
     "get_or_build": "core",
     "get_or_build_many": "core",

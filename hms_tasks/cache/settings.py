@@ -45,6 +45,17 @@ def _cache_control(value: str) -> str:
     return ", ".join(dict.fromkeys(directives))
 
 
+#: What a route of ``HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES`` may hold besides its one ``<id>``.
+_ROUTE_RE = re.compile(r"^/[A-Za-z0-9_.~/-]*<id>[A-Za-z0-9_.~/-]*$")
+
+
+def _route(value: str) -> str:
+    if not _ROUTE_RE.match(value) or value.count("<id>") != 1:
+        raise ValueError("a route is a path from / with one <id> where the payload's id is"
+                         " (letters, digits, _ . ~ - / besides it), such as /api/patients/<id>/")
+    return value
+
+
 def _fernet_key(key: str) -> str:
     try:
         Fernet(key)
@@ -105,6 +116,20 @@ class CacheSettings(conf.Settings):
     cache_brotli_quality: Annotated[int, Field(ge=0, le=11)] = 5
     #: gzip level of compressed responses (1-9); 6 by the same rule.
     cache_gzip_level: Annotated[int, Field(ge=1, le=9)] = 6
+
+    #: Routes whose conditional GETs :class:`~hms_tasks.cache.http.NotModifiedMiddleware`
+    #: answers before URL resolution and the view: path, ``<id>`` standing for the id, to the
+    #: kind of payload its view serves (checked against the URLconf when the middleware loads).
+    cache_not_modified_routes: dict[Annotated[str, AfterValidator(_route)],
+                                    Annotated[str, Field(min_length=1, max_length=100)]] = \
+        Field(default_factory=dict)
+    #: Dotted path of ``allow(request, kind, id) -> bool``: whether the middleware may answer
+    #: this request's 304 early (False: the request goes the full way, through the view). The
+    #: default wants ``request.user.is_authenticated`` from the HMS's authentication
+    #: middleware, placed above it.
+    cache_not_modified_allow: Annotated[str, Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$", max_length=200)] = \
+        "hms_tasks.cache.http.authenticated"
 
     def ttl(self, kind: str) -> int:
         """Seconds a payload of ``kind`` lives."""

@@ -35,7 +35,7 @@ from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 
-from hms_tasks.cache import cached_response, get_or_build_many, set_cache_control
+from hms_tasks.cache import cached_response, etag_view, get_or_build_many, set_cache_control
 from hms_tasks.demo.models import Appointment, Department, Encounter, Patient, Practitioner
 from hms_tasks.errors import HmsTasksError
 
@@ -640,6 +640,7 @@ def patients(request: HttpRequest) -> JsonResponse:
 
 
 @_json_get
+@etag_view("patient")
 def patient(request: HttpRequest, patient_id: int) -> HttpResponse:
     """``GET /api/patients/<id>/``: the patient's summary, read through the hms-tasks cache
     (kind ``patient``), with an ETag: ``If-None-Match`` of it answers 304 from Redis alone
@@ -651,6 +652,7 @@ def patient(request: HttpRequest, patient_id: int) -> HttpResponse:
 
 @_json_get
 @_accepts("date")
+@etag_view("schedule")
 def practitioner_appointments_today(request: HttpRequest, practitioner_id: int) -> HttpResponse:
     """``GET /api/practitioners/<id>/appointments/today/?date=YYYY-MM-DD``: today's schedule
     reads through the cache (kind ``schedule``, with an ETag); other days come from the
@@ -672,6 +674,7 @@ def practitioner_appointments_today(request: HttpRequest, practitioner_id: int) 
 
 
 @_json_get
+@etag_view("census")
 def department(request: HttpRequest, department_id: int) -> HttpResponse:
     """``GET /api/departments/<id>/census/``: read through the cache (kind ``census``), with
     an ETag."""
@@ -687,6 +690,13 @@ def departments(request: HttpRequest) -> JsonResponse:
     census = get_or_build_many("census", ids) if ids else {}
     return set_cache_control(
         JsonResponse({"results": [census[i] for i in ids if i in census]}), "census")
+
+
+def may_revalidate(request: HttpRequest, kind: str, id_: int) -> bool:
+    """``HMS_TASKS_CACHE_NOT_MODIFIED_ALLOW`` of the demo: its API has no authentication (it
+    serves generated data), so whoever may GET a payload may revalidate it. A real HMS keeps
+    the default (an authenticated user) or checks its own permissions here."""
+    return True
 
 
 def bad_request(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:

@@ -73,6 +73,10 @@ MIDDLEWARE = [
     # First, so it times the whole stack: feeds the API p95 and error-rate alert rules.
     "hms_tasks.metrics.middleware.TimingMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # 304s of the cache-backed routes below (HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES) before URL
+    # resolution and the rest of the stack. A real HMS puts it right after its authentication
+    # middleware; the demo API has none.
+    "hms_tasks.cache.NotModifiedMiddleware",
     # brotli or gzip by Accept-Encoding; above everything that writes the body.
     "hms_tasks.cache.CompressionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -80,6 +84,14 @@ MIDDLEWARE = [
     "hms_tasks.queries.middleware.QuerySamplingMiddleware",
 ]
 ROOT_URLCONF = "hms_tasks.demo.urls"
+# The routes NotModifiedMiddleware answers 304s for (their views are marked etag_view), and
+# who may have them: anyone, as anyone may GET the demo's API (docs/cache.md).
+HMS_TASKS_CACHE_NOT_MODIFIED_ROUTES = {
+    "/api/patients/<id>/": "patient",
+    "/api/practitioners/<id>/appointments/today/": "schedule",
+    "/api/departments/<id>/census/": "census",
+}
+HMS_TASKS_CACHE_NOT_MODIFIED_ALLOW = "hms_tasks.demo.api.may_revalidate"
 TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True,
               "OPTIONS": {}}]
 
