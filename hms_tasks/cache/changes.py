@@ -286,6 +286,16 @@ class _Line:
         self.pool: Any = None
 
     def call(self, args: Sequence[Any]) -> Any:
+        """The script's reply. A connection that broke while it was idle (Redis restarted,
+        an idle timeout, a failover) is replaced and the call made once more on a fresh one,
+        as redis-py's client does: running it twice is harmless (new generations again, the
+        tags logged again). A timeout is not retried: no commit waits for it twice."""
+        try:
+            return self._call(args)
+        except redis.ConnectionError:
+            return self._call(args)
+
+    def _call(self, args: Sequence[Any]) -> Any:
         if self.connection is None:
             self.pool = store.client(decode=False, url=_cache_url(),
                                      socket_timeout=COMMIT_TIMEOUT).connection_pool
