@@ -172,8 +172,9 @@ def part_miss() -> list[dict[str, Any]]:
     """A get_or_build miss (lease, build, conditional fill) vs a plain read of the same rows
     (the demo API's patient_summary, straight from the database): 6 alternating rounds of the
     same 1,000 patients each; before a round of misses their keys are unlinked, and it ends
-    once every fill has landed (the fills run on a thread of the process: their cost is in
-    the round). Median of the rounds' per-call means."""
+    once every fill has landed (a miss sends its fill without waiting for the reply: the
+    round's end waits for every fill to be stored, so all of their cost is in the round).
+    Median of the rounds' per-call means."""
     from hms_tasks.cache.core import backend, get_or_build
     from hms_tasks.cache.registry import get_kind
     from hms_tasks.demo.api import patient_summary

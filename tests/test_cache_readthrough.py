@@ -134,3 +134,36 @@ def test_bad_input_names_the_argument(slow: SlowBuilder, kind: str, id_: Any, me
         get_or_build(kind, id_)
     assert message in str(info.value)
     assert slow.calls == 0
+
+
+def test_a_thread_reads_its_own_fill(slow: SlowBuilder) -> None:
+    # A miss's fill goes out without waiting; the thread's next read goes over the same
+    # connection, after it: never a second miss (and build) of what this thread just filled.
+    slow.release.set()
+    for i in range(30, 40):
+        payload = get_or_build("slowkind", i)
+        assert get_or_build("slowkind", i) == payload
+    assert slow.calls == 10
+    assert _misses("slowkind") == 10
+
+
+def test_reads_after_a_script_flush_with_a_fill_owed(slow: SlowBuilder) -> None:
+    # Redis lost its scripts (a restart) while a fill's reply was owed: the next read loads
+    # its script again, and the fill was stored.
+    slow.release.set()
+    get_or_build("slowkind", 41)
+    backend().client().script_flush()
+    assert get_or_build("slowkind", 42) == {"id": 42, "updated_at": "2026-01-01T00:00:00+00:00"}
+    for i in (41, 42):
+        wait_for(lambda i=i: backend().get(f"slowkind:{i}"), what=f"the fill of {i}")
+
+
+def test_reads_after_the_connection_broke_with_a_fill_owed(slow: SlowBuilder) -> None:
+    # The connection a fill went out on was closed by the server before its reply was read:
+    # the next read goes through the pool (a new connection) and fills as usual.
+    slow.release.set()
+    get_or_build("slowkind", 51)
+    backend().client().client_kill_filter(_type="normal", skipme=True)
+    assert get_or_build("slowkind", 52) == {"id": 52, "updated_at": "2026-01-01T00:00:00+00:00"}
+    wait_for(lambda: backend().get("slowkind:52"), what="the fill of 52")
+    assert get_or_build("slowkind", 52) == {"id": 52, "updated_at": "2026-01-01T00:00:00+00:00"}
