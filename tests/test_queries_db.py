@@ -164,10 +164,12 @@ def test_lock_wait_and_longest_query_are_detected(lock_table: str) -> None:
         holder.execute(f"SELECT * FROM {lock_table} WHERE id = 1 FOR UPDATE")
         thread = threading.Thread(target=blocked_update, daemon=True)
         thread.start()
+        # The blocked UPDATE is the running query; its age is rounded to the millisecond, so
+        # a sample taken the moment it blocked can read 0.0 (seen once in CI).
         doc = wait_for(lambda: (d := collect.database_sample(now=ts_now())[0])["lock_waits"]
-                       and d, timeout=15)
+                       and d["longest_query_s"] > 0 and d, timeout=15)
         assert doc["lock_waits"] >= 1
-        assert doc["longest_query_s"] > 0  # the blocked UPDATE is the running query
+        assert doc["longest_query_s"] > 0
         assert not done.is_set()
         holder.execute("ROLLBACK")
     wait_for(done.is_set, timeout=15)
