@@ -3,6 +3,7 @@ loopback Sentinel stack (master, 2 replicas, 3 sentinels, passwords) following a
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,20 @@ def test_the_async_client_asks_the_sentinels_too(on_sentinel: SentinelStack) -> 
 # -- a master that refuses writes: a failover's window ------------------------------------------
 
 
+def _publishing(producer: Any, outcome: list[Any], **options: Any) -> threading.Thread:
+    """A thread (not started) publishing one message with kombu's retries; it appends
+    "published" or the exception raised to ``outcome``."""
+
+    def publish() -> None:
+        try:
+            producer.publish({"n": 1}, retry=True, **options)
+            outcome.append("published")
+        except Exception as exc:
+            outcome.append(exc)
+
+    return threading.Thread(target=publish)
+
+
 def _noreplicas(master: redis.Redis) -> int:
     """Writes ``master`` refused for want of replicas so far (``INFO errorstats``)."""
     stat = master.info("errorstats").get("errorstat_NOREPLICAS", {})
@@ -248,7 +263,6 @@ def test_a_master_refusing_writes_serves_no_value_a_buffered_commit_killed(
 def test_a_publish_rides_out_a_master_refusing_writes(on_sentinel: SentinelStack) -> None:
     """A publish meeting a master that refuses writes for want of replicas (a new master in
     its first second) is retried until the master takes it, not raised in the caller."""
-    import threading
     import time
 
     from kombu import Connection, Exchange, Producer, Queue
@@ -267,15 +281,9 @@ def test_a_publish_rides_out_a_master_refusing_writes(on_sentinel: SentinelStack
         refused = _noreplicas(master)
         master.config_set("min-replicas-to-write", 3)  # 2 replicas: every write refused
 
-        def publish() -> None:
-            try:
-                producer.publish({"n": 1}, exchange=queue.exchange, routing_key=queue.routing_key,
-                                 retry=True, retry_policy=options["task_publish_retry_policy"])
-                outcome.append("published")
-            except Exception as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=publish)
+        thread = _publishing(producer, outcome, exchange=queue.exchange,
+                             routing_key=queue.routing_key,
+                             retry_policy=options["task_publish_retry_policy"])
         try:
             thread.start()
             wait_for(lambda: _noreplicas(master) > refused or outcome, timeout=30,
@@ -339,7 +347,6 @@ def test_a_publish_whose_queue_declaration_meets_a_refusing_master_is_retried(
     declaration (``NOREPLICAS``) reconnected under the publish, which then went on with the
     closed channel and raised ``AttributeError`` (kombu's ``_connparams``) in the caller, as
     11 publishes did in the failover benchmark. It is published once the master takes writes."""
-    import threading
 
     from kombu import Exchange, Producer, Queue
 
@@ -355,16 +362,8 @@ def test_a_publish_whose_queue_declaration_meets_a_refusing_master_is_retried(
         refused = _noreplicas(master)
         master.config_set("min-replicas-to-write", 3)  # 2 replicas: every write refused
 
-        def publish() -> None:
-            try:
-                producer.publish({"n": 1}, exchange=queue.exchange, routing_key=name,
-                                 declare=[queue], retry=True,
-                                 retry_policy=options["task_publish_retry_policy"])
-                outcome.append("published")
-            except Exception as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=publish)
+        thread = _publishing(producer, outcome, exchange=queue.exchange, routing_key=name,
+                             declare=[queue], retry_policy=options["task_publish_retry_policy"])
         try:
             thread.start()
             # The declaration (SADD of the binding) refused twice: the inner retry reconnected.
