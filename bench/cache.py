@@ -34,11 +34,16 @@ PATIENTS = 100_000
 BENCH_HOME = REPO / ".hms-tasks" / "bench"
 SQLITE_DB = BENCH_HOME / f"hms-{PATIENTS // 1000}k.sqlite3"
 PG_URL = os.environ.get("BENCH_PG_URL", "postgres://postgres@127.0.0.1:5432/hms_tasks_bench")
+#: The demo database seeded with PATIENTS on PostgreSQL, once and reused (the parts on PG_URL
+#: reseed theirs small each run).
+PG_SEEDED_URL = os.environ.get(
+    "BENCH_PG_SEEDED_URL",
+    f"postgres://postgres@127.0.0.1:5432/hms_tasks_bench_{PATIENTS // 1000}k")
 #: Zipf exponent of the hit-rate read mix (BENCH_ZIPF_S overrides). With 1.1 over 100,000
 #: patients, about 8% of reads fall beyond the 18,000 patients with activity: compulsory misses.
 ZIPF_S = float(os.environ.get("BENCH_ZIPF_S", "1.2"))
-PARTS = ("read", "miss", "warm", "write-sqlite", "write-postgres", "fanout", "latency", "hitrate",
-         "stale")
+PARTS = ("read", "miss", "miss-postgres", "warm", "write-sqlite", "write-postgres", "fanout",
+         "latency", "hitrate", "stale")
 
 
 # -- orchestration (the parent process) ------------------------------------------------------
@@ -57,15 +62,18 @@ def _seed_sqlite(redis_url: str) -> None:
                    cwd=REPO, stdout=subprocess.DEVNULL)
 
 
-def _postgres_available() -> bool:
+def _postgres_available(url: str = PG_URL) -> bool:
+    """Whether PostgreSQL answers on loopback; creates ``url``'s database if it is missing."""
     try:
         import psycopg
+        from psycopg import sql
 
+        name = url.rsplit("/", 1)[1]
         with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=3,
                              autocommit=True) as conn:
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'hms_tasks_bench'"
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)
                                 ).fetchone():
-                conn.execute("CREATE DATABASE hms_tasks_bench")
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return True
     except Exception:
         return False
@@ -87,6 +95,15 @@ def run() -> list[Row]:
                           file=sys.stderr)
                     continue
                 database = PG_URL
+            elif part == "miss-postgres":
+                if not _postgres_available(PG_SEEDED_URL):
+                    print("no PostgreSQL on 127.0.0.1:5432: miss-postgres not measured",
+                          file=sys.stderr)
+                    continue
+                database = PG_SEEDED_URL
+                subprocess.run([sys.executable, "-m", "hms_tasks", "seed", "--patients",
+                                str(PATIENTS), "--if-empty"], env=_env(url, database), cwd=REPO,
+                               check=True, stdout=subprocess.DEVNULL)
             elif part == "stale" and _postgres_available():
                 # The peers' comparison ran on PostgreSQL; concurrent processes on one SQLite
                 # file would mostly measure its locking.
@@ -169,12 +186,25 @@ def part_read() -> list[dict[str, Any]]:
 
 
 def part_miss() -> list[dict[str, Any]]:
+    return _miss_path("SQLite")
+
+
+def part_miss_postgres() -> list[dict[str, Any]]:
+    return _miss_path("PostgreSQL")
+
+
+def _miss_path(label: str) -> list[dict[str, Any]]:
     """A get_or_build miss (lease, build, conditional fill) vs a plain read of the same rows
     (the demo API's patient_summary, straight from the database): 6 alternating rounds of the
     same 1,000 patients each; before a round of misses their keys are unlinked, and it ends
     once every fill has landed (a miss sends its fill without waiting for the reply: the
     round's end waits for every fill to be stored, so all of their cost is in the round).
-    Median of the rounds' per-call means."""
+    Median of the rounds' per-call means.
+
+    On SQLite the plain read never blocks, and the miss's one blocking Redis round trip
+    slows the build after it too (measured: a 100 us sleep before the build adds 95 us to
+    it, a 100 us spin nothing; an idle core's caches). On PostgreSQL both sides block on
+    the database's round trips, as an HMS does."""
     from hms_tasks.cache.core import backend, get_or_build
     from hms_tasks.cache.registry import get_kind
     from hms_tasks.demo.api import patient_summary
@@ -208,9 +238,9 @@ def part_miss() -> list[dict[str, Any]]:
         for step in ((plain, misses) if r % 2 else (misses, plain)):
             step()
     o, b = statistics.median(ours) * 1e6, statistics.median(base) * 1e6
-    return [_row("miss path: get_or_build miss vs the plain read of the same rows (median of 6"
-                 " alternating rounds of 1,000)", o, b, "us/call", "<= 1.15x", o / b,
-                 o / b <= 1.15)]
+    return [_row(f"miss path ({label}): get_or_build miss vs the plain read of the same rows"
+                 " (median of 6 alternating rounds of 1,000)", o, b, "us/call", "<= 1.15x",
+                 o / b, o / b <= 1.15)]
 
 
 def _naive_warm(ids: list[int]) -> None:
@@ -736,6 +766,7 @@ def part_stale() -> list[dict[str, Any]]:
 PART_FUNCS: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "read": part_read,
     "miss": part_miss,
+    "miss-postgres": part_miss_postgres,
     "warm": part_warm,
     "write-sqlite": part_write_sqlite,
     "write-postgres": part_write_postgres,
