@@ -203,6 +203,11 @@ def sentinel_options(options: Mapping[str, Any]) -> dict[str, Any]:
         "result_backend": f"{broker.SENTINEL_BACKEND}+{sentinel_url}",
         # A result written in the switch waits for the new master rather than fail the task.
         "result_backend_always_retry": True,
+        # ... with pauses of at most 1 s (Celery's default: 10 s, with full jitter). The
+        # worker's main process writes some results itself (a task it terminates on a
+        # connection loss) and consumes nothing while it sleeps: in the failover benchmark
+        # one such write held the consumer 11 s after its master was back.
+        "result_backend_max_sleep_between_retries_ms": 1000,
         "broker_transport_options": {**options["broker_transport_options"], **master},
         "result_backend_transport_options": {
             **options["result_backend_transport_options"], **master},

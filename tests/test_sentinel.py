@@ -71,6 +71,8 @@ def test_sentinel_celery_options() -> None:
                                      "sentinel://:pw%40x@10.0.0.2:26380/3")
     assert broker.transport_for(options["broker_url"]) == broker.SENTINEL_TRANSPORT
     assert options["result_backend"] == broker.SENTINEL_BACKEND + "+" + options["broker_url"]
+    assert options["result_backend_always_retry"]
+    assert options["result_backend_max_sleep_between_retries_ms"] == 1000
     for key in ("broker_transport_options", "result_backend_transport_options"):
         assert options[key]["master_name"] == "hms"
         assert options[key]["sentinel_kwargs"]["password"] == "spw"
