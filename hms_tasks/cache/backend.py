@@ -269,38 +269,29 @@ class TaggedRedisCache(RedisCache):
         return [None if g is None else g.decode() for g in raw]
 
     @cached_property
-    def _pool(self) -> Any:
-        return self._scripts["CURRENT_GENERATIONS"].registered_client.connection_pool
+    def _held(self) -> store.HeldConnection:
+        scripts = self._scripts
+        return store.HeldConnection(
+            lambda: scripts["CURRENT_GENERATIONS"].registered_client.connection_pool)
 
     def _evalsha(self, keys: list[str], pending: list[Callable[[], object]]) -> Any:
-        """``CURRENT_GENERATIONS`` by ``EVALSHA`` on a pooled connection, without redis-py's
-        command wrapper (retries, observability hooks): 5 to 10 us less per call, and every
-        304 makes one (measured in-process, alternated); what is ``pending`` runs once the
-        command is sent. None when that did not work out (no connection, script not loaded
-        yet, a refusal, a broken connection): the caller then goes through the ``Script``
-        object, which loads the script and retries as any command does."""
-        pool = self._pool
-        try:
-            conn = pool.get_connection()
-        except (redis.RedisError, OSError):
-            return None
-        try:
-            conn.send_command("EVALSHA", self._scripts["CURRENT_GENERATIONS"].sha, len(keys),
-                              *keys)
+        """``CURRENT_GENERATIONS`` by ``EVALSHA`` on the connection this thread keeps
+        (:class:`hms_tasks.store.HeldConnection`), without redis-py's command wrapper
+        (retries, observability hooks) or a pool checkout per call: every 304 makes one;
+        what is ``pending`` runs once the command is sent. None when that did not work out
+        (no connection, script not loaded yet, a refusal, a broken connection): the caller
+        then goes through the ``Script`` object, which loads the script and retries as any
+        command does."""
+
+        def meanwhile() -> None:
             if pending:
                 pending.pop()()
-            return conn.read_response()
-        except redis.ResponseError:
-            return None  # an error reply: the connection itself is fine
-        except BaseException as exc:
-            # Half a command, or an unread reply, may be on the wire: never hand the
-            # connection out as it is.
-            conn.disconnect()
-            if isinstance(exc, (redis.RedisError, OSError)):
-                return None
-            raise
-        finally:
-            pool.release(conn)
+
+        try:
+            return self._held.call("EVALSHA", self._scripts["CURRENT_GENERATIONS"].sha,
+                                   len(keys), *keys, meanwhile=meanwhile)
+        except (redis.RedisError, OSError):
+            return None
 
     def fill(self, made_key: str, value: Any, *, tags: Sequence[str], gens: Sequence[str],
              timeout: int | None, lock: tuple[str, str] = ("", "")) -> bool:

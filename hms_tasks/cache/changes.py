@@ -36,7 +36,6 @@ in the same atomic Lua step, so a worker dying half-way loses nothing either.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import hashlib
 import json
 import logging
@@ -269,77 +268,36 @@ def record_changes(tags: Iterable[str], *, timeout: float | None = None) -> bool
 _RECORD_SHA = hashlib.sha1(lua.RECORD_CHANGES.encode(), usedforsecurity=False).hexdigest()
 
 
-class _Line:
-    """A committing thread's own connection for the commit's call (:func:`_record_at_commit`).
-
-    Why not :func:`record_changes` (redis-py's ``Script``, through the client): each call
-    checks a connection out of the pool and back in, and the checkout polls the socket for
-    stray data first. Profiled in the write benchmark (2026-12-01, SQLite): about 40 us of
-    the commit's 160 us. This thread holds one connection instead and makes the call on it
-    with redis-py's public connection API (``send_command``, ``read_response``). Any failure
-    drops it; the next call checks a fresh one out of the pool, which after a failover is
-    on the new master.
-    """
-
-    def __init__(self) -> None:
-        self.connection: Any = None
-        self.pool: Any = None
-
-    def call(self, args: Sequence[Any]) -> Any:
-        """The script's reply. A connection that broke while it was idle (Redis restarted,
-        an idle timeout, a failover) is replaced and the call made once more on a fresh one,
-        as redis-py's client does: running it twice is harmless (new generations again, the
-        tags logged again). A timeout is not retried: no commit waits for it twice."""
-        try:
-            return self._call(args)
-        except redis.ConnectionError:
-            return self._call(args)
-
-    def _call(self, args: Sequence[Any]) -> Any:
-        if self.connection is None:
-            self.pool = store.client(decode=False, url=_cache_url(),
-                                     socket_timeout=COMMIT_TIMEOUT).connection_pool
-            self.connection = self.pool.get_connection()
-        try:
-            try:
-                self.connection.send_command("EVALSHA", _RECORD_SHA, 2, *args)
-                return self.connection.read_response(disable_decoding=True)
-            except redis.exceptions.NoScriptError:  # Redis restarted without its scripts
-                self.connection.send_command("EVAL", lua.RECORD_CHANGES, 2, *args)
-                return self.connection.read_response(disable_decoding=True)
-        except BaseException:
-            self.drop()
-            raise
-
-    def drop(self) -> None:
-        conn, self.connection = self.connection, None
-        if conn is not None:
-            conn.disconnect()
-            self.pool.release(conn)
-
-    def __del__(self) -> None:  # the thread ended
-        with contextlib.suppress(Exception):  # at interpreter exit the pool may be gone
-            self.drop()
+#: The committing thread's own connection for the commit's call (:func:`_record_at_commit`).
+#: Why not :func:`record_changes` (redis-py's ``Script``, through the client): each call
+#: checks a connection out of the pool and back in, and the checkout polls the socket for
+#: stray data first. Profiled in the write benchmark (2026-12-01, SQLite): about 40 us of
+#: the commit's 160 us.
+_line = store.HeldConnection(
+    lambda: store.client(decode=False, url=_cache_url(),
+                         socket_timeout=COMMIT_TIMEOUT).connection_pool)
 
 
-_lines = threading.local()
-
-
-def _forked() -> None:
-    global _lines  # a child must not share its parent's connections
-    _lines = threading.local()
-
-
-os.register_at_fork(after_in_child=_forked)
+def _call_at_commit(args: Sequence[Any]) -> Any:
+    try:
+        return _line.call("EVALSHA", _RECORD_SHA, 2, *args, disable_decoding=True)
+    except redis.exceptions.NoScriptError:  # Redis restarted without its scripts
+        return _line.call("EVAL", lua.RECORD_CHANGES, 2, *args, disable_decoding=True)
 
 
 def _record_at_commit(tags: Iterable[str]) -> bool:
     """:func:`record_changes` for the committing thread, on its own connection, waiting at
     most :data:`COMMIT_TIMEOUT`."""
-    line: _Line | None = getattr(_lines, "line", None)
-    if line is None:
-        line = _lines.line = _Line()
-    return bool(line.call(_record_args(tags)) == 1)
+    args = _record_args(tags)
+    try:
+        out = _call_at_commit(args)
+    except redis.ConnectionError:
+        # A connection that broke while it was idle (Redis restarted, an idle timeout, a
+        # failover): once more on a fresh one, as redis-py's client does. Running the call
+        # twice is harmless (new generations again, the tags logged again). A timeout is not
+        # retried: no commit waits for it twice.
+        out = _call_at_commit(args)
+    return bool(out == 1)
 
 
 class Recorder:
