@@ -32,6 +32,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from functools import cache
@@ -464,10 +465,8 @@ class HeldConnection:
     def __init__(self, pool_of: Callable[[], Any]) -> None:
         self._pool_of = pool_of
         self._local = threading.local()
-        os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        self._local = threading.local()
+        # Weakly: a Django cache backend (one per thread) keeps one of these.
+        _held_connections.add(self)
 
     def call(self, *command: Any, meanwhile: Callable[[], object] | None = None,
              check_health: bool = True, **read: Any) -> Any:
@@ -494,6 +493,18 @@ class HeldConnection:
         held: _Holding | None = getattr(self._local, "held", None)
         if held is not None:
             held.drop()
+
+
+_held_connections: weakref.WeakSet[HeldConnection] = weakref.WeakSet()
+
+
+def _forget_held_connections() -> None:
+    # A child must not use (nor read replies on) its parent's connections.
+    for held in list(_held_connections):
+        held._local = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_held_connections)
 
 
 def failovers(*, since: float = 0.0) -> int:
