@@ -165,7 +165,15 @@ def _crash_run(tmp_path: Path, *, faults: list[str]) -> Outcome:
           f"({outcome.rerun} tasks ran more than once), worker alive {outcome.worker_alive}, "
           f"{outcome.stranded} messages left queued or unacked")
     if outcome.lost or not alive:
-        print(log_path.read_text(errors="replace")[-20000:])
+        # What the worker did with the lost tasks, and everything it warned about (the tail
+        # alone missed them once), then the tail.
+        text = log_path.read_text(errors="replace")
+        marks = tuple(f"crash-{n}]" for n in outcome.lost)
+        print("ran more than once:", sorted(n for n, c in runs.items() if c > 1))
+        print("\n".join(line for line in text.splitlines()
+                        if any(m in line for m in marks) or ("/MainProcess] Task" not in line
+                        and "INFO/ForkPoolWorker" not in line))[-60000:])
+        print(text[-5000:])
     return outcome
 
 
