@@ -51,12 +51,14 @@ def leak_to(mb: int) -> dict[str, Any]:
 
 @testing.task("hms.test.whoami")
 def whoami() -> dict[str, Any]:
-    """The pid and RSS of the process that runs it."""
+    """The pid and RSS of the process that runs it, and how many objects its garbage
+    collector has frozen (never walks)."""
+    import gc
     import os
 
     from hms_tasks.memory.tiers import current_rss
 
-    return {"pid": os.getpid(), "rss": current_rss()}
+    return {"pid": os.getpid(), "rss": current_rss(), "frozen": gc.get_freeze_count()}
 
 
 @testing.task("hms.test.effect")

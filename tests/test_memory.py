@@ -64,6 +64,8 @@ def test_leaking_task_drives_its_child_through_the_tiers_and_is_recycled(
     first = _run(celery_app, "hms.test.whoami")
     pid = first["pid"]
     assert first["rss"] < BUDGET_MB * MIB * 0.8, "the child starts below the warning tier"
+    # The child froze the heap it inherited (hms_tasks.base): Django, Celery, the app.
+    assert first["frozen"] > 10_000
     start = wait_for(lambda: _event(pid, "child_start"), what="the child's start event")
     assert start["budget"] == pytest.approx(BUDGET_MB * MIB, rel=0.001)
 
