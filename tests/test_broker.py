@@ -1,0 +1,168 @@
+"""The guarded transport's take (:data:`hms_tasks.broker.TAKE`), on a real Redis: a message
+taken off its queue is in ``unacked`` at the same instant, so a take whose reply never reaches
+the worker (Redis shut down or killed between the pop and the reply) is restored, not lost.
+
+kombu's own ``BRPOP`` fails the first two tests: the message is then neither on its queue nor
+in ``unacked``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from queue import Empty
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from hms_tasks import broker
+from tests.helpers import RedisServer, wait_for
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis", appendfsync="always")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _published(url: str, body: Any) -> tuple[Connection, Any, str, str]:
+    """A connection on the guarded transport, its channel, a new queue holding one message
+    with ``body``, and that message's delivery tag."""
+    name = f"test.take.{uuid.uuid4().hex[:8]}"
+    conn = Connection(url, transport=broker.TRANSPORT)
+    channel = conn.channel()
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    queue(channel).declare()
+    Producer(channel).publish(body, exchange=name, routing_key=name, serializer="json")
+    entry = json.loads(channel.client.lindex(name, 0))
+    return conn, channel, name, entry["properties"]["delivery_tag"]
+
+
+def _take_and_lose_the_reply(channel: Any, name: str, client: redis.Redis) -> None:
+    """Start a take as the worker's event loop does, let Redis run it, and drop the
+    connection before its reply is read: what a worker sees when Redis dies in between."""
+    channel.basic_consume(name, no_ack=False, callback=lambda message: None,
+                          consumer_tag="test")
+    assert channel.qos.can_consume()  # as the event loop asks before each take
+    channel.client.connection = channel.client.connection_pool.get_connection()
+    channel._brpop_start()
+    wait_for(lambda: client.llen(name) == 0, what="the take to run in Redis")
+    channel.client.connection.disconnect()
+
+
+def test_a_take_whose_reply_never_came_is_restored_when_its_channel_closes(
+    private_redis: RedisServer,
+) -> None:
+    client = redis.Redis.from_url(private_redis.url)
+    conn, channel, name, tag = _published(private_redis.url, {"patient": 7})
+    _take_and_lose_the_reply(channel, name, client)
+    # Off the queue and, in the same step, in unacked: nothing exists only in transit.
+    assert client.hexists("unacked", tag)
+    channel.close()
+    conn.release()
+    restored = [json.loads(e) for e in client.lrange(name, 0, -1)]
+    assert [e["properties"]["delivery_tag"] for e in restored] == [tag]
+    assert not client.hexists("unacked", tag)
+    assert client.keys("unacked_take:*") == []
+
+
+def test_a_take_lost_to_a_redis_shutdown_is_restored_by_the_next_connection(
+    private_redis: RedisServer,
+) -> None:
+    client = redis.Redis.from_url(private_redis.url)
+    conn, channel, name, tag = _published(private_redis.url, {"patient": 7})
+    _take_and_lose_the_reply(channel, name, client)
+    private_redis.stop()
+    channel.close()  # Redis away: the channel's take is parked in the process
+    conn.release()
+    assert broker.parked() >= 1
+    private_redis.start()  # the AOF kept the take's record
+    again = Connection(private_redis.url, transport=broker.TRANSPORT)
+    again.channel().close()  # a new channel restores what was parked
+    again.release()
+    restored = [json.loads(e) for e in client.lrange(name, 0, -1)]
+    assert [e["properties"]["delivery_tag"] for e in restored] == [tag]
+    assert restored[0]["headers"].get("redelivered") or \
+        restored[0]["properties"]["delivery_info"].get("redelivered")
+    assert broker.parked() == 0
+
+
+def test_a_taken_message_is_delivered_once_and_its_ack_clears_it(
+    private_redis: RedisServer,
+) -> None:
+    client = redis.Redis.from_url(private_redis.url)
+    conn, channel, name, tag = _published(private_redis.url, {"patient": 7, "ids": []})
+    got: list[Any] = []
+    with Consumer(channel, [Queue(name, Exchange(name, type="direct"), routing_key=name)],
+                  callbacks=[lambda body, message: got.append((body, message))]):
+        conn.drain_events(timeout=5)
+        (body, message), = got
+        # The message as published (an empty list stays a list) and recorded once, by the
+        # take, in kombu's layout.
+        assert body == {"patient": 7, "ids": []}
+        record, exchange, routing_key = json.loads(client.hget("unacked", tag))
+        assert (record["properties"]["delivery_tag"], exchange, routing_key) == (tag, name, name)
+        assert client.zscore("unacked_index", tag) is not None
+        message.ack()
+    assert not client.hexists("unacked", tag)
+    assert client.llen(name) == 0
+    channel.close()
+    conn.release()
+
+
+def test_a_redis_refusing_writes_pauses_takes_and_a_full_one_still_hands_out(
+    private_redis: RedisServer,
+) -> None:
+    client = redis.Redis.from_url(private_redis.url)
+    conn, channel, name, tag = _published(private_redis.url, {"patient": 7})
+    channel.basic_consume(name, no_ack=False, callback=lambda message: None,
+                          consumer_tag="test")
+    assert channel.qos.can_consume()
+    channel.client.connection = channel.client.connection_pool.get_connection()
+    client.config_set("min-replicas-to-write", 1)  # no replica: every write refused
+    try:
+        channel._brpop_start()
+        with pytest.raises(Empty):
+            channel._brpop_read()
+        assert client.llen(name) == 1  # nothing taken, nothing lost
+        assert not client.hexists("unacked", tag)
+    finally:
+        client.config_set("min-replicas-to-write", 0)
+    # A full noeviction Redis still hands messages out (a script that popped may go on
+    # writing), recorded: draining the queues is what frees its memory.
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)
+    try:
+        channel._brpop_start()  # the wait after a refusal
+        with pytest.raises(Empty):
+            channel._brpop_read()
+        channel._brpop_start()  # and the take again
+        channel._brpop_read()
+        assert client.llen(name) == 0
+        assert client.hexists("unacked", tag)
+    finally:
+        client.config_set("maxmemory", 0)
+    channel.close()
+    conn.release()
+
+
+def test_a_take_for_a_no_ack_consumer_records_nothing(private_redis: RedisServer) -> None:
+    # Control replies (``celery inspect``, Flower) are consumed without acks: a record of
+    # them in ``unacked`` would never be cleared, and would be replayed an hour later.
+    client = redis.Redis.from_url(private_redis.url)
+    conn, channel, name, tag = _published(private_redis.url, {"reply": 1})
+    got: list[Any] = []
+    with Consumer(channel, [Queue(name, Exchange(name, type="direct"), routing_key=name)],
+                  callbacks=[lambda body, message: got.append(body)], no_ack=True):
+        conn.drain_events(timeout=5)
+    assert got == [{"reply": 1}]
+    assert not client.hexists("unacked", tag)
+    assert client.keys("unacked_take:*") == []
+    channel.close()
+    conn.release()
