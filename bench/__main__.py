@@ -36,6 +36,7 @@ BENCHES = {
     "scaling": "bench.scaling",
     "responses": "bench.responses",
     "failover": "bench.failover",
+    "take": "bench.take",
 }
 
 #: Exit codes of one part's process.
