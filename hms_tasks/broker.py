@@ -409,7 +409,7 @@ class Channel(kombu_redis.Channel):
         keys = [key for key, _ in lists]
         keys += [this.unacked_key, this.unacked_index_key, self.hms_take_key]
         connection.send_command("EVAL", TAKE, len(keys), *(prefix + key for key in keys),
-                                time.time(), int(this.visibility_timeout),
+                                time.time(), max(1, int(this.visibility_timeout)),
                                 *(acks for _, acks in lists))
 
     def _brpop_read(self, **options: Any) -> Any:
