@@ -50,7 +50,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from queue import Empty
 from typing import Any
 from urllib.parse import urlsplit
@@ -231,22 +231,26 @@ def _park(key: tuple[str, str], tags: list[str], takes: Sequence[str] = ()) -> N
                        "reconnects", len(tags), len(takes))
 
 
-def _restore(channel: Channel, tags: list[str], takes: list[str], client: Any = None) -> int:
+def _restore(channel: Channel, tags: list[str], takes: list[str], client: Any = None, *,
+             held: Collection[str] = ()) -> int:
     """Restore ``tags`` and the tag each of ``takes`` (take keys) names, once each, to their
     queues with kombu's own step (one WATCH/MULTI transaction per tag: a tag no longer in
-    ``unacked`` is skipped); then delete the take keys. On a connection error, parks what is
-    left (a take key whose tag was read is not parked again: its tag is). Returns how many
-    tags were restored or skipped."""
+    ``unacked`` is skipped), except a take's tag in ``held`` (delivered, still running: the
+    take key still names it when a later take never reached Redis); then delete the take
+    keys. On a connection error, parks what is left (a take key whose tag was read is not
+    parked again: its tag is). Returns how many tags were restored or skipped."""
     this: Any = channel
     qos: Any = channel.qos
+    prefix = this.global_keyprefix
     todo = list(dict.fromkeys(tags))
     read = done = 0
     try:
         with this.conn_or_acquire(client) as conn:
             for take in takes:
-                tag = conn.get(take)
+                # kombu's prefixing client prefixes DEL but not GET.
+                tag = conn.get(prefix + take)
                 read += 1
-                if tag is not None and (tag := tag.decode()) not in todo:
+                if tag is not None and (tag := tag.decode()) not in todo and tag not in held:
                     todo.append(tag)
             for tag in todo:
                 qos.restore_by_tag(tag, client=conn)
@@ -382,8 +386,8 @@ class Channel(kombu_redis.Channel):
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         """Send a take (:data:`TAKE`) in place of kombu's ``BRPOP``, or, after a take found
-        every queue empty, a wait of :data:`IDLE_WAIT` in Redis (a ``BLPOP`` of a key nobody
-        pushes to) that ends in another take. kombu's event loop reads the reply like
+        every queue empty, a wait of :data:`IDLE_WAIT` in Redis (an ``XREAD BLOCK`` of a stream
+        nobody writes) that ends in another take. kombu's event loop reads the reply like
         BRPOP's (:meth:`_brpop_read`)."""
         this: Any = self
         queues = this._queue_cycle.consume(len(this.active_queues))
@@ -394,14 +398,18 @@ class Channel(kombu_redis.Channel):
         this._in_poll = connection
         this._brpop_sent_at = time.monotonic()
         if self.hms_idle:
+            # A read-only blocking command: a write (BLPOP) is refused at once by a Redis that
+            # refuses writes (NOREPLICAS, MISCONF, READONLY), and the loop would spin.
             self.hms_pending = "wait"
-            connection.send_command("BLPOP", f"{prefix}{this.unacked_key}_idle", IDLE_WAIT)
+            connection.send_command("XREAD", "BLOCK", int(IDLE_WAIT * 1000), "STREAMS",
+                                    f"{prefix}{this.unacked_key}_idle", "$")
             return
         if self.hms_take_open:
             # The previous take's reply was lost to a connection error and this channel goes
             # on (a consumer that reconnects without closing it): restore that take first,
             # before this one overwrites the take key.
-            _restore(self, [], [self.hms_take_key])
+            qos: Any = self.qos
+            _restore(self, [], [self.hms_take_key], held=set(qos._delivered))
         self.hms_pending = "take"
         self.hms_take_open = True
         lists = [(this._q_for_pri(queue, pri), "0" if queue in self.hms_no_ack else "1")
@@ -411,6 +419,13 @@ class Channel(kombu_redis.Channel):
         connection.send_command("EVAL", TAKE, len(keys), *(prefix + key for key in keys),
                                 time.time(), max(1, int(this.visibility_timeout)),
                                 *(acks for _, acks in lists))
+
+    def _poll_error(self, type: str, **options: Any) -> Any:
+        # kombu reads a BRPOP reply here on an error event, past _brpop_read: a take's reply
+        # must go through it (delivered, or its take kept open for the restore).
+        if type == "BRPOP":
+            return self._brpop_read(**options)
+        return super()._poll_error(type, **options)  # type: ignore[misc]
 
     def _brpop_read(self, **options: Any) -> Any:
         """Read the reply to :meth:`_brpop_start`'s command, and deliver the message taken.
@@ -461,7 +476,8 @@ class Channel(kombu_redis.Channel):
             except ValueError:
                 deadletter.record("envelope is not JSON")
                 if taken is not None:  # Lua's JSON parser took what Python's refuses
-                    this.qos.reject(taken)
+                    # Out of ``unacked`` only: it was never delivered, so no ack to count.
+                    this.qos._remove_from_indices(taken).execute()
                 return True
             self.hms_taken = taken
             this.connection._deliver(payload, queue)

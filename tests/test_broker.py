@@ -8,6 +8,7 @@ in ``unacked``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -132,6 +133,16 @@ def test_a_redis_refusing_writes_pauses_takes_and_a_full_one_still_hands_out(
             channel._brpop_read()
         assert client.llen(name) == 1  # nothing taken, nothing lost
         assert not client.hexists("unacked", tag)
+        # The wait before the next take is a real wait, not refused at once like a write
+        # (a BLPOP was: the worker spun until writes came back).
+        client.config_resetstat()
+        channel._brpop_start()
+        with pytest.raises(Empty):
+            channel._brpop_read()
+        waits = {k: v for k, v in client.info("commandstats").items()
+                 if k in ("cmdstat_xread", "cmdstat_blpop")}
+        assert [(k, v["calls"], v["rejected_calls"]) for k, v in waits.items()] == \
+            [("cmdstat_xread", 1, 0)]
     finally:
         client.config_set("min-replicas-to-write", 0)
     # A full noeviction Redis still hands messages out (a script that popped may go on
@@ -139,10 +150,7 @@ def test_a_redis_refusing_writes_pauses_takes_and_a_full_one_still_hands_out(
     client.config_set("maxmemory-policy", "noeviction")
     client.config_set("maxmemory", 1)
     try:
-        channel._brpop_start()  # the wait after a refusal
-        with pytest.raises(Empty):
-            channel._brpop_read()
-        channel._brpop_start()  # and the take again
+        channel._brpop_start()  # the take again
         channel._brpop_read()
         assert client.llen(name) == 0
         assert client.hexists("unacked", tag)
@@ -164,5 +172,30 @@ def test_a_take_for_a_no_ack_consumer_records_nothing(private_redis: RedisServer
     assert got == [{"reply": 1}]
     assert not client.hexists("unacked", tag)
     assert client.keys("unacked_take:*") == []
+    channel.close()
+    conn.release()
+
+
+def test_a_take_that_never_reached_redis_leaves_the_running_message_alone(
+    private_redis: RedisServer,
+) -> None:
+    # The take key names the last message taken; when the next take is lost before Redis
+    # ran it (a silently dead connection, dropped by the health check), that key still
+    # names a message being run: restoring it would run it twice at once.
+    client = redis.Redis.from_url(private_redis.url)
+    conn, channel, name, tag = _published(private_redis.url, {"patient": 7})
+    got: list[Any] = []
+    with Consumer(channel, [Queue(name, Exchange(name, type="direct"), routing_key=name)],
+                  callbacks=[lambda body, message: got.append(message)]):
+        conn.drain_events(timeout=5)
+        assert len(got) == 1  # delivered, not acked: running
+        channel.hms_take_open = True  # a take was sent and its connection dropped, unread
+        channel._in_poll = None
+        channel._brpop_start()  # restores what the lost take took, then takes
+        with contextlib.suppress(Empty):
+            channel._brpop_read()
+        assert len(got) == 1  # not pushed back and delivered again while it runs
+        assert client.hexists("unacked", tag)
+        got[0].ack()
     channel.close()
     conn.release()
