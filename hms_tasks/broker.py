@@ -347,8 +347,8 @@ class Channel(kombu_redis.Channel):
     hms_pending: str | None = None
     #: Whether the last take found every queue empty.
     hms_idle = False
-    #: Whether Redis refused the last take (and the refusal was logged).
-    hms_refused = False
+    #: The commands (``hms_pending`` values) Redis refused last time, each logged once.
+    hms_refused: frozenset[str] = frozenset()
     #: Whether a take was sent and its reply not read: the take key may name a message
     #: that only Redis knows was taken.
     hms_take_open = False
@@ -454,15 +454,21 @@ class Channel(kombu_redis.Channel):
                 # Sentinel that is a connection error), or one busy in a long script. Wait and
                 # take again; the worker stays up. (A full ``noeviction`` Redis does not
                 # refuse: a script that has written may go on, so the take still records.)
-                if not self.hms_refused:
-                    logger.warning("Redis refuses to hand out messages (%s): consuming paused "
-                                   "until it accepts writes again", str(exc).split(" ")[0])
-                self.hms_refused = self.hms_idle = True
+                if pending not in self.hms_refused:
+                    logger.warning("Redis refuses the worker's %s (%s: %s): tried again "
+                                   "every %.1f s", pending, type(exc).__name__, str(exc)[:80],
+                                   IDLE_WAIT)
+                self.hms_refused |= {str(pending)}
+                self.hms_idle = pending == "take"  # a wait after a refused take, and a take after
                 self.hms_take_open = False
+                if pending == "wait":
+                    # The wait itself refused (an ACL user without +xread): nothing in Redis
+                    # can pace this loop, so pause here rather than spin on Redis.
+                    time.sleep(IDLE_WAIT)
                 raise Empty() from None
-            if self.hms_refused and pending == "take":
-                self.hms_refused = False
-                logger.warning("Redis hands out messages again: consuming resumed")
+            if pending in self.hms_refused:
+                self.hms_refused -= {pending}
+                logger.warning("Redis accepts the worker's %s again", pending)
             if pending != "take" or not reply:
                 self.hms_idle = pending == "take"
                 raise Empty()

@@ -199,3 +199,34 @@ def test_a_take_that_never_reached_redis_leaves_the_running_message_alone(
         got[0].ack()
     channel.close()
     conn.release()
+
+
+def test_an_acl_user_without_the_wait_command_still_consumes(
+    private_redis: RedisServer,
+) -> None:
+    # A refused wait is followed by a take (not by another wait, which would never consume).
+    admin = redis.Redis.from_url(private_redis.url)
+    admin.execute_command("ACL", "SETUSER", "worker", "on", ">pw", "~*", "&*", "+@all",
+                          "-xread")
+    url = f"redis://worker:pw@127.0.0.1:{private_redis.port}/0"
+    name = "test.take.acl"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    got: list[Any] = []
+    with Connection(url, transport=broker.TRANSPORT) as conn:
+        channel = conn.channel()
+        queue(channel).declare()
+        with Consumer(channel, [queue], callbacks=[lambda body, message: got.append(body)]):
+            for _ in range(3):  # idle: takes find nothing, waits are refused
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=0.3)
+            Producer(channel).publish({"n": 1}, exchange=name, routing_key=name,
+                                      serializer="json")
+
+            def arrived() -> bool:
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=0.3)
+                return bool(got)
+
+            wait_for(arrived, timeout=10, what="the message to be taken")
+    assert got == [{"n": 1}]
+    assert int(admin.info("commandstats")["cmdstat_xread"]["rejected_calls"]) >= 1
