@@ -51,7 +51,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 from kombu.utils.json import dumps, loads
@@ -232,17 +231,13 @@ def _on_new_master(execute: Callable[..., Any], replid: str, switched: bool) -> 
     """A store client's first connection to a master (:func:`hms_tasks.store.on_new_master`):
     publish again, there, what the outbox knows a failover discarded, so that a process that
     publishes nothing after the switch but uses the store (a cache read, a run report) does
-    not keep them until its next publish. Only on a connection to the broker's database."""
+    not keep them until its next publish. The store runs it only on a connection to its own
+    database, the broker's."""
     seconds = conf.get().publish_outbox_seconds
     box = outbox
     if not seconds or not box.kept():
         return
-    db = urlsplit(conf.get().redis_url).path.strip("/") or "0"
     try:
-        client = dict(part.split("=", 1) for part in _text(execute("CLIENT", "INFO")).split()
-                      if "=" in part)
-        if client.get("db") != db:
-            return
         again = box.landed(_info(execute), [], seconds=seconds)
         while again:
             copies = [(entry.key, with_new_tag(entry.payload)) for entry in again]
@@ -257,8 +252,8 @@ def _on_new_master(execute: Callable[..., Any], replid: str, switched: bool) -> 
     except MasterSuperseded:
         return  # an old master: the store's own retry finds the new one
     except redis.ResponseError:
-        # CLIENT INFO or INFO refused (an ACL user without them, Redis before 6.2): the
-        # messages wait for the process's next publish, which needs only INFO.
+        # INFO refused (an ACL user without it): the messages wait for the process's next
+        # publish, which warns that the outbox is off.
         return
 
 

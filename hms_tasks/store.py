@@ -142,9 +142,10 @@ def async_client(*, url: str | None = None, decode: bool = True,
 
 
 def reset() -> None:
-    """Forget cached clients (after the Redis URL or the sentinels changed, for example in
-    tests)."""
+    """Forget cached clients and the connections threads keep (:class:`HeldConnection`),
+    after the Redis URL or the sentinels changed (in tests, for example)."""
     _client.cache_clear()
+    _forget_held_connections()
 
 
 # -- Sentinel ---------------------------------------------------------------------------------
@@ -218,7 +219,8 @@ _AsyncSentinel: Any = _ExplainingAsyncSentinel
 
 #: Called as ``listener(execute, replid, switched)`` by every Sentinel-managed pool (each
 #: client of the store, each Django cache on it), on each master it connects to for the first
-#: time: ``execute(*command)`` runs a command on that master (before the pool's caller sends
+#: time, when the pool is on the store's database (that of ``HMS_TASKS_REDIS_URL``):
+#: ``execute(*command)`` runs a command on that master (before the pool's caller sends
 #: its own), ``replid`` is the master's replication id (a new one at every promotion),
 #: ``switched`` whether the pool was connected to another master before (it may have written
 #: there after the promotion: writes the failover loses).
@@ -292,8 +294,19 @@ def _sentinel_config(url: str, options: dict[str, Any]) -> tuple[
     return addresses, sentinel, master
 
 
+def _store_db() -> int:
+    """The database number of ``HMS_TASKS_REDIS_URL``."""
+    return int(_parse_url(tls.normalized_url(conf.get().redis_url)).get("db", 0))
+
+
 def _check_master(conn: Any, *, switched: bool) -> None:
-    """Record the master ``conn`` is connected to and run the listeners on it."""
+    """Record the master ``conn`` is connected to and run the listeners on it, if ``conn`` is
+    on the store's database. A pool on another database of the same Redis (a Django cache
+    given :class:`SentinelPool` as its ``pool_class``) holds none of the state they keep:
+    written there, the master's record, the cache's epoch and the outbox's messages would be
+    lost to the store's clients (the store's own pools check every master anyway)."""
+    if int(conn.db) != _store_db():
+        return
 
     def execute(*command: Any) -> Any:
         conn.send_command(*command)

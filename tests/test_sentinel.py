@@ -188,6 +188,24 @@ def test_a_value_whose_invalidation_the_failover_lost_reads_as_a_miss(
     stack.wait_healthy()
 
 
+def test_a_pool_on_another_database_writes_no_store_state_there(
+    on_sentinel: SentinelStack,
+) -> None:
+    """A Django cache on another database of the hms-tasks Redis, given SentinelPool: its
+    first connection to a master records nothing and runs no listener there (the cache's
+    epoch, the outbox's messages and the master's record would be lost to the store)."""
+    from django.core.cache.backends.redis import RedisCache
+
+    assert caches["hms"] is not None  # the tag cache's epoch listener is registered
+    other = RedisCache(on_sentinel.url(db=1), {
+        "KEY_PREFIX": "other", "OPTIONS": {"pool_class": "hms_tasks.store.SentinelPool"}})
+    other.set("k", "v")
+    assert other.get("k") == "v"
+    db1 = redis.Redis(port=on_sentinel.master_port(), db=1, password=PASSWORD)
+    assert db1.keys("*") == [other.make_and_validate_key("k").encode()]
+    db1.flushdb()
+
+
 def test_the_async_client_asks_the_sentinels_too(on_sentinel: SentinelStack) -> None:
     import asyncio
 
@@ -260,6 +278,55 @@ def test_a_master_refusing_writes_serves_no_value_a_buffered_commit_killed(
     assert not recorder.pending
     assert be.get("row-1") is None
     assert changes.flush()
+
+
+def test_commits_buffered_after_a_hung_master_land_when_the_process_reaches_the_new_one(
+    on_sentinel: SentinelStack, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The master hangs: a commit's call times out, and later commits buffer without calling
+    until the courier gets through. Here the courier's own call hangs on the old master
+    (its timeout raised to 30 s: a hung connection). Once a pool of the process reaches the
+    new master (the cache, filling a value there), the buffered tags must land there first
+    and the next commit must call again: otherwise the value filled there outlives that
+    commit, a stale read (the 226 late reads of one slow failover in the benchmark)."""
+    from hms_tasks.cache import changes
+
+    stack = on_sentinel
+    be = caches["hms"]
+    recorder = changes.recorder()
+    assert changes.flush()
+    monkeypatch.setattr(changes, "COURIER_TIMEOUT", 30.0)
+    old = stack.wait_healthy()
+    recorder.add(frozenset({"row:0"}))  # the commit's connection is on the master...
+    be.set("row-1", "x", 600, tags=["row:1"])  # ... and the cache's
+    slow = recorder.stats["slow_failures"]
+    stack.pause(old)  # hung: the sentinels promote a replica
+    try:
+        recorder.add(frozenset({"row:9"}))  # times out
+        assert recorder.stats["slow_failures"] == slow + 1
+        new = wait_for(lambda: (p := stack.master_port()) != old and p, timeout=60,
+                       what="the sentinels to promote a replica")
+
+        def fill() -> bool:
+            try:
+                be.set("row-2", "before", 600, tags=["row:2"])
+            except (redis.ConnectionError, redis.TimeoutError):
+                return False
+            return True
+
+        wait_for(fill, timeout=60, interval=0.05, what="a fill on the new master")
+        assert stack.client(new).exists(be.gen_prefix + "row:9"), \
+            "the tags buffered before the switch did not land with the process's first use"
+        at_commit = recorder.stats["at_commit"]
+        recorder.add(frozenset({"row:2"}))  # the commit changing row 2
+        assert recorder.stats["at_commit"] == at_commit + 1, "the commit was only buffered"
+        assert be.get("row-2") is None, "a value outlived the commit that changed it"
+    finally:
+        stack.resume(old)
+    stack.wait_healthy()
+    # The courier's call comes back once the old master answers again. (The fan-out task it
+    # owes goes to this session's broker once the fixture's settings are undone.)
+    wait_for(lambda: not recorder.pending, timeout=60, what="the courier's hung call to end")
 
 
 def test_a_publish_rides_out_a_master_refusing_writes(on_sentinel: SentinelStack) -> None:

@@ -19,15 +19,17 @@ in any process, whenever Redis answered that call within :data:`COMMIT_TIMEOUT`.
 
 When it did not (Redis down, hung or slow), the write still succeeds: the tags are buffered,
 the failure is logged once per outage, and the process's courier thread writes them (bumping
-the generations then) with backoff until Redis answers. Meanwhile each later commit still
-makes its call, the buffered tags with its own, when the failure was fast (an error reply
-such as a failing-over master's ``NOREPLICAS``, a refused connection): the first commit that
-gets through lands them all at once. After a timeout, later commits buffer without waiting,
-until the courier gets through. Past ``HMS_TASKS_CACHE_MAX_PENDING_TAGS`` buffered tags it
-invalidates the whole cache instead (the ``all`` tag), so memory stays bounded. A process that
-exits gracefully writes what it holds first (2 s at most: ``atexit``, and Celery's
-``worker_process_shutdown``). A process killed (SIGKILL, OOM) with tags buffered loses their
-invalidation; the values then live until their TTL. docs/cache.md states these limits.
+the generations then) with backoff until Redis answers. Meanwhile each later commit still makes
+its call, the buffered tags with its own, when the failure was fast (an error reply such as a
+failing-over master's ``NOREPLICAS``, a refused connection): the first commit that gets through
+lands them all at once. After a timeout, later commits buffer without waiting, until the
+courier gets through or, behind sentinels, until any pool of the process reaches a new master:
+the buffered tags land there before that pool's first command. Past
+``HMS_TASKS_CACHE_MAX_PENDING_TAGS`` buffered tags it invalidates the whole cache instead (the
+``all`` tag), so memory stays bounded. A process that exits gracefully writes what it holds
+first (2 s at most: ``atexit``, and Celery's ``worker_process_shutdown``). A process killed
+(SIGKILL, OOM) with tags buffered loses their invalidation; the values then live until their
+TTL. docs/cache.md states these limits.
 
 Worker side: :func:`apply_changes` takes batches off the change log and invalidates their tags
 in the same atomic Lua step, so a worker dying half-way loses nothing either.
@@ -44,7 +46,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from types import SimpleNamespace
@@ -98,6 +100,12 @@ SLOW_FAILURE = COMMIT_TIMEOUT
 #: The courier's retry delays while Redis or the broker fails: the first, doubling to the last
 #: (seconds). The last bounds how long after Redis is back commits keep being buffered.
 RETRY_FIRST, RETRY_LAST = 0.05, 0.5
+#: The courier's Redis call gives up after this long (seconds), and is not retried by the
+#: client: its own next try goes through the sentinels again. With the client's defaults (a
+#: 5 s timeout, then redis-py's retries with backoff) one call on a hung master held the
+#: buffered tags for seconds while other clients were served by the new one. Writing
+#: ``HMS_TASKS_CACHE_MAX_PENDING_TAGS`` tags takes milliseconds.
+COURIER_TIMEOUT = 1.0
 _LOADED = "_hms_cache_loaded"
 
 
@@ -315,6 +323,8 @@ class Recorder:
     def __init__(self) -> None:
         #: Tags committed but not yet in Redis (while Redis fails).
         self.pending: set[str] = set()
+        #: The tags the courier is writing now (out of ``pending``).
+        self._inflight: set[str] = set()
         #: A fan-out task is owed (the commit's call said so, or a call's reply was lost).
         self.owe_dispatch = False
         #: Counters: commits recorded, written at commit, buffered, buffers landed later,
@@ -369,6 +379,26 @@ class Recorder:
                 self.stats["landed"] += 1
             self._recovered()
             if dispatch:
+                self.owe_dispatch = True
+                self._wake()
+
+    def land_on(self, execute: Callable[..., Any]) -> None:
+        """Write the buffered tags with ``execute`` (a connection of this process to a master
+        it has not used before, before anything else uses it: :func:`_on_new_master`), and
+        let commits call Redis again. Raises what the call raises: the connection is then
+        not used (the cache reads the database)."""
+        with self._cond:
+            if self._failing_since is None:
+                return
+            tags = self.pending | self._inflight
+        out = execute("EVAL", lua.RECORD_CHANGES, 2, *_record_args(tags)) if tags else 0
+        with self._cond:
+            if tags:
+                # What the courier is writing too it may write again: harmless.
+                self.pending -= tags
+                self.stats["landed"] += 1
+            self._recovered()
+            if out == 1:
                 self.owe_dispatch = True
                 self._wake()
 
@@ -431,11 +461,13 @@ class Recorder:
                 while not (self.pending or self.owe_dispatch):
                     self._cond.wait()
                 tags, self.pending = self.pending, set()
+                self._inflight = tags
                 dispatch, self.owe_dispatch = self.owe_dispatch, False
                 self._busy = True
             failed = self._deliver(tags, dispatch)
             with self._cond:
                 self._busy = False
+                self._inflight = set()
                 self._cond.notify_all()  # flush() waits for this
             if failed:
                 time.sleep(delay)
@@ -449,7 +481,7 @@ class Recorder:
         if tags:
             started = time.monotonic()
             try:
-                dispatch = record_changes(tags) or dispatch
+                dispatch = record_changes(tags, timeout=COURIER_TIMEOUT) or dispatch
             except Exception as exc:
                 with self._cond:
                     self._buffer(tags)
@@ -500,6 +532,27 @@ def recorder() -> Recorder:
             if _recorder is None or _recorder_pid != pid:
                 _recorder, _recorder_pid = Recorder(), pid
     return _recorder
+
+
+def _on_new_master(execute: Callable[..., Any], replid: str, switched: bool) -> None:
+    """A pool of this process connects to a master it has not used before (a failover, see
+    :func:`hms_tasks.store.on_new_master`): the tags this process buffered land there before
+    that pool's first command, and commits call Redis again.
+
+    Why here and not only at the next commit or the courier's next try: after a slow failure
+    (the commit's call timed out on a master that hangs, or while the sentinels were slow)
+    commits buffer without calling until the courier gets through, and the courier backs off.
+    Meanwhile this process's reads, and other processes', were served by the new master:
+    values those commits killed, read as valid. Now the first pool of the process to reach the
+    new master (a read, a run report, a commit) writes them; ``tests/test_sentinel.py``
+    fails without it."""
+    r = _recorder
+    if r is None or _recorder_pid != os.getpid() or not store.sentinel_managed(_cache_url()):
+        return
+    r.land_on(execute)
+
+
+store.on_new_master(_on_new_master)
 
 
 def flush(timeout: float = 10.0) -> bool:
