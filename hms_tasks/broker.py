@@ -153,6 +153,9 @@ class Message(virtual.Message):
     hms_payload: Any = None
 
     def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        #: When it was taken (monotonic): an ack Redis refused is written later only while
+        #: the visibility timeout cannot have handed it out again (:meth:`QoS.ack`).
+        self.hms_taken_at = time.monotonic()
         reason = deadletter.envelope_problem(payload)
         if reason is None:
             try:
@@ -171,6 +174,13 @@ _parked: dict[tuple[str, str], set[str]] = {}
 #: The take keys (:data:`TAKE`) of channels closed with Redis away, by broker: the tag each
 #: names is restored too (the take's reply may never have come).
 _takes: dict[tuple[str, str], set[str]] = {}
+#: Seconds an ack Redis refused must still leave before the visibility timeout to be written
+#: later: clock skew between workers, as ``hms_tasks.celery.COUNTDOWN_MARGIN`` (which
+#: imports this module).
+ACK_MARGIN = 10
+#: Acks Redis refused or lost (a master refusing writes in a failover), by broker: delivery
+#: tag -> the deadline (monotonic) for writing it (:meth:`QoS.ack`, :meth:`Channel.settle_acks`).
+_owed_acks: dict[tuple[str, str], dict[str, float]] = {}
 _parked_lock = threading.Lock()
 
 #: One take of a message, atomic in Redis: pop the first message off the channel's queue lists
@@ -323,7 +333,31 @@ class QoS(kombu_redis.QoS):
             logger.info("ack of a message from a lost Redis connection dropped: it is "
                         "restored to its queue")
             return
-        super().ack(delivery_tag)
+        try:
+            super().ack(delivery_tag)
+        except self.channel.hms_write_errors as exc:
+            # kombu removes the tag from ``unacked`` first and forgets the message only after:
+            # when Redis refuses that write (a master short of replicas in a failover:
+            # NOREPLICAS) or the connection breaks, the message stays counted as delivered.
+            # With acks_late and a prefetch of the pool's size, two such acks left the worker
+            # taking nothing more until something reset its connection: 10 to 55 s after a
+            # failover (the failover benchmark, tests/test_broker.py). The task ran: forget
+            # it here, and write the ack before the channel's next take.
+            delivered: Any = self._delivered
+            message = delivered.get(delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)
+            # Written only while the visibility timeout cannot have restored the message
+            # and another worker recorded it again under the same tag: the ack would
+            # erase that delivery's record.
+            taken = getattr(message, "hms_taken_at", time.monotonic())
+            deadline = taken + float(self.channel.visibility_timeout) - ACK_MARGIN
+            with _parked_lock:
+                owed = _owed_acks.setdefault(self.channel.hms_broker, {})
+                first = not owed
+                owed[str(delivery_tag)] = deadline
+            if first:
+                logger.warning("Redis did not take an ack (%s): it is written again before "
+                               "the next take", type(exc).__name__)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         if self._connection_gone():
@@ -357,6 +391,9 @@ class Channel(kombu_redis.Channel):
         super().__init__(*args, **kwargs)  # connects: Redis answered PING
         this: Any = self  # attributes kombu sets that its type stubs do not declare
         self.hms_connection_errors: tuple[type[BaseException], ...] = this.connection_errors
+        #: A write that did not happen: the connection's errors, and a refusal (a master
+        #: short of replicas over a ``redis://`` URL; over Sentinel that is a connection error).
+        self.hms_write_errors = (*self.hms_connection_errors, redis.ResponseError)
         self.hms_broker = (this.connection.client.as_uri(), this.unacked_key)
         #: Where :data:`TAKE` notes the tag of this channel's latest take.
         self.hms_take_key = f"{this.unacked_key}_take:{uuid.uuid4().hex}"
@@ -379,6 +416,29 @@ class Channel(kombu_redis.Channel):
             logger.warning("restored %d unacked message(s) of a lost Redis connection to "
                            "their queues", done)
         return done
+
+    def settle_acks(self) -> None:
+        """Write the acks Redis refused or lost (:meth:`QoS.ack`), in one transaction; on a
+        refusal or a connection error they stay owed. One past its deadline is dropped: the
+        visibility timeout restores its message, which runs again (tasks are idempotent)."""
+        with _parked_lock:
+            owed = _owed_acks.pop(self.hms_broker, None)
+        if not owed:
+            return
+        now = time.monotonic()
+        tags = [tag for tag, deadline in owed.items() if deadline > now]
+        qos: Any = self.qos
+        try:
+            with qos.pipe_or_acquire() as pipe:
+                for tag in tags:
+                    qos._remove_from_indices(tag, pipe)
+                pipe.execute()
+        except self.hms_write_errors:
+            with _parked_lock:
+                again = _owed_acks.setdefault(self.hms_broker, {})
+                again.update({tag: owed[tag] for tag in tags if tag not in again})
+            return
+        logger.warning("wrote %d ack(s) Redis had not taken", len(tags))
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         (self.hms_no_ack.add if no_ack else self.hms_no_ack.discard)(queue)
@@ -410,6 +470,7 @@ class Channel(kombu_redis.Channel):
             # before this one overwrites the take key.
             qos: Any = self.qos
             _restore(self, [], [self.hms_take_key], held=set(qos._delivered))
+        self.settle_acks()
         self.hms_pending = "take"
         self.hms_take_open = True
         lists = [(this._q_for_pri(queue, pri), "0" if queue in self.hms_no_ack else "1")
