@@ -443,8 +443,7 @@ class CheckedScheduler(RedBeatScheduler):  # type: ignore[misc]
     def tick(self, *args: Any, **kwargs: Any) -> float:
         # redbeat extends its lock through a plain client at every tick: a Redis blip would
         # end beat (and with it `hms-tasks run`). Nothing is sent in a tick whose lock
-        # extension failed; the next one extends again, or ends beat with LockNotOwnedError
-        # if the lock expired meanwhile (another beat may hold it now).
+        # extension failed; the next one extends again.
         try:
             if self.lock_key and self.lock is None:
                 # redbeat acquires the lock in a beat_init handler, blocking while another
@@ -454,6 +453,17 @@ class CheckedScheduler(RedBeatScheduler):  # type: ignore[misc]
                 # the same way, retried after an interval while Redis is unreachable.
                 acquire_distributed_beat_lock(sender=SimpleNamespace(scheduler=self))
             return float(super().tick(*args, **kwargs))
+        except redis.exceptions.LockNotOwnedError:
+            # The lock is gone: it expired while Redis was away, or a failover lost it (the
+            # promoted replica never had its key or its last extensions). Another beat may
+            # hold it by now, so this one sends nothing more until it holds it again: at the
+            # next tick it waits for it as a standby does. (redbeat ended beat here, and a
+            # failover ended the one beat of a site until something restarted it.)
+            logger.warning("beat: lost the lock %s; waiting for it as a standby",
+                           self.lock_key)
+            this: Any = self  # redbeat's scheduler, untyped
+            this.lock = None
+            return float(BEAT_MAX_LOOP_INTERVAL)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             logger.warning("beat: Redis unreachable (%s); retrying in %d s",
                            type(exc).__name__, BEAT_MAX_LOOP_INTERVAL)
