@@ -59,6 +59,7 @@ import redis
 from celery.backends import redis as celery_redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from hms_tasks import conf, deadletter, outbox, store
@@ -378,7 +379,7 @@ class QoS(kombu_redis.QoS):
                     pipe.multi()
                     qos._remove_from_indices(tag, pipe)
                     if entry:
-                        message, exchange, routing_key = loads(entry.decode())
+                        message, exchange, routing_key = loads(bytes_to_str(entry))
                         channel._do_restore_message(message, exchange, routing_key, pipe,
                                                     leftmost)
                     pipe.execute()
