@@ -214,7 +214,15 @@ def stack(redis_server: RedisServer, celery_app: Any,
         redirector.shutdown()
 
 
+def _idle(celery_app: Any) -> None:
+    """Until the loadtest worker runs nothing: the previous test's merge may still be finishing
+    after its report is written, and a run refuses shards it has no free process for."""
+    wait_for(lambda: not (celery_app.control.inspect(destination=[NODE], timeout=1).active()
+                          or {}).get(NODE), timeout=30, what="the worker to be idle")
+
+
 def _start(celery_app: Any, definition: dict[str, Any]) -> str:
+    _idle(celery_app)
     result = celery_app.send_task(names.RUN, kwargs={"test": definition})
     summary = result.get(timeout=60)
     assert summary["run_id"] == result.id
@@ -366,6 +374,7 @@ def test_failing_thresholds_and_a_regression_raise_the_alert(stack: Stack,
     keys.create_run("previous-run", {"test": "e2e-regress", "status": "passed"},
                     created_at=time.time() - 86400)
     keys.record_report("previous-run", "e2e-regress", previous, status="passed")
+    _idle(celery_app)
     result = CliRunner().invoke(cli, [
         "loadtest", "run", "--name", "e2e-regress", "--target", "demo", "--users", "2",
         "--duration", "2", "--shards", "1", *[a for e in endpoints for a in ("--endpoint", e)],
@@ -451,6 +460,7 @@ def test_a_redelivered_run_message_starts_nothing_twice(stack: Stack, celery_app
 
     test = spec.parse({"name": "e2e-twice", "target": "demo", "users": 2, "duration": 2,
                        "shards": 2, "scenario": {"endpoints": [{"path": "/healthz"}]}})
+    _idle(celery_app)
     first = orchestrate.start_run(test, run_id="e2e-twice-1")
     again = orchestrate.start_run(test, run_id="e2e-twice-1")  # as a redelivery would
     assert first["shard_ids"] == ["e2e-twice-1-shard-0", "e2e-twice-1-shard-1"]
@@ -460,9 +470,9 @@ def test_a_redelivered_run_message_starts_nothing_twice(stack: Stack, celery_app
     # The republished shard messages either expired (they came after the run's end) or found
     # their slot taken: no shard ran twice.
     client = store.client()
-    wait_for(lambda: client.llen(capabilities.queue("loadtest")) == 0
-             and not (celery_app.control.inspect(destination=[NODE], timeout=1).active()
-                      or {}).get(NODE), timeout=30, what="the worker to be idle")
+    wait_for(lambda: client.llen(capabilities.queue("loadtest")) == 0,
+             timeout=30, what="the loadtest queue to drain")
+    _idle(celery_app)
     runs = [r["summary"] for r in reports.history(names.SHARD, last=20)
             if r["summary"] and r["summary"]["run_id"] == "e2e-twice-1"]
     assert sorted(r["state"] for r in runs if r["state"] != "duplicate") == [
@@ -545,6 +555,7 @@ def test_a_shard_never_connects_anywhere_but_its_target(stack: Stack, celery_app
 def test_refused_runs_start_nothing(stack: Stack, celery_app: Any) -> None:
     from hms_tasks.cli import cli
 
+    _idle(celery_app)  # the capacity message names the busy processes
     client = store.client()
     bad = [
         {"name": "x", "target": "http://127.0.0.1:1", "users": 1, "duration": 1},
