@@ -253,7 +253,13 @@ def _restore(channel: Channel, tags: list[str], takes: list[str], client: Any = 
     this: Any = channel
     qos: Any = channel.qos
     prefix = this.global_keyprefix
-    todo = list(dict.fromkeys(tags))
+    with _parked_lock:
+        # A message whose ack Redis refused ran: it is not put back on its queue (where
+        # another worker could take it before the ack lands and erases that delivery's
+        # record); if the ack never lands, the visibility timeout hands it out again.
+        ran = set(_owed_acks.get(channel.hms_broker, ()))
+    held = {*held, *ran}
+    todo = list(dict.fromkeys(tag for tag in tags if tag not in ran))
     read = done = 0
     try:
         with this.conn_or_acquire(client) as conn:
@@ -347,10 +353,12 @@ class QoS(kombu_redis.QoS):
             delivered: Any = self._delivered
             message = delivered.get(delivery_tag)
             virtual.QoS.ack(self, delivery_tag)
+            taken = getattr(message, "hms_taken_at", None)
+            if taken is None:
+                return  # not this channel's delivery: nothing of it to free or to owe
             # Written only while the visibility timeout cannot have restored the message
             # and another worker recorded it again under the same tag: the ack would
             # erase that delivery's record.
-            taken = getattr(message, "hms_taken_at", time.monotonic())
             deadline = taken + float(self.channel.visibility_timeout) - ACK_MARGIN
             with _parked_lock:
                 owed = _owed_acks.setdefault(self.channel.hms_broker, {})
@@ -457,6 +465,12 @@ class Channel(kombu_redis.Channel):
             return
         now = time.monotonic()
         tags = [tag for tag, deadline in owed.items() if deadline > now]
+        if len(tags) < len(owed):
+            logger.warning("%d ack(s) Redis did not take are past their deadline: the "
+                           "visibility timeout hands those messages out again",
+                           len(owed) - len(tags))
+        if not tags:
+            return
         qos: Any = self.qos
         try:
             with qos.pipe_or_acquire() as pipe:

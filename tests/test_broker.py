@@ -149,6 +149,42 @@ def test_an_ack_redis_refused_frees_its_prefetch_slot_and_is_written_before_the_
     conn.release()
 
 
+def test_a_message_whose_ack_is_owed_is_not_put_back_by_the_restore(
+    private_redis: RedisServer,
+) -> None:
+    """The ack of a message that ran is refused, and the take after it loses its reply (the
+    take key still names that message): the channel's restore must not put it back on its
+    queue, where another worker would run it again and the owed ack would then erase that
+    delivery's record. The next channel writes the ack."""
+    client = redis.Redis.from_url(private_redis.url)
+    conn, channel, name, tag = _published(private_redis.url, {"n": 1})
+    got: list[Any] = []
+    channel.basic_consume(name, no_ack=False, consumer_tag="test",
+                          callback=lambda message: got.append(message))
+    channel.client.connection = channel.client.connection_pool.get_connection()
+    channel._brpop_start()
+    channel._brpop_read()  # delivered: the take key names it
+    (message,) = got
+    client.config_set("min-replicas-to-write", 1)  # no replica: every write refused
+    try:
+        message.ack()  # refused: owed
+        _take_and_lose_the_reply(channel, name, client)  # refused in Redis, reply lost
+    finally:
+        client.config_set("min-replicas-to-write", 0)
+    channel.close()
+    conn.release()
+    assert client.llen(name) == 0, "a message that ran was put back on its queue"
+    conn2, channel2, name2, _ = _published(private_redis.url, {"n": 2})
+    channel2.basic_consume(name2, no_ack=True, callback=lambda message: None,
+                           consumer_tag="test2")
+    channel2.client.connection = channel2.client.connection_pool.get_connection()
+    channel2._brpop_start()  # its first take writes the owed ack first
+    channel2._brpop_read()
+    assert not client.hexists("unacked", tag)
+    channel2.close()
+    conn2.release()
+
+
 def test_a_redis_refusing_writes_pauses_takes_and_a_full_one_still_hands_out(
     private_redis: RedisServer,
 ) -> None:

@@ -196,7 +196,10 @@ def test_a_pool_on_another_database_writes_no_store_state_there(
     epoch, the outbox's messages and the master's record would be lost to the store)."""
     from django.core.cache.backends.redis import RedisCache
 
-    assert caches["hms"] is not None  # the tag cache's epoch listener is registered
+    from hms_tasks.cache import TaggedRedisCache
+
+    # Creating the tag cache registers its epoch listener, which must not run on db 1.
+    assert isinstance(caches["hms"], TaggedRedisCache)
     other = RedisCache(on_sentinel.url(db=1), {
         "KEY_PREFIX": "other", "OPTIONS": {"pool_class": "hms_tasks.store.SentinelPool"}})
     other.set("k", "v")

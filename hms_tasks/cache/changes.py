@@ -336,6 +336,7 @@ class Recorder:
         self._busy = False
         self._failing_since: float | None = None  # Redis calls failing: commits buffer
         self._failed_slowly = False  # ... and the last failure was slow: without calling
+        self._recovered_at = 0.0  # when a call last got through after failures (monotonic)
         self._dispatch_failing_since: float | None = None
         self._max_pending = cache_settings.get().cache_max_pending_tags
 
@@ -357,8 +358,11 @@ class Recorder:
                 self._buffer(tags)
                 return
             # Small enough to ride along within the commit's timeout; a bigger buffer (or
-            # `all`, which kills everything anyway once it lands) is the courier's.
-            carried = set(self.pending) if len(self.pending) <= BATCH_TAGS else set()
+            # `all`, which kills everything anyway once it lands) is the courier's. Taken out
+            # of ``pending``: a commit buffering the same tag meanwhile must keep it.
+            carried: set[str] = set()
+            if len(self.pending) <= BATCH_TAGS:
+                carried, self.pending = self.pending, set()
         started = time.monotonic()
         try:
             dispatch = _record_at_commit(tags | carried)
@@ -366,7 +370,7 @@ class Recorder:
             with self._cond:
                 self.stats["buffered"] += 1
                 # The call may have run all the same (a timeout): writing it again is harmless.
-                self._buffer(tags)
+                self._buffer(tags | carried)
                 self._note_failure(exc, time.monotonic() - started)
                 # It may also have set the pending flag, its reply lost: send a task later.
                 self.owe_dispatch = True
@@ -374,8 +378,6 @@ class Recorder:
         with self._cond:
             self.stats["at_commit"] += 1
             if carried:
-                # What the courier took meanwhile it writes again: harmless.
-                self.pending -= carried
                 self.stats["landed"] += 1
             self._recovered()
             if dispatch:
@@ -390,12 +392,19 @@ class Recorder:
         with self._cond:
             if self._failing_since is None:
                 return
-            tags = self.pending | self._inflight
-        out = execute("EVAL", lua.RECORD_CHANGES, 2, *_record_args(tags)) if tags else 0
+            # Taken out of ``pending``, as the courier takes them: a commit buffering the
+            # same tag meanwhile must keep it. What the courier is writing too it may write
+            # again: harmless.
+            taken, self.pending = self.pending, set()
+            tags = taken | self._inflight
+        try:
+            out = execute("EVAL", lua.RECORD_CHANGES, 2, *_record_args(tags)) if tags else 0
+        except BaseException:
+            with self._cond:
+                self._buffer(taken)
+            raise
         with self._cond:
             if tags:
-                # What the courier is writing too it may write again: harmless.
-                self.pending -= tags
                 self.stats["landed"] += 1
             self._recovered()
             if out == 1:
@@ -436,8 +445,12 @@ class Recorder:
 
     def _note_failure(self, exc: Exception, took: float) -> None:
         """Count a failed Redis call that took ``took`` seconds; say it once per outage
-        (locked)."""
+        (locked). A call that started before the last recovery (the courier's, hung on the
+        old master while the process reached the new one) says nothing of Redis now: its
+        tags are buffered again, and commits keep calling."""
         self.stats["failures"] += 1
+        if time.monotonic() - took < self._recovered_at:
+            return
         self._failed_slowly = isinstance(exc, redis.TimeoutError) or took >= SLOW_FAILURE
         self.stats["slow_failures"] += self._failed_slowly
         if self._failing_since is None:
@@ -450,6 +463,7 @@ class Recorder:
     def _recovered(self) -> None:
         """A call got through (locked): commits call Redis again."""
         since, self._failing_since = self._failing_since, None
+        self._recovered_at = time.monotonic()
         if since is not None:
             logger.warning("cache invalidations written after %.1f s of Redis failures",
                            time.monotonic() - since)
