@@ -45,13 +45,19 @@ def _published(url: str, body: Any) -> tuple[Connection, Any, str, str]:
     return conn, channel, name, entry["properties"]["delivery_tag"]
 
 
+def _consume_by_hand(channel: Any, name: str, *, no_ack: bool = False,
+                     callback: Any = lambda message: None) -> None:
+    """Consume ``name`` on ``channel`` with the takes started (``_brpop_start``) and read
+    (``_brpop_read``) by the test, as the worker's event loop does."""
+    channel.basic_consume(name, no_ack=no_ack, callback=callback, consumer_tag="test")
+    assert channel.qos.can_consume()  # as the event loop asks before each take
+    channel.client.connection = channel.client.connection_pool.get_connection()
+
+
 def _take_and_lose_the_reply(channel: Any, name: str, client: redis.Redis) -> None:
     """Start a take as the worker's event loop does, let Redis run it, and drop the
     connection before its reply is read: what a worker sees when Redis dies in between."""
-    channel.basic_consume(name, no_ack=False, callback=lambda message: None,
-                          consumer_tag="test")
-    assert channel.qos.can_consume()  # as the event loop asks before each take
-    channel.client.connection = channel.client.connection_pool.get_connection()
+    _consume_by_hand(channel, name)
     channel._brpop_start()
     wait_for(lambda: client.llen(name) == 0, what="the take to run in Redis")
     channel.client.connection.disconnect()
@@ -159,9 +165,7 @@ def test_a_message_whose_ack_is_owed_is_not_put_back_by_the_restore(
     client = redis.Redis.from_url(private_redis.url)
     conn, channel, name, tag = _published(private_redis.url, {"n": 1})
     got: list[Any] = []
-    channel.basic_consume(name, no_ack=False, consumer_tag="test",
-                          callback=lambda message: got.append(message))
-    channel.client.connection = channel.client.connection_pool.get_connection()
+    _consume_by_hand(channel, name, callback=got.append)
     channel._brpop_start()
     channel._brpop_read()  # delivered: the take key names it
     (message,) = got
@@ -175,9 +179,7 @@ def test_a_message_whose_ack_is_owed_is_not_put_back_by_the_restore(
     conn.release()
     assert client.llen(name) == 0, "a message that ran was put back on its queue"
     conn2, channel2, name2, _ = _published(private_redis.url, {"n": 2})
-    channel2.basic_consume(name2, no_ack=True, callback=lambda message: None,
-                           consumer_tag="test2")
-    channel2.client.connection = channel2.client.connection_pool.get_connection()
+    _consume_by_hand(channel2, name2, no_ack=True)
     channel2._brpop_start()  # its first take writes the owed ack first
     channel2._brpop_read()
     assert not client.hexists("unacked", tag)
@@ -190,10 +192,7 @@ def test_a_redis_refusing_writes_pauses_takes_and_a_full_one_still_hands_out(
 ) -> None:
     client = redis.Redis.from_url(private_redis.url)
     conn, channel, name, tag = _published(private_redis.url, {"patient": 7})
-    channel.basic_consume(name, no_ack=False, callback=lambda message: None,
-                          consumer_tag="test")
-    assert channel.qos.can_consume()
-    channel.client.connection = channel.client.connection_pool.get_connection()
+    _consume_by_hand(channel, name)
     client.config_set("min-replicas-to-write", 1)  # no replica: every write refused
     try:
         channel._brpop_start()

@@ -215,10 +215,15 @@ def stack(redis_server: RedisServer, celery_app: Any,
 
 
 def _idle(celery_app: Any) -> None:
-    """Until the loadtest worker runs nothing: the previous test's merge may still be finishing
-    after its report is written, and a run refuses shards it has no free process for."""
-    wait_for(lambda: not (celery_app.control.inspect(destination=[NODE], timeout=1).active()
-                          or {}).get(NODE), timeout=30, what="the worker to be idle")
+    """Until the loadtest worker answers that it runs nothing: the previous test's merge may
+    still be finishing after its report is written, and a run refuses shards it has no free
+    process for."""
+
+    def idle() -> bool:
+        active = celery_app.control.inspect(destination=[NODE], timeout=1).active()
+        return active is not None and NODE in active and not active[NODE]
+
+    wait_for(idle, timeout=30, what="the worker to be idle")
 
 
 def _start(celery_app: Any, definition: dict[str, Any]) -> str:
