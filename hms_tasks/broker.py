@@ -372,11 +372,11 @@ class QoS(kombu_redis.QoS):
         """kombu's restore of one unacked message to its queue (the same WATCH/MULTI step),
         giving up on a connection error. redis-py reports a connection error while watching as
         a ``WatchError``, which ``Redis.transaction`` (kombu's) retries at once, reconnecting:
-        with a master refusing writes (``NOREPLICAS``, a connection error over Sentinel) or a
-        demoted one (``READONLY``), a worker closing its channel after a failover spun there
-        until the sentinels named a master taking writes: 10 to 37 s without consuming, in
-        the failover benchmark. A real ``WatchError`` (``unacked`` changed meanwhile: another
-        worker's take or ack) is retried as before."""
+        over Sentinel, where a master refusing writes (``NOREPLICAS``) or a demoted one
+        (``READONLY``) raises a connection error, a worker closing its channel after a failover
+        spun there until the sentinels named a master taking writes: 10 to 37 s without
+        consuming, in the failover benchmark. A real ``WatchError`` (``unacked`` changed
+        meanwhile: another worker's take or ack) is retried as before."""
         channel: Any = self.channel
         qos: Any = self  # kombu's Redis QoS, untyped
         with channel.conn_or_acquire(client) as conn, conn.pipeline() as pipe:
@@ -459,6 +459,8 @@ class Channel(kombu_redis.Channel):
         """Write the acks Redis refused or lost (:meth:`QoS.ack`), in one transaction; on a
         refusal or a connection error they stay owed. One past its deadline is dropped: the
         visibility timeout restores its message, which runs again (tasks are idempotent)."""
+        if self.hms_broker not in _owed_acks:  # every take asks: no lock when nothing is owed
+            return
         with _parked_lock:
             owed = _owed_acks.pop(self.hms_broker, None)
         if not owed:
