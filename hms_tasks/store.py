@@ -146,6 +146,7 @@ def reset() -> None:
     after the Redis URL or the sentinels changed (in tests, for example)."""
     _client.cache_clear()
     _forget_held_connections()
+    _newest.clear()
 
 
 # -- Sentinel ---------------------------------------------------------------------------------
@@ -178,6 +179,11 @@ class _ExplainingSentinel(redis.sentinel.Sentinel):
     """
 
     def discover_master(self, service_name: str) -> Any:
+        state = self.master_state(service_name)
+        return state["ip"], state["port"]
+
+    def master_state(self, service_name: str) -> dict[str, Any]:
+        """The first answering sentinel's state of the master (``SENTINEL MASTERS``)."""
         this: Any = self  # redis-py's Sentinel is partly untyped
         reasons = []
         for i, sentinel in enumerate(this.sentinels):
@@ -186,11 +192,11 @@ class _ExplainingSentinel(redis.sentinel.Sentinel):
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 reasons.append(_sentinel_reason(sentinel, exc))
                 continue
-            state = masters.get(service_name)
+            state: dict[str, Any] | None = masters.get(service_name)
             if state and this.check_master_state(state, service_name):
                 # The sentinel that answered is asked first next time (as redis-py does).
                 this.sentinels[0], this.sentinels[i] = sentinel, this.sentinels[0]
-                return state["ip"], state["port"]
+                return state
         raise redis.sentinel.MasterNotFoundError(_no_master(service_name, reasons))
 
 
@@ -328,30 +334,60 @@ def _check_master(conn: Any, *, switched: bool) -> None:
 REFUSAL_MEMORY = 10.0
 #: Master address -> when (monotonic) it last refused a write (``NOREPLICAS``, or demoted).
 _refused: dict[tuple[str, int], float] = {}
+#: Seconds during which a newer master, once seen, makes discovery double-check an answer
+#: naming an older one (the sentinels agree again within a second or two).
+NEWS_MEMORY = 10.0
+#: Master name -> (config epoch, address, when seen (monotonic)) of the newest master any
+#: discovery of this process has seen.
+_newest: dict[str, tuple[int, tuple[str, int], float]] = {}
+#: How many times a newer master than any before was seen (a :class:`HeldConnection`
+#: checked out before the last one moves).
+_news = 0
+
+
+def _seen(service_name: str, state: dict[str, Any]) -> tuple[int, tuple[str, int]]:
+    """Note the master a sentinel named; its (config epoch, address)."""
+    epoch, address = int(state.get("config-epoch", 0)), (str(state["ip"]), int(state["port"]))
+    global _news
+    newest = _newest.get(service_name)
+    if newest is None or epoch > newest[0] or (epoch, address) == newest[:2]:
+        _newest[service_name] = (epoch, address, time.monotonic())
+        if newest is not None and epoch > newest[0]:
+            _news += 1
+    return epoch, address
+
+
+def _newest_epoch(service_name: str) -> int:
+    newest = _newest.get(service_name)
+    return -1 if newest is None else newest[0]
 
 
 class LatestSentinel(_ExplainingSentinel):
-    """redis-py's Sentinel, which does not send a client back to a master that just refused
-    its writes while a sentinel already names a newer one.
+    """redis-py's Sentinel, which does not send a client back to an old master while a
+    sentinel already names a newer one.
 
     redis-py takes the first sentinel that answers. Right after a failover the sentinels do
     not agree for up to a second (the leader knows first, the others learn it from its hello
-    messages): a client whose write the old master refused (``NOREPLICAS``, or ``READONLY``
-    once demoted) reconnected to it again and again through a sentinel that still named it,
-    while other clients used the new master. The cache's commits then stayed buffered while
-    readers elsewhere were served by the new master: stale reads up to a second after the
-    switch in the failover fault test. Here, when the first answer names a master that
-    refused a write within :data:`REFUSAL_MEMORY` seconds, every sentinel is asked and the
-    master of the newest configuration epoch is taken. Otherwise it is one sentinel, as in
-    redis-py: a sentinel host that drops packets costs its timeout only in that window."""
+    messages), and the old master, until the sentinels demote it, still serves: a client
+    whose write the old master refused (``NOREPLICAS``, or ``READONLY`` once demoted)
+    reconnected to it again and again through a sentinel that still named it, while other
+    clients used the new master. The cache's commits then stayed buffered while readers
+    elsewhere were served by the new master: stale reads up to a second after the switch in
+    the failover fault test. Here every sentinel is asked, and the master of the newest
+    configuration epoch taken, when the first answer names a master that refused a write
+    within :data:`REFUSAL_MEMORY` seconds, or one older than a master this process saw within
+    :data:`NEWS_MEMORY` seconds. Otherwise it is one sentinel, as in redis-py: a sentinel host
+    that drops packets costs its timeout only in those windows."""
 
     def discover_master(self, service_name: str) -> tuple[str, int]:
-        base: Any = super()
-        address: tuple[str, int] = base.discover_master(service_name)
-        refused = _refused.get((str(address[0]), int(address[1])))
-        if refused is None or time.monotonic() - refused > REFUSAL_MEMORY:
+        epoch, address = _seen(service_name, self.master_state(service_name))
+        now = time.monotonic()
+        refused = _refused.get(address)
+        newest = _newest[service_name]
+        if ((refused is None or now - refused > REFUSAL_MEMORY)
+                and (epoch >= newest[0] or now - newest[2] > NEWS_MEMORY)):
             return address
-        newest: tuple[int, tuple[str, int]] | None = None
+        best: tuple[int, tuple[str, int]] | None = None
         check: Any = self.check_master_state
         for sentinel in self.sentinels:
             try:
@@ -360,10 +396,10 @@ class LatestSentinel(_ExplainingSentinel):
                 continue
             state = masters.get(service_name)
             if state and check(state, service_name):
-                epoch = int(state.get("config-epoch", 0))
-                if newest is None or epoch > newest[0]:
-                    newest = (epoch, (state["ip"], state["port"]))
-        return newest[1] if newest is not None else address
+                seen = _seen(service_name, state)
+                if best is None or seen[0] > best[0]:
+                    best = seen
+        return best[1] if best is not None else address
 
 
 _Sentinel = LatestSentinel
@@ -410,6 +446,8 @@ class SentinelPool(redis.sentinel.SentinelConnectionPool):
 
     #: The master (host, port) this pool checked last.
     hms_checked: tuple[str, int] | None = None
+    #: The newest master's configuration epoch this pool has moved to (or found it on).
+    hms_epoch = -1
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SentinelPool:
@@ -417,10 +455,28 @@ class SentinelPool(redis.sentinel.SentinelConnectionPool):
         master["connection_class"] = (SentinelSSLConnection if master.pop("ssl", False)
                                       else SentinelConnection)
         manager = _Sentinel(addresses, sentinel_kwargs=sentinel_kwargs)
-        return cls(_master_name(), manager, **master)
+        pool = cls(_master_name(), manager, **master)
+        pool.hms_epoch = _newest_epoch(pool.service_name)
+        return pool
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         conn: Any = super().get_connection(*args, **kwargs)
+        newest = _newest.get(self.service_name)
+        if newest is not None and newest[0] > self.hms_epoch:
+            # Another pool of this process has seen a newer master. Until the sentinels
+            # demote the old one (seconds), this pool's connections to it still work: its
+            # reads missed this process's commits, which went to the new master or were
+            # buffered (stale reads a second after a switch in the failover benchmark). Once
+            # per newer master: the reconnect discovers again, and redis-py then drops the
+            # pool's other connections to the old master.
+            self.hms_epoch = newest[0]
+            if (conn.host, conn.port) != newest[1]:
+                try:
+                    conn.disconnect()
+                    conn.connect()
+                except BaseException:
+                    self.release(conn)
+                    raise
         address = (conn.host, conn.port)
         if address != self.hms_checked:
             try:
@@ -442,6 +498,7 @@ class _Holding:
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
+        self.news = _news
         self.connection: Any = pool.get_connection()
 
     def drop(self) -> None:
@@ -487,6 +544,10 @@ class HeldConnection:
         as ``disable_decoding``); ``meanwhile`` runs once the command is sent, before the
         reply is read. Raises what redis-py raises."""
         held: _Holding | None = getattr(self._local, "held", None)
+        if held is not None and held.news != _news:
+            # A newer master was seen since: this connection may be on the old one, which
+            # serves until the sentinels demote it (see SentinelPool.get_connection).
+            held.drop()
         if held is None or held.connection is None:
             held = self._local.held = _Holding(self._pool_of())
         conn = held.connection

@@ -3,6 +3,7 @@ loopback Sentinel stack (master, 2 replicas, 3 sentinels, passwords) following a
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import redis
 from django.core.cache import caches
 from django.test import override_settings
 
-from bench.sentinel_stack import MASTER_NAME, SentinelStack
+from bench.sentinel_stack import MASTER_NAME, SentinelStack, free_port
 from hms_tasks import broker, conf, store
 from hms_tasks.errors import ConfigurationError
 from tests.helpers import CountingListener, until_written, wait_for
@@ -372,37 +373,97 @@ def test_a_publish_rides_out_a_master_refusing_writes(on_sentinel: SentinelStack
     master.delete("hms-test-noreplicas")
 
 
+@pytest.fixture
+def stale_master(on_sentinel: SentinelStack, tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, int]]:
+    """(an old master's port, the master's): a Redis of its own, which the first sentinel
+    names at configuration epoch 0 while the other two name the stack's master at a newer
+    epoch, as right after a failover. Why not one of the stack's replicas: the sentinels'
+    hello messages through it bring the first sentinel up to date within two seconds.
+
+    The process's outbox is one of the test's own: a publish after the test must not meet an
+    outbox that saw this unrelated master replace the stack's (it would refuse the stack's
+    master as superseded, rightly for a real old master)."""
+    from hms_tasks import outbox
+
+    monkeypatch.setattr(outbox, "outbox", outbox.Outbox())
+    stack = on_sentinel
+    first = stack.client(stack.sentinel_ports[0])
+    if int(first.sentinel_master(MASTER_NAME)["config-epoch"]) == 0:
+        stack.failover()
+    master = stack.wait_healthy()
+    port = free_port()
+    proc = subprocess.Popen(
+        [stack.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--requirepass", PASSWORD, "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: stack.client(port).ping(), timeout=10, what="the old master")
+        _monitor(first, port)
+        yield port, master
+    finally:
+        _monitor(first, master)
+        proc.kill()
+        proc.wait(timeout=10)
+    stack.wait_healthy()
+
+
+def _monitor(sentinel: redis.Redis, port: int) -> None:
+    """Make ``sentinel`` monitor ``port`` as the master, anew (configuration epoch 0)."""
+    sentinel.sentinel_remove(MASTER_NAME)
+    sentinel.sentinel_monitor(MASTER_NAME, "127.0.0.1", port, 2)
+    sentinel.sentinel_set(MASTER_NAME, "auth-pass", PASSWORD)
+    sentinel.sentinel_set(MASTER_NAME, "down-after-milliseconds", 1000)
+
+
+def _lose_replicas(stack: SentinelStack, port: int) -> None:
+    """The old master refuses writes from now on, as when the sentinels took its replicas."""
+    stack.client(port).config_set("min-replicas-to-write", 1)
+
+
 def test_a_client_refused_by_a_stale_sentinels_master_follows_the_newest_epoch(
-    on_sentinel: SentinelStack,
+    on_sentinel: SentinelStack, stale_master: tuple[int, int],
 ) -> None:
     """Right after a failover the sentinels disagree for up to a second. A client whose write
     the master named by the first sentinel refused must not be sent back there while another
     sentinel names a master of a newer configuration epoch (redis-py takes the first answer:
     the cache's commits stayed buffered while readers used the new master)."""
-    stack = on_sentinel
-    first = stack.client(stack.sentinel_ports[0])
-    if int(first.sentinel_master(MASTER_NAME)["config-epoch"]) == 0:
-        stack.failover()  # the stale view below must be older than the others' (epoch 0)
-    master = stack.wait_healthy()
-    replica = next(p for p in stack.redis_ports if p != master)
+    old, master = stale_master
+    _lose_replicas(on_sentinel, old)
     client = store.client(socket_timeout=1.0)
     key = store.key("t", "newest-epoch")
+    with pytest.raises(redis.ConnectionError):
+        client.set(key, "1")  # the old master refuses (NOREPLICAS): a refused write
+    client.set(key, "1")  # the next connection goes where the newest epoch says
+    assert on_sentinel.client(master).get(key) == "1"
 
-    def monitor(port: int) -> None:
-        first.sentinel_remove(MASTER_NAME)
-        first.sentinel_monitor(MASTER_NAME, "127.0.0.1", port, 2)
-        first.sentinel_set(MASTER_NAME, "auth-pass", PASSWORD)
-        first.sentinel_set(MASTER_NAME, "down-after-milliseconds", 1000)
 
-    monitor(replica)  # the first sentinel now names a replica, at configuration epoch 0
-    try:
-        with pytest.raises(redis.ConnectionError):
-            client.set(key, "1")  # the replica refuses (READONLY): a refused write
-        client.set(key, "1")  # the next connection goes where the newest epoch says
-    finally:
-        monitor(master)
-    assert stack.client(master).get(key) == "1"
-    stack.wait_healthy()
+def test_a_pool_leaves_an_old_master_once_another_pool_of_the_process_saw_a_newer_one(
+    on_sentinel: SentinelStack, stale_master: tuple[int, int],
+) -> None:
+    """An old master serves reads (and writes, until its last replica leaves) for a second or
+    more after the switch, until the sentinels demote it. A pool whose connections stay on it
+    misses what the process committed on the new one: the failover benchmark read values of
+    buffered commits a second after the switch that way. Once another pool of the process
+    has seen the master of a newer configuration epoch, the reader's next command, on a
+    checked-out connection or on one a thread keeps (:class:`store.HeldConnection`), goes
+    there."""
+    old, master = stale_master
+    key = store.key("t", "where")
+    on_sentinel.client(old).set(key, "old")
+    on_sentinel.client(master).set(key, "new")
+    reader = store.client(decode=False, socket_timeout=1.0)  # a pool of its own
+    kept = store.HeldConnection(lambda: reader.connection_pool)
+    # Both on the old master: the sentinel asked first names it, nothing newer seen yet.
+    assert reader.get(key) == b"old"
+    assert kept.call("GET", key) == b"old"
+    _lose_replicas(on_sentinel, old)
+    writer = store.client(socket_timeout=1.0)
+    with pytest.raises(redis.ConnectionError):
+        writer.set(store.key("t", "moved"), "1")  # refused: the writer asks every sentinel
+    writer.set(store.key("t", "moved"), "1")  # ... and writes on the newest master
+    assert reader.get(key) == b"new"
+    assert kept.call("GET", key) == b"new"
 
 
 def _producer_connection(options: dict[str, Any]) -> Any:
@@ -505,7 +566,6 @@ def test_messages_the_old_master_took_after_the_promotion_are_published_again(
     new master's queue (some twice: the outbox re-publishes what may be lost)."""
     import base64
     import json
-    import threading
 
     from kombu import Exchange, Producer, Queue
 
