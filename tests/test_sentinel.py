@@ -466,6 +466,39 @@ def test_a_pool_leaves_an_old_master_once_another_pool_of_the_process_saw_a_newe
     assert kept.call("GET", key) == b"new"
 
 
+def test_the_sentinel_leading_a_failover_sends_clients_to_the_promoted_master(
+    on_sentinel: SentinelStack,
+) -> None:
+    """From the promotion until every replica follows the new master, the sentinel leading
+    the failover reports the *old* master in ``SENTINEL MASTERS`` (redis-py's discovery), at
+    the new configuration epoch, while its ``GET-MASTER-ADDR-BY-NAME`` and the other
+    sentinels name the new one. A client asking it must go to the new master. Here the
+    replica left over cannot sync from the new master (a replication user the masters do not
+    know), which holds the leader in that state until the failover times out (5 s)."""
+    stack = on_sentinel
+    old = stack.wait_healthy()
+    replicas = [p for p in stack.redis_ports if p != old]
+    leader = stack.client(stack.sentinel_ports[0])
+    for port in stack.redis_ports:  # the old master, and the new, alone: both take writes
+        stack.client(port).config_set("min-replicas-to-write", 0)
+    for port in replicas:
+        stack.client(port).config_set("masteruser", "no-such-user")  # on its next link
+    try:
+        new = stack.failover()  # the first sentinel is asked: it leads
+        state = wait_for(lambda: (s := leader.sentinel_master(MASTER_NAME))
+                         and "failover_in_progress" in s["flags"] and s, timeout=10,
+                         what="the leader to reconfigure the replicas")
+        assert int(state["port"]) == old  # what redis-py's discovery would take
+        store.reset()
+        assert int(store.client().info("server")["tcp_port"]) == new
+    finally:
+        for port in replicas:
+            stack.client(port).config_set("masteruser", "")
+        for port in stack.redis_ports:
+            stack.client(port).config_set("min-replicas-to-write", 1)
+    stack.wait_healthy()
+
+
 def _producer_connection(options: dict[str, Any]) -> Any:
     from kombu import Connection
 
