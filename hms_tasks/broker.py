@@ -279,6 +279,22 @@ def _restore(channel: Channel, tags: list[str], takes: list[str], client: Any = 
     return done
 
 
+#: Error replies of a Redis that does not take writes for now: a master short of replicas
+#: (a failover), demoted, failing to persist, loading its data after a restart.
+_FOR_NOW = ("NOREPLICAS", "READONLY", "MISCONF", "LOADING", "MASTERDOWN")
+
+
+def _for_now(exc: BaseException) -> bool:
+    """Whether a write that raised ``exc`` may work later: a connection error, or one of the
+    refusals in :data:`_FOR_NOW` (redis-py maps some to their own classes and drops the code;
+    in a pipeline the reply follows "caused error: "). Not ``NOPERM``, ``WRONGTYPE``..."""
+    if not isinstance(exc, redis.ResponseError):
+        return True
+    if isinstance(exc, (redis.exceptions.ReadOnlyError, redis.exceptions.BusyLoadingError)):
+        return True
+    return str(exc).rpartition("caused error: ")[2].startswith(_FOR_NOW)
+
+
 class QoS(kombu_redis.QoS):
     """kombu's Redis ack emulation, with restores that survive a Redis crash.
 
@@ -343,6 +359,8 @@ class QoS(kombu_redis.QoS):
         try:
             super().ack(delivery_tag)
         except self.channel.hms_write_errors as exc:
+            if not _for_now(exc):
+                raise  # refused for good (an ACL without the ack's commands): say so loudly
             # kombu removes the tag from ``unacked`` first and forgets the message only after:
             # when Redis refuses that write (a master short of replicas in a failover:
             # NOREPLICAS) or the connection breaks, the message stays counted as delivered.

@@ -155,6 +155,34 @@ def test_an_ack_redis_refused_frees_its_prefetch_slot_and_is_written_before_the_
     conn.release()
 
 
+def test_an_ack_refused_for_good_raises_instead_of_being_owed(
+    private_redis: RedisServer,
+) -> None:
+    """Only a refusal for now (a failover's ``NOREPLICAS``, a demoted master) makes an ack
+    owed. An ACL without the ack's commands refuses every ack: owing them would re-run each
+    message once its deadline passed, quietly; the error goes to the caller, as in kombu."""
+    admin = redis.Redis.from_url(private_redis.url)
+    admin.execute_command("ACL", "SETUSER", "acker", "on", ">pw", "~*", "&*", "+@all")
+    url = f"redis://acker:pw@127.0.0.1:{private_redis.port}/0"
+    conn, channel, name, tag = _published(url, {"n": 1})
+    got: list[Any] = []
+    with Consumer(channel, [Queue(name, Exchange(name, type="direct"), routing_key=name)],
+                  callbacks=[lambda body, message: got.append(message)], prefetch_count=1):
+        conn.drain_events(timeout=5)
+        admin.execute_command("ACL", "SETUSER", "acker", "-hdel")
+        try:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                got[0].ack()
+        finally:
+            admin.execute_command("ACL", "SETUSER", "acker", "+hdel")
+        assert admin.hexists("unacked", tag)
+        got[0].ack()  # the same ack, once allowed: nothing was left owed or forgotten
+    assert admin.hlen("unacked") == 0
+    channel.close()
+    conn.release()
+    admin.execute_command("ACL", "DELUSER", "acker")
+
+
 def test_a_message_whose_ack_is_owed_is_not_put_back_by_the_restore(
     private_redis: RedisServer,
 ) -> None:
