@@ -368,23 +368,28 @@ class QoS(kombu_redis.QoS):
             # taking nothing more until something reset its connection: 10 to 55 s after a
             # failover (the failover benchmark, tests/test_broker.py). The task ran: forget
             # it here, and write the ack before the channel's next take.
-            delivered: Any = self._delivered
-            message = delivered.get(delivery_tag)
-            virtual.QoS.ack(self, delivery_tag)
-            taken = getattr(message, "hms_taken_at", None)
-            if taken is None:
-                return  # not this channel's delivery: nothing of it to free or to owe
-            # Written only while the visibility timeout cannot have restored the message
-            # and another worker recorded it again under the same tag: the ack would
-            # erase that delivery's record.
-            deadline = taken + float(self.channel.visibility_timeout) - ACK_MARGIN
-            with _parked_lock:
-                owed = _owed_acks.setdefault(self.channel.hms_broker, {})
-                first = not owed
-                owed[str(delivery_tag)] = deadline
-            if first:
-                logger.warning("Redis did not take an ack (%s): it is written again before "
-                               "the next take", type(exc).__name__)
+            self._owe_ack(delivery_tag, exc)
+
+    def _owe_ack(self, delivery_tag: Any, exc: BaseException) -> None:
+        """Free the prefetch slot of a message whose ack Redis refused for now, and owe the
+        ack: :meth:`Channel.settle_acks` writes it before the next take."""
+        delivered: Any = self._delivered
+        message = delivered.get(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+        taken = getattr(message, "hms_taken_at", None)
+        if taken is None:
+            return  # not this channel's delivery: nothing of it to free or to owe
+        # Written only while the visibility timeout cannot have restored the message
+        # and another worker recorded it again under the same tag: the ack would
+        # erase that delivery's record.
+        deadline = taken + float(self.channel.visibility_timeout) - ACK_MARGIN
+        with _parked_lock:
+            owed = _owed_acks.setdefault(self.channel.hms_broker, {})
+            first = not owed
+            owed[str(delivery_tag)] = deadline
+        if first:
+            logger.warning("Redis did not take an ack (%s): it is written again before "
+                           "the next take", type(exc).__name__)
 
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
         """kombu's restore of one unacked message to its queue (the same WATCH/MULTI step),
@@ -418,7 +423,20 @@ class QoS(kombu_redis.QoS):
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         if self._connection_gone():
             return
-        super().reject(delivery_tag, requeue=requeue)
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except self.channel.hms_write_errors as exc:
+            if not _for_now(exc):
+                raise
+            # As for a refused ack, the slot stays taken otherwise. A reject without requeue
+            # is an ack; one with requeue (a pool process lost, reject_on_worker_lost) is
+            # parked: the worker's next connection puts the message back on its queue (or
+            # the visibility timeout does).
+            if not requeue:
+                self._owe_ack(delivery_tag, exc)
+                return
+            virtual.QoS.ack(self, delivery_tag)
+            _park(self.channel.hms_broker, [str(delivery_tag)])
 
 
 class Channel(kombu_redis.Channel):

@@ -155,6 +155,41 @@ def test_an_ack_redis_refused_frees_its_prefetch_slot_and_is_written_before_the_
     conn.release()
 
 
+def test_a_requeue_redis_refused_frees_its_slot_and_the_next_connection_puts_it_back(
+    private_redis: RedisServer,
+) -> None:
+    """A pool process lost during a failover: Celery rejects its message with requeue
+    (``reject_on_worker_lost``), and the master refuses the restore. kombu raised and kept
+    the slot taken; the slot is freed, and the worker's next connection restores it."""
+    client = redis.Redis.from_url(private_redis.url)
+    conn, channel, name, tag = _published(private_redis.url, {"n": 1})
+    Producer(channel).publish({"n": 2}, exchange=name, routing_key=name, serializer="json")
+    got: list[Any] = []
+    with Consumer(channel, [Queue(name, Exchange(name, type="direct"), routing_key=name)],
+                  callbacks=[lambda body, message: got.append((body, message))],
+                  prefetch_count=1):
+        conn.drain_events(timeout=5)
+        client.config_set("min-replicas-to-write", 1)  # no replica: every write refused
+        try:
+            got[0][1].reject(requeue=True)
+        finally:
+            client.config_set("min-replicas-to-write", 0)
+        assert client.hexists("unacked", tag)  # refused: still recorded, not on its queue
+        assert client.llen(name) == 1  # the second message only
+        assert tag not in [json.loads(e)["properties"]["delivery_tag"]
+                           for e in client.lrange(name, 0, -1)]
+        conn.drain_events(timeout=5)  # the slot is free: the next take
+        assert [body for body, _ in got] == [{"n": 1}, {"n": 2}]
+        got[1][1].ack()
+    channel.close()
+    conn.release()
+    with Connection(private_redis.url, transport=broker.TRANSPORT) as again:
+        again.channel()  # a new channel restores what was parked
+        assert [json.loads(e)["properties"]["delivery_tag"]
+                for e in client.lrange(name, 0, -1)] == [tag]
+    assert client.hlen("unacked") == 0
+
+
 def test_an_ack_refused_for_good_raises_instead_of_being_owed(
     private_redis: RedisServer,
 ) -> None:
