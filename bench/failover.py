@@ -429,6 +429,9 @@ def _buffered_detail(load: Load, switches: list[dict[str, Any]]) -> list[dict[st
             else:
                 runs.append([outcome, round(t - t0, 2), round(t - t0, 2)])
         out.append({"kind": s["kind"], "fault_s": round(s["began"] - t0, 2),
+                    # Promotions the watcher saw (the sentinels' own second ones too).
+                    "promoted_s": [round(t - t0, 2) for t in load.promoted
+                                   if s["began"] <= t < min(end, t0 + 10)],
                     "reads": len(reads),
                     "first_s": round(min((r[0] for r in reads), default=0), 2),
                     "last_s": round(max((r[0] for r in reads), default=0), 2),

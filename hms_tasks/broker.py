@@ -282,15 +282,19 @@ def _restore(channel: Channel, tags: list[str], takes: list[str], client: Any = 
 #: Error replies of a Redis that does not take writes for now: a master short of replicas
 #: (a failover), demoted, failing to persist, loading its data after a restart.
 _FOR_NOW = ("NOREPLICAS", "READONLY", "MISCONF", "LOADING", "MASTERDOWN")
+#: Broker -> tags whose requeue (a reject with requeue) Redis refused: put back on their
+#: queues before the channel's next take (:meth:`Channel.settle_acks`).
+_owed_requeues: dict[tuple[str, str], set[str]] = {}
 
 
 def _for_now(exc: BaseException) -> bool:
-    """Whether a write that raised ``exc`` may work later: a connection error, or one of the
-    refusals in :data:`_FOR_NOW` (redis-py maps some to their own classes and drops the code;
-    in a pipeline the reply follows "caused error: "). Not ``NOPERM``, ``WRONGTYPE``..."""
+    """Whether a write that raised ``exc`` may work later: a connection error (``LOADING``
+    too, in redis-py), or one of the refusals in :data:`_FOR_NOW` (redis-py maps some to
+    classes of their own and drops the code; in a pipeline the reply follows "caused error:
+    "). Not ``NOPERM``, ``WRONGTYPE``..."""
     if not isinstance(exc, redis.ResponseError):
         return True
-    if isinstance(exc, (redis.exceptions.ReadOnlyError, redis.exceptions.BusyLoadingError)):
+    if isinstance(exc, (redis.exceptions.ReadOnlyError, redis.exceptions.MasterDownError)):
         return True
     return str(exc).rpartition("caused error: ")[2].startswith(_FOR_NOW)
 
@@ -430,13 +434,15 @@ class QoS(kombu_redis.QoS):
                 raise
             # As for a refused ack, the slot stays taken otherwise. A reject without requeue
             # is an ack; one with requeue (a pool process lost, reject_on_worker_lost) is
-            # parked: the worker's next connection puts the message back on its queue (or
-            # the visibility timeout does).
+            # owed: the channel's next take puts the message back on its queue first.
             if not requeue:
                 self._owe_ack(delivery_tag, exc)
                 return
             virtual.QoS.ack(self, delivery_tag)
-            _park(self.channel.hms_broker, [str(delivery_tag)])
+            with _parked_lock:
+                _owed_requeues.setdefault(self.channel.hms_broker, set()).add(str(delivery_tag))
+            logger.warning("Redis did not take a requeue (%s): the message goes back on its "
+                           "queue before the next take", type(exc).__name__)
 
 
 class Channel(kombu_redis.Channel):
@@ -474,6 +480,7 @@ class Channel(kombu_redis.Channel):
         #: The queues consumed without acks (kombu records nothing in ``unacked`` for them).
         self.hms_no_ack: set[str] = set()
         self.restore_parked()
+        self.settle_requeues()  # owed by a channel of this process that closed since
 
     def restore_parked(self) -> int:
         """Restore the messages parked for this channel's Redis to their queues (those still
@@ -490,6 +497,31 @@ class Channel(kombu_redis.Channel):
             logger.warning("restored %d unacked message(s) of a lost Redis connection to "
                            "their queues", done)
         return done
+
+    def settle_requeues(self) -> None:
+        """Put back on their queues the messages whose requeue Redis refused (:meth:`QoS.reject`),
+        each with kombu's restore step (skipped if no longer in ``unacked``); on a refusal for
+        now, the rest stay owed. Any other error is logged and drops them: the visibility
+        timeout restores them."""
+        if self.hms_broker not in _owed_requeues:  # every take asks: no lock when none owed
+            return
+        with _parked_lock:
+            tags = sorted(_owed_requeues.pop(self.hms_broker, ()))
+        qos: Any = self.qos
+        for i, tag in enumerate(tags):
+            try:
+                qos.restore_by_tag(tag, leftmost=True)
+            except self.hms_write_errors as exc:
+                if _for_now(exc):
+                    with _parked_lock:
+                        _owed_requeues.setdefault(self.hms_broker, set()).update(tags[i:])
+                else:
+                    logger.error("%d requeue(s) refused by Redis (%s): the visibility timeout "
+                                 "restores them", len(tags) - i, type(exc).__name__)
+                return
+        if tags:
+            logger.warning("put %d message(s) back on their queues whose requeue Redis had "
+                           "refused", len(tags))
 
     def settle_acks(self) -> None:
         """Write the acks Redis refused or lost (:meth:`QoS.ack`), in one transaction; on a
@@ -553,6 +585,7 @@ class Channel(kombu_redis.Channel):
             qos: Any = self.qos
             _restore(self, [], [self.hms_take_key], held=set(qos._delivered))
         self.settle_acks()
+        self.settle_requeues()
         self.hms_pending = "take"
         self.hms_take_open = True
         lists = [(this._q_for_pri(queue, pri), "0" if queue in self.hms_no_ack else "1")

@@ -179,11 +179,11 @@ class _ExplainingSentinel(redis.sentinel.Sentinel):
     """
 
     def discover_master(self, service_name: str) -> Any:
-        state = self.master_state(service_name)
+        _, state = self.master_state(service_name)
         return state["ip"], state["port"]
 
-    def master_state(self, service_name: str) -> dict[str, Any]:
-        """The first answering sentinel's state of the master (``SENTINEL MASTERS``)."""
+    def master_state(self, service_name: str) -> tuple[Any, dict[str, Any]]:
+        """The first answering sentinel, and its state of the master (``SENTINEL MASTERS``)."""
         this: Any = self  # redis-py's Sentinel is partly untyped
         reasons = []
         for i, sentinel in enumerate(this.sentinels):
@@ -196,7 +196,7 @@ class _ExplainingSentinel(redis.sentinel.Sentinel):
             if state and this.check_master_state(state, service_name):
                 # The sentinel that answered is asked first next time (as redis-py does).
                 this.sentinels[0], this.sentinels[i] = sentinel, this.sentinels[0]
-                return state
+                return sentinel, state
         raise redis.sentinel.MasterNotFoundError(_no_master(service_name, reasons))
 
 
@@ -378,16 +378,19 @@ class LatestSentinel(_ExplainingSentinel):
     that drops packets costs its timeout only in those windows."""
 
     def discover_master(self, service_name: str) -> tuple[str, int]:
-        state = self.master_state(service_name)
+        sentinel, state = self.master_state(service_name)
+        first = _named(sentinel, state, service_name)
+        address = (str(state["ip"]), int(state["port"]))
+        if first is not None:
+            epoch, address = first
+            _seen(service_name, epoch, address)
+            now = time.monotonic()
+            refused = _refused.get(address)
+            newest = _newest.get(service_name, (epoch, address, now))
+            if ((refused is None or now - refused > REFUSAL_MEMORY)
+                    and (epoch >= newest[0] or now - newest[2] > NEWS_MEMORY)):
+                return address
         this: Any = self
-        epoch, address = _named(this.sentinels[0], state, service_name)  # the one answering
-        _seen(service_name, epoch, address)
-        now = time.monotonic()
-        refused = _refused.get(address)
-        newest = _newest[service_name]
-        if ((refused is None or now - refused > REFUSAL_MEMORY)
-                and (epoch >= newest[0] or now - newest[2] > NEWS_MEMORY)):
-            return address
         best: tuple[int, tuple[str, int]] | None = None
         check: Any = self.check_master_state
         for sentinel in this.sentinels:
@@ -399,13 +402,16 @@ class LatestSentinel(_ExplainingSentinel):
             if not (state and check(state, service_name)):
                 continue
             named = _named(sentinel, state, service_name)
+            if named is None:
+                continue
             _seen(service_name, *named)
             if best is None or named[0] > best[0]:
                 best = named
         return best[1] if best is not None else address
 
 
-def _named(sentinel: Any, state: dict[str, Any], service_name: str) -> tuple[int, tuple[str, int]]:
+def _named(sentinel: Any, state: dict[str, Any],
+           service_name: str) -> tuple[int, tuple[str, int]] | None:
     """(configuration epoch, address) of the master ``sentinel`` names, given its ``SENTINEL
     MASTERS`` ``state``. Why not the state's address alone (as redis-py): the sentinel that
     leads a failover reports the *old* master there, at the *new* epoch, from the promotion
@@ -414,16 +420,19 @@ def _named(sentinel: Any, state: dict[str, Any], service_name: str) -> tuple[int
     as the other sentinels do (measured: 1.1 s of the leader naming the old master at epoch
     e+1 while the others named the new one at e+1). Clients asking the leader kept going to
     the old master, which refused their writes, while clients asking the others used the new
-    one: the cache's commits bounced for 0.9 s while its reads were served."""
+    one: the cache's commits bounced for 0.9 s while its reads were served. None when that
+    sentinel cannot say (gone since, or its ACL refuses the command): its state's address may
+    be the old master at the new epoch, which would hide the new one (same epoch)."""
     address = (str(state["ip"]), int(state["port"]))
     if "failover_in_progress" in str(state.get("flags", "")).split(","):
         try:
             named: Any = sentinel.sentinel_get_master_addr_by_name(service_name)
-        except (redis.ConnectionError, redis.TimeoutError):
-            named = None  # gone since it answered: its state's address, as redis-py
-        if named:
-            host = named[0].decode() if isinstance(named[0], bytes) else str(named[0])
-            address = (host, int(named[1]))
+        except redis.RedisError:
+            return None
+        if not named:
+            return None
+        host = named[0].decode() if isinstance(named[0], bytes) else str(named[0])
+        address = (host, int(named[1]))
     return int(state.get("config-epoch", 0)), address
 
 
@@ -491,10 +500,10 @@ class SentinelPool(redis.sentinel.SentinelConnectionPool):
             # Another pool of this process has seen a newer master. Until the sentinels
             # demote the old one (seconds), this pool's connections to it still work: its
             # reads missed this process's commits, which went to the new master or were
-            # buffered (stale reads a second after a switch in the failover benchmark). Once
-            # per newer master: the reconnect discovers again, and redis-py then drops the
-            # pool's other connections to the old master.
-            self.hms_epoch = newest[0]
+            # buffered (stale reads a second after a switch in the failover benchmark). The
+            # reconnect discovers again, and redis-py then drops the pool's other connections
+            # to the old master. Once per newer master that worked out: if the discovery
+            # names the old one all the same, the pool stays there (no reconnect per call).
             if (conn.host, conn.port) != newest[1]:
                 try:
                     conn.disconnect()
@@ -502,6 +511,7 @@ class SentinelPool(redis.sentinel.SentinelConnectionPool):
                 except BaseException:
                     self.release(conn)
                     raise
+            self.hms_epoch = newest[0]
         address = (conn.host, conn.port)
         if address != self.hms_checked:
             try:

@@ -478,19 +478,28 @@ def test_the_sentinel_leading_a_failover_sends_clients_to_the_promoted_master(
     stack = on_sentinel
     old = stack.wait_healthy()
     replicas = [p for p in stack.redis_ports if p != old]
-    leader = stack.client(stack.sentinel_ports[0])
     for port in stack.redis_ports:  # the old master, and the new, alone: both take writes
         stack.client(port).config_set("min-replicas-to-write", 0)
     for port in replicas:
         stack.client(port).config_set("masteruser", "no-such-user")  # on its next link
     try:
-        new = stack.failover()  # the first sentinel is asked: it leads
-        state = wait_for(lambda: (s := leader.sentinel_master(MASTER_NAME))
-                         and "failover_in_progress" in s["flags"] and s, timeout=10,
-                         what="the leader to reconfigure the replicas")
+        new = stack.failover()
+
+        def leading() -> tuple[int, dict[str, Any]] | None:
+            for port in stack.sentinel_ports:  # whichever sentinel took the failover
+                state = stack.client(port).sentinel_master(MASTER_NAME)
+                if "failover_in_progress" in state["flags"]:
+                    return port, state
+            return None
+
+        leader, state = wait_for(leading, timeout=10,
+                                 what="the leader to reconfigure the replicas")
         assert int(state["port"]) == old  # what redis-py's discovery would take
-        store.reset()
-        assert int(store.client().info("server")["tcp_port"]) == new
+        first = [f"127.0.0.1:{leader}", *(a for a in stack.sentinels
+                                           if a != f"127.0.0.1:{leader}")]
+        with override_settings(HMS_TASKS_REDIS_SENTINELS=first):  # the leader asked first
+            store.reset()
+            assert int(store.client().info("server")["tcp_port"]) == new
     finally:
         for port in replicas:
             stack.client(port).config_set("masteruser", "")
