@@ -123,6 +123,33 @@ def test_a_taken_message_is_delivered_once_and_its_ack_clears_it(
     conn.release()
 
 
+@contextlib.contextmanager
+def _first_of_two_delivered(url: str) -> Iterator[tuple[Connection, str, str, list[Any]]]:
+    """Two messages (``{"n": 1}``, ``{"n": 2}``) on a new queue, consumed with a prefetch of
+    one (acks_late, one pool process): yields (connection, queue, the first's tag, the
+    (body, message) pairs delivered) once the first is delivered; closes the channel after."""
+    conn, channel, name, tag = _published(url, {"n": 1})
+    Producer(channel).publish({"n": 2}, exchange=name, routing_key=name, serializer="json")
+    got: list[Any] = []
+    with Consumer(channel, [Queue(name, Exchange(name, type="direct"), routing_key=name)],
+                  callbacks=[lambda body, message: got.append((body, message))],
+                  prefetch_count=1):
+        conn.drain_events(timeout=5)
+        yield conn, name, tag, got
+    channel.close()
+    conn.release()
+
+
+@contextlib.contextmanager
+def _refusing_writes(client: redis.Redis) -> Iterator[None]:
+    """Redis refuses every write (``NOREPLICAS``: no replica), as a master in a failover."""
+    client.config_set("min-replicas-to-write", 1)
+    try:
+        yield
+    finally:
+        client.config_set("min-replicas-to-write", 0)
+
+
 def test_an_ack_redis_refused_frees_its_prefetch_slot_and_is_written_before_the_next_take(
     private_redis: RedisServer,
 ) -> None:
@@ -131,28 +158,17 @@ def test_an_ack_redis_refused_frees_its_prefetch_slot_and_is_written_before_the_
     consumer took nothing more until its connection was reset: 10 to 55 s in the failover
     benchmark. The slot is freed, and the ack is written before the next take."""
     client = redis.Redis.from_url(private_redis.url)
-    conn, channel, name, tag = _published(private_redis.url, {"n": 1})
-    Producer(channel).publish({"n": 2}, exchange=name, routing_key=name, serializer="json")
-    got: list[Any] = []
-    with Consumer(channel, [Queue(name, Exchange(name, type="direct"), routing_key=name)],
-                  callbacks=[lambda body, message: got.append((body, message))],
-                  prefetch_count=1):
-        conn.drain_events(timeout=5)
+    with _first_of_two_delivered(private_redis.url) as (conn, _, tag, got):
         (body, message), = got
         assert body == {"n": 1}
-        client.config_set("min-replicas-to-write", 1)  # no replica: every write refused
-        try:
+        with _refusing_writes(client):
             message.ack()
-        finally:
-            client.config_set("min-replicas-to-write", 0)
         assert client.hexists("unacked", tag)  # refused: not written
         conn.drain_events(timeout=5)  # the next take
         assert [body for body, _ in got] == [{"n": 1}, {"n": 2}]
         assert not client.hexists("unacked", tag)  # the ack, written before it
         got[1][1].ack()
     assert client.hlen("unacked") == 0
-    channel.close()
-    conn.release()
 
 
 def test_a_requeue_redis_refused_frees_its_slot_and_is_done_before_the_next_take(
@@ -162,18 +178,9 @@ def test_a_requeue_redis_refused_frees_its_slot_and_is_done_before_the_next_take
     (``reject_on_worker_lost``), and the master refuses the restore. kombu raised and kept
     the slot taken; the slot is freed, and the next take puts the message back first."""
     client = redis.Redis.from_url(private_redis.url)
-    conn, channel, name, tag = _published(private_redis.url, {"n": 1})
-    Producer(channel).publish({"n": 2}, exchange=name, routing_key=name, serializer="json")
-    got: list[Any] = []
-    with Consumer(channel, [Queue(name, Exchange(name, type="direct"), routing_key=name)],
-                  callbacks=[lambda body, message: got.append((body, message))],
-                  prefetch_count=1):
-        conn.drain_events(timeout=5)
-        client.config_set("min-replicas-to-write", 1)  # no replica: every write refused
-        try:
+    with _first_of_two_delivered(private_redis.url) as (conn, name, tag, got):
+        with _refusing_writes(client):
             got[0][1].reject(requeue=True)
-        finally:
-            client.config_set("min-replicas-to-write", 0)
         assert client.hexists("unacked", tag)  # refused: still recorded, not on its queue
         assert tag not in [json.loads(e)["properties"]["delivery_tag"]
                            for e in client.lrange(name, 0, -1)]
@@ -183,8 +190,6 @@ def test_a_requeue_redis_refused_frees_its_slot_and_is_done_before_the_next_take
         assert sorted(body["n"] for body, _ in got[1:]) == [1, 2]
     assert client.hlen("unacked") == 0
     assert client.llen(name) == 0
-    channel.close()
-    conn.release()
 
 
 def test_an_ack_refused_for_good_raises_instead_of_being_owed(
