@@ -283,15 +283,15 @@ def _restore(channel: Channel, tags: list[str], takes: list[str], client: Any = 
 #: (a failover), demoted, failing to persist, loading its data after a restart.
 _FOR_NOW = ("NOREPLICAS", "READONLY", "MISCONF", "LOADING", "MASTERDOWN")
 #: Broker -> tags whose requeue (a reject with requeue) Redis refused: put back on their
-#: queues before the channel's next take (:meth:`Channel.settle_acks`).
+#: queues before the channel's next take (:meth:`Channel.settle_requeues`).
 _owed_requeues: dict[tuple[str, str], set[str]] = {}
 
 
 def _for_now(exc: BaseException) -> bool:
     """Whether a write that raised ``exc`` may work later: a connection error (``LOADING``
-    too, in redis-py), or one of the refusals in :data:`_FOR_NOW` (redis-py maps some to
-    classes of their own and drops the code; in a pipeline the reply follows "caused error:
-    "). Not ``NOPERM``, ``WRONGTYPE``..."""
+    too, in redis-py), or one of the refusals in :data:`_FOR_NOW`. redis-py maps some of
+    those to classes of their own and drops the code; in a pipeline the reply comes after
+    ``caused error:``. Not ``NOPERM``, ``WRONGTYPE`` and the like."""
     if not isinstance(exc, redis.ResponseError):
         return True
     if isinstance(exc, (redis.exceptions.ReadOnlyError, redis.exceptions.MasterDownError)):
