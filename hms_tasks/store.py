@@ -201,7 +201,9 @@ class _ExplainingSentinel(redis.sentinel.Sentinel):
 
 
 class _ExplainingAsyncSentinel(asentinel.Sentinel):
-    """:class:`_ExplainingSentinel` for asyncio clients."""
+    """:class:`_ExplainingSentinel` for asyncio clients (the health checks' and breakers'),
+    which also asks a sentinel leading a failover for the promoted master (see
+    :func:`_named`); a sentinel that cannot say is skipped."""
 
     async def discover_master(self, service_name: str) -> Any:
         this: Any = self  # redis-py's Sentinel is partly untyped
@@ -213,9 +215,21 @@ class _ExplainingAsyncSentinel(asentinel.Sentinel):
                 reasons.append(_sentinel_reason(sentinel, exc))
                 continue
             state = masters.get(service_name)
-            if state and this.check_master_state(state, service_name):
-                this.sentinels[0], this.sentinels[i] = sentinel, this.sentinels[0]
-                return state["ip"], state["port"]
+            if not (state and this.check_master_state(state, service_name)):
+                continue
+            address = state["ip"], state["port"]
+            if "failover_in_progress" in str(state.get("flags", "")).split(","):
+                try:
+                    named = await sentinel.sentinel_get_master_addr_by_name(service_name)
+                except redis.RedisError as exc:
+                    reasons.append(_sentinel_reason(sentinel, exc))
+                    continue
+                if not named:
+                    continue
+                host = named[0].decode() if isinstance(named[0], bytes) else str(named[0])
+                address = host, int(named[1])
+            this.sentinels[0], this.sentinels[i] = sentinel, this.sentinels[0]
+            return address
         raise asentinel.MasterNotFoundError(_no_master(service_name, reasons))
 
 

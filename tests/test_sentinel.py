@@ -3,6 +3,7 @@ loopback Sentinel stack (master, 2 replicas, 3 sentinels, passwords) following a
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -211,8 +212,6 @@ def test_a_pool_on_another_database_writes_no_store_state_there(
 
 
 def test_the_async_client_asks_the_sentinels_too(on_sentinel: SentinelStack) -> None:
-    import asyncio
-
     async def roundtrip() -> Any:
         client = store.async_client()
         try:
@@ -500,12 +499,22 @@ def test_the_sentinel_leading_a_failover_sends_clients_to_the_promoted_master(
         with override_settings(HMS_TASKS_REDIS_SENTINELS=first):  # the leader asked first
             store.reset()
             assert int(store.client().info("server")["tcp_port"]) == new
+            assert asyncio.run(_async_info_port()) == new
     finally:
         for port in replicas:
             stack.client(port).config_set("masteruser", "")
         for port in stack.redis_ports:
             stack.client(port).config_set("min-replicas-to-write", 1)
     stack.wait_healthy()
+
+
+async def _async_info_port() -> int:
+    """The port of the server a new asyncio store client talks to."""
+    client = store.async_client()
+    try:
+        return int((await client.info("server"))["tcp_port"])
+    finally:
+        await client.aclose()
 
 
 def _producer_connection(options: dict[str, Any]) -> Any:
