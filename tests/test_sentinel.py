@@ -398,7 +398,12 @@ def stale_master(on_sentinel: SentinelStack, tmp_path: Path,
          "--requirepass", PASSWORD, "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: stack.client(port).ping(), timeout=10, what="the old master")
+        def up() -> bool:
+            with contextlib.suppress(redis.ConnectionError):
+                return bool(stack.client(port).ping())
+            return False
+
+        wait_for(up, timeout=10, what="the old master")
         _monitor(first, port)
         # The tests start from a process that has not seen the newer master yet: forget
         # what its pools (a background thread's, during the failover above) may have seen.
